@@ -1,0 +1,1 @@
+"""core library: plain PyTorch, never imports ComfyUI."""

@@ -1,0 +1,1 @@
+"""k5 library: plain PyTorch, never imports ComfyUI."""

@@ -1,0 +1,1 @@
+"""Thin ComfyUI nodes (V3 schema) on top of the Cinetune library."""

@@ -1,0 +1,1 @@
+"""training library: plain PyTorch, never imports ComfyUI."""
