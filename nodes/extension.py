@@ -1,0 +1,10 @@
+"""The ComfyExtension that registers every Cinetune node."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import k5, video
+
+
+class CinetuneExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*k5.NODES, *video.NODES]

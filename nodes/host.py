@@ -1,0 +1,86 @@
+"""The only module that touches the ComfyUI host: folder_paths, comfy.*, server.
+
+Everything else in the pack calls these wrappers, so the library stays testable without a server and
+host API changes are absorbed in one place. Only APIs present in ComfyUI 0.3.75 and current releases are used.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import comfy.model_management as mm
+import comfy.utils
+import folder_paths
+
+log = logging.getLogger("cinetune")
+
+
+def model_names(folder: str) -> list[str]:
+    """File names (relative, as ComfyUI lists them) in a model folder such as ``diffusion_models``."""
+    return folder_paths.get_filename_list(folder)
+
+
+def model_path(folder: str, name: str) -> Path:
+    """Absolute path of ``name`` in model folder ``folder``.
+
+    Raises:
+        FileNotFoundError: the file is not in any path registered for that folder; the message lists them.
+    """
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        roots = ", ".join(folder_paths.get_folder_paths(folder))
+        raise FileNotFoundError(f"'{name}' is not in the ComfyUI '{folder}' folder ({roots}). Put the file there or pick another.")
+    return Path(path)
+
+
+def output_directory() -> Path:
+    return Path(folder_paths.get_output_directory())
+
+
+def save_path(prefix: str, width: int = 0, height: int = 0) -> tuple[Path, str, int, str]:
+    """ComfyUI's numbered output naming: ``(folder, filename_stem, counter, subfolder)`` under the output directory."""
+    full_folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
+        prefix, folder_paths.get_output_directory(), width, height)
+    return Path(full_folder), filename, counter, subfolder
+
+
+def compute_device():
+    """The torch device ComfyUI computes on (CPU under ``--cpu``)."""
+    return mm.get_torch_device()
+
+
+def offload_device():
+    """Where idle diffusion models are parked (CPU unless ComfyUI runs in high-VRAM mode)."""
+    return mm.unet_offload_device()
+
+
+def free_host_models() -> None:
+    """Unload ComfyUI-managed models and empty the device cache before a large pack-owned model runs."""
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed Cancel / POST /interrupt."""
+    mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """ComfyUI progress bar for ``total`` steps, shown on the executing node."""
+
+    def __init__(self, total: int):
+        self._bar = comfy.utils.ProgressBar(total)
+
+    def update(self, done: int, total: int) -> None:
+        self._bar.update_absolute(done, total)
+
+
+def host_tokenizer_dir(name: str) -> Path | None:
+    """A tokenizer folder shipped inside ComfyUI (``qwen25_tokenizer`` → Qwen2.5 vocab, ``sd1_tokenizer`` → CLIP),
+    or None when this ComfyUI version does not ship it."""
+    comfy_root = Path(comfy.utils.__file__).parent
+    for candidate in (comfy_root / "text_encoders" / name, comfy_root / name):
+        if candidate.is_dir():
+            return candidate
+    return None

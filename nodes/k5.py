@@ -1,0 +1,307 @@
+"""Kandinsky 5 nodes: loaders, text encode, sampler, VAE encode/decode.
+
+Nodes only translate widgets into library calls (``cinetune.k5``) and results into ComfyUI types.
+Widget order is frozen once released (saved workflows store widget values by position): add new
+inputs at the end, with defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from comfy_api.latest import io
+
+from ..core.attention import BACKENDS, check_backend
+from ..k5.config import DEFAULT_NEGATIVE_PROMPT, VARIANTS, K5Config, K5Variant, resolve_variant
+from ..k5.dit import Kandinsky5DiT, load_k5_dit
+from ..k5.nabla import NablaConfig
+from ..k5.pipeline import prepare_start_image, sample
+from ..k5.text import TEMPLATES, load_k5_text_encoder
+from ..k5.vae import load_k5_vae
+from . import host
+from .types import K5VAE, K5Conditioning, K5Model, K5TextEncoder
+
+CATEGORY = "Cinetune/Kandinsky 5"
+WEIGHT_DTYPES = ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn"]
+NABLA_MODES = ["auto", "on", "off"]
+MAX_SIZE = 4096
+MAX_FRAMES = 1025
+
+
+@dataclass
+class K5ModelHandle:
+    """A loaded K5 DiT and the settings the sampler needs (variant defaults, attention, NABLA)."""
+
+    model: Kandinsky5DiT
+    config: K5Config
+    variant: K5Variant
+    attention_backend: str
+    nabla: NablaConfig | None
+    path: Path
+
+
+def _nabla_for(variant: K5Variant, mode: str) -> NablaConfig | None:
+    if mode == "off":
+        return None
+    if mode == "on":
+        return variant.nabla or NablaConfig()
+    return variant.nabla if variant.attention == "nabla" else None
+
+
+def _compute_dtype(model: torch.nn.Module, device) -> torch.dtype:
+    """bf16 where the weights are half precision or fp8, fp32 otherwise; fp16 weights compute in fp16."""
+    dtypes = {p.dtype for p in model.parameters()}
+    if torch.float16 in dtypes and torch.bfloat16 not in dtypes:
+        return torch.float16
+    if dtypes & {torch.bfloat16, torch.float8_e4m3fn}:
+        return torch.bfloat16
+    return torch.float32
+
+
+class K5ModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneK5ModelLoader",
+            display_name="K5 Model Loader (Cinetune)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads a Kandinsky 5 video DiT (official .safetensors, ComfyUI-repacked or diffusers layout).",
+            inputs=[
+                io.Combo.Input("dit_name", options=host.model_names("diffusion_models"),
+                               tooltip="Kandinsky 5 DiT file in models/diffusion_models, e.g. kandinsky5lite_t2v_sft_5s.safetensors."),
+                io.Combo.Input("variant", options=["auto", *VARIANTS], default="auto",
+                               tooltip="Checkpoint variant: sets NABLA, RoPE scale and recommended sampling defaults. "
+                                       "'auto' detects it from the file name and tensor shapes."),
+                io.Combo.Input("weight_dtype", options=WEIGHT_DTYPES, default="default",
+                               tooltip="'default' keeps each tensor's stored dtype. fp8_e4m3fn stores Linear weights in 8 bits "
+                                       "(about half the memory of bf16) and dequantises them per layer."),
+                io.Combo.Input("attention", options=list(BACKENDS), default="sdpa",
+                               tooltip="Attention kernel: sdpa (PyTorch, always available), sageattention or flash-attn "
+                                       "(must be installed)."),
+                io.Combo.Input("nabla", options=NABLA_MODES, default="auto",
+                               tooltip="NABLA sparse attention: 'auto' uses it for the variants trained with it (10 s and HD), "
+                                       "'on' forces it (sizes must be multiples of 128 px), 'off' uses full attention."),
+            ],
+            outputs=[K5Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, dit_name, variant, weight_dtype, attention, nabla) -> io.NodeOutput:
+        check_backend(attention)
+        path = host.model_path("diffusion_models", dit_name)
+        loaded = load_k5_dit(path, weight_dtype=weight_dtype, device="cpu")
+        resolved = resolve_variant(loaded.config, path.name, variant)
+        handle = K5ModelHandle(loaded.model.eval(), loaded.config, resolved, attention, _nabla_for(resolved, nabla), path)
+        return io.NodeOutput(handle)
+
+
+class K5TextEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        files = host.model_names("text_encoders")
+        return io.Schema(
+            node_id="CinetuneK5TextEncoderLoader",
+            display_name="K5 Text Encoder Loader (Cinetune)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads Qwen2.5-VL-7B and CLIP-L for Kandinsky 5 from models/text_encoders.",
+            inputs=[
+                io.Combo.Input("qwen_name", options=files,
+                               tooltip="Qwen2.5-VL-7B-Instruct: a file inside a Hugging Face snapshot folder, or a single-file "
+                                       "text encoder such as qwen_2.5_vl_7b.safetensors (tokenizer taken from ComfyUI)."),
+                io.Combo.Input("clip_name", options=files,
+                               tooltip="CLIP-L text encoder: a file inside an openai/clip-vit-large-patch14 snapshot folder, "
+                                       "or clip_l.safetensors."),
+                io.Combo.Input("dtype", options=["bf16", "fp16", "fp32"], default="bf16",
+                               tooltip="Compute dtype of the text encoders."),
+            ],
+            outputs=[K5TextEncoder.Output(display_name="text_encoder")],
+        )
+
+    @classmethod
+    def execute(cls, qwen_name, clip_name, dtype) -> io.NodeOutput:
+        encoder = load_k5_text_encoder(
+            host.model_path("text_encoders", qwen_name), host.model_path("text_encoders", clip_name),
+            qwen_tokenizer=host.host_tokenizer_dir("qwen25_tokenizer"),
+            clip_tokenizer=host.host_tokenizer_dir("sd1_tokenizer"),
+            dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype], device="cpu")
+        return io.NodeOutput(encoder)
+
+
+class K5VAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneK5VAELoader",
+            display_name="K5 VAE Loader (Cinetune)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads the HunyuanVideo VAE used by Kandinsky 5 (diffusers, original .pt or ComfyUI file).",
+            inputs=[
+                io.Combo.Input("vae_name", options=host.model_names("vae"),
+                               tooltip="HunyuanVideo VAE in models/vae, e.g. hunyuan_video_vae_bf16.safetensors."),
+                io.Combo.Input("dtype", options=["fp32", "bf16", "fp16"], default="fp32",
+                               tooltip="VAE compute dtype; fp32 is safest, bf16 halves memory on GPUs."),
+            ],
+            outputs=[K5VAE.Output(display_name="vae")],
+        )
+
+    @classmethod
+    def execute(cls, vae_name, dtype) -> io.NodeOutput:
+        vae = load_k5_vae(host.model_path("vae", vae_name),
+                          dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+        return io.NodeOutput(vae)
+
+
+class K5TextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneK5TextEncode",
+            display_name="K5 Text Encode (Cinetune)",
+            category=CATEGORY,
+            description="Encodes a prompt and a negative prompt with Qwen2.5-VL (official template) and CLIP-L.",
+            inputs=[
+                K5TextEncoder.Input("text_encoder", tooltip="From K5 Text Encoder Loader."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="What the video shows. At most 256 Qwen tokens are used."),
+                io.String.Input("negative_prompt", multiline=True, default=DEFAULT_NEGATIVE_PROMPT,
+                                tooltip="Used by classifier-free guidance (ignored at guidance 1). Default: the official one."),
+                io.Combo.Input("template", options=list(TEMPLATES), default="video",
+                               tooltip="Qwen system template. Official inference uses 'video' for text- and image-to-video."),
+            ],
+            outputs=[K5Conditioning.Output(display_name="conditioning")],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder, prompt, negative_prompt, template) -> io.NodeOutput:
+        device = host.compute_device()
+        text_encoder.to(device)
+        try:
+            with torch.inference_mode():
+                positive = text_encoder.encode([prompt], template=template).to("cpu")
+                negative = text_encoder.encode([negative_prompt], template=template).to("cpu")
+        finally:
+            text_encoder.to("cpu")
+        return io.NodeOutput({"positive": positive, "negative": negative})
+
+
+class K5Sampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneK5Sampler",
+            display_name="K5 Sampler (Cinetune)",
+            category=CATEGORY,
+            description="Generates a Kandinsky 5 video latent with the official flow-matching Euler sampler.",
+            inputs=[
+                K5Model.Input("model", tooltip="From K5 Model Loader."),
+                K5Conditioning.Input("conditioning", tooltip="From K5 Text Encode."),
+                io.Int.Input("width", default=768, min=16, max=MAX_SIZE, step=16,
+                             tooltip="Video width in pixels: a multiple of 16 (of 128 with NABLA). Official: 768 or 512."),
+                io.Int.Input("height", default=512, min=16, max=MAX_SIZE, step=16,
+                             tooltip="Video height in pixels: a multiple of 16 (of 128 with NABLA)."),
+                io.Int.Input("frames", default=121, min=1, max=MAX_FRAMES, step=4,
+                             tooltip="Number of video frames, 4k+1 (121 = 5 s, 241 = 10 s at 24 fps)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed. Noise is drawn on the CPU, so a seed gives the same video on any device."),
+                io.Int.Input("steps", default=50, min=1, max=1000,
+                             tooltip="Sampling steps. Official: 50, distilled16steps: 16."),
+                io.Float.Input("guidance", default=5.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Classifier-free guidance scale. 1.0 disables CFG (one model call per step); "
+                                       "official: 5.0, nocfg and distilled: 1.0."),
+                io.Float.Input("scheduler_scale", default=5.0, min=0.1, max=50.0, step=0.1,
+                               tooltip="Flow shift k of the sigma schedule σ' = kσ/(1+(k−1)σ). Official: 5 for 5 s, "
+                                       "10 for 10 s and image-to-video."),
+                io.Latent.Input("start_latent", optional=True,
+                                tooltip="Optional start image latent from K5 VAE Encode: turns this into image-to-video."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def execute(cls, model, conditioning, width, height, frames, seed, steps, guidance, scheduler_scale,
+                start_latent=None) -> io.NodeOutput:
+        handle: K5ModelHandle = model
+        device = host.compute_device()
+        dtype = _compute_dtype(handle.model, device)
+        progress = host.Progress(steps)
+        host.free_host_models()
+        handle.model.to(device)
+        try:
+            with torch.inference_mode():
+                latent = sample(
+                    handle.model, conditioning["positive"], conditioning["negative"],
+                    width=width, height=height, frames=frames, seed=seed, steps=steps, guidance=guidance,
+                    scheduler_scale=scheduler_scale, rope_scale=handle.variant.rope_scale,
+                    attention_backend=handle.attention_backend, nabla=handle.nabla,
+                    start_latent=None if start_latent is None else start_latent["samples"],
+                    device=device, dtype=dtype, callback=progress.update, check_interrupt=host.check_interrupt)
+        finally:
+            handle.model.to(host.offload_device())
+        return io.NodeOutput({"samples": latent})
+
+
+class K5VAEDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneK5VAEDecode",
+            display_name="K5 VAE Decode (Cinetune)",
+            category=CATEGORY,
+            description="Decodes a Kandinsky 5 video latent [B,16,T,H/8,W/8] into frames (IMAGE batch).",
+            inputs=[
+                K5VAE.Input("vae", tooltip="From K5 VAE Loader."),
+                io.Latent.Input("latent", tooltip="Video latent from K5 Sampler (raw VAE latent)."),
+                io.Boolean.Input("tiling", default=True,
+                                 tooltip="Decode in overlapping tiles so memory stays bounded at 720p; off is faster for small videos."),
+            ],
+            outputs=[io.Image.Output(display_name="images")],
+        )
+
+    @classmethod
+    def execute(cls, vae, latent, tiling) -> io.NodeOutput:
+        device = host.compute_device()
+        vae.to(device)
+        try:
+            with torch.inference_mode():
+                video = vae.decode(latent["samples"].to(device), tiling=tiling)  # [B,3,F,H,W] in [-1,1]
+        finally:
+            vae.to("cpu")
+        frames = ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).flatten(0, 1)
+        return io.NodeOutput(frames.cpu().contiguous())
+
+
+class K5VAEEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneK5VAEEncode",
+            display_name="K5 VAE Encode Start Image (Cinetune)",
+            category=CATEGORY,
+            description="Resizes a start image to the video size (cover + centre crop) and encodes it for image-to-video.",
+            inputs=[
+                K5VAE.Input("vae", tooltip="From K5 VAE Loader."),
+                io.Image.Input("image", tooltip="Start image; the first image of a batch is used."),
+                io.Int.Input("width", default=768, min=16, max=MAX_SIZE, step=16,
+                             tooltip="Must equal the sampler's width."),
+                io.Int.Input("height", default=512, min=16, max=MAX_SIZE, step=16,
+                             tooltip="Must equal the sampler's height."),
+            ],
+            outputs=[io.Latent.Output(display_name="start_latent")],
+        )
+
+    @classmethod
+    def execute(cls, vae, image, width, height) -> io.NodeOutput:
+        pixels = prepare_start_image(image, width, height)  # [1,3,1,H,W] in [-1,1]
+        device = host.compute_device()
+        vae.to(device)
+        try:
+            with torch.inference_mode():
+                latent = vae.encode(pixels.to(device))
+        finally:
+            vae.to("cpu")
+        return io.NodeOutput({"samples": latent.float().cpu()})
+
+
+NODES = [K5ModelLoader, K5TextEncoderLoader, K5VAELoader, K5TextEncode, K5Sampler, K5VAEDecode, K5VAEEncode]

@@ -1,0 +1,39 @@
+"""Video output node: writes an IMAGE batch as an H.264 mp4 into ComfyUI's output folder."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from ..core.media import write_video
+from . import host
+
+
+class SaveVideoMP4(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneSaveVideo",
+            display_name="Save Video MP4 (Cinetune)",
+            category="Cinetune/video",
+            description="Saves frames as an H.264 mp4 (yuv420p) in the ComfyUI output folder.",
+            inputs=[
+                io.Image.Input("images", tooltip="Video frames as an IMAGE batch [frames, height, width, 3]."),
+                io.Float.Input("fps", default=24.0, min=1.0, max=240.0, step=1.0,
+                               tooltip="Frames per second. Kandinsky 5 generates 24 fps video."),
+                io.String.Input("filename_prefix", default="Cinetune/k5",
+                                tooltip="Output name prefix; may contain a subfolder. A counter is appended."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, images, fps, filename_prefix) -> io.NodeOutput:
+        height, width = int(images.shape[1]), int(images.shape[2])
+        folder, stem, counter, subfolder = host.save_path(filename_prefix, width, height)
+        name = f"{stem}_{counter:05}_.mp4"
+        write_video(images, folder / name, fps=fps)
+        return io.NodeOutput(ui=ui.PreviewVideo([ui.SavedResult(name, subfolder, io.FolderType.output)]))
+
+
+NODES = [SaveVideoMP4]

