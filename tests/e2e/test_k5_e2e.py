@@ -1,0 +1,142 @@
+"""Kandinsky 5 end to end in a real ComfyUI server over HTTP, on the embedded tiny models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cinetune.core.media import probe_video
+from cinetune.k5.tiny import TINY_NAMES
+
+from .comfy_host import ui_to_api
+from .models import TINY_SIZE, tiny_workflow
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Saved workflows store widget values by position: this order must never change (append new inputs only).
+FROZEN_INPUT_ORDER = {
+    "CinetuneK5ModelLoader": ["dit_name", "variant", "weight_dtype", "attention", "nabla"],
+    "CinetuneK5TextEncoderLoader": ["qwen_name", "clip_name", "dtype"],
+    "CinetuneK5VAELoader": ["vae_name", "dtype"],
+    "CinetuneK5TextEncode": ["text_encoder", "prompt", "negative_prompt", "template"],
+    "CinetuneK5Sampler": ["model", "conditioning", "width", "height", "frames", "seed", "steps", "guidance",
+                          "scheduler_scale", "start_latent"],
+    "CinetuneK5VAEDecode": ["vae", "latent", "tiling"],
+    "CinetuneK5VAEEncode": ["vae", "image", "width", "height"],
+    "CinetuneSaveVideo": ["images", "fps", "filename_prefix"],
+}
+
+
+def _load(name: str, api: bool = False) -> dict:
+    folder = ROOT / "example_workflows" / ("api" if api else "")
+    return json.loads((folder / f"{name}.json").read_text())
+
+
+def _input_order(info: dict) -> list[str]:
+    order = info.get("input_order", {})
+    return [*order.get("required", []), *order.get("optional", [])]
+
+
+def test_object_info_lists_every_node_with_frozen_widget_order_and_tooltips(comfy_client):
+    info = comfy_client.object_info()
+    for node_id, expected in FROZEN_INPUT_ORDER.items():
+        assert node_id in info, f"{node_id} is not registered"
+        assert _input_order(info[node_id]) == expected
+        assert info[node_id]["category"].startswith("Cinetune/")
+        for section in ("required", "optional"):
+            for name, spec in info[node_id]["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    ours = {k for k, v in info.items() if v.get("python_module", "").endswith("cinetune") or k.startswith("Cinetune")}
+    assert ours == set(FROZEN_INPUT_ORDER), "every registered node needs a frozen widget order here"
+
+
+@pytest.mark.parametrize("name", ["k5_text_to_video", "k5_image_to_video"])
+def test_ui_workflow_converts_to_the_committed_api_workflow(comfy_client, name):
+    converted = ui_to_api(_load(name), comfy_client.object_info())
+    committed = _load(name, api=True)
+    strip = lambda wf: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in wf.items()}  # noqa: E731
+    assert strip(converted) == strip(committed)
+
+
+def test_text_to_video_writes_decodable_mp4(comfy_client, comfy_layout):
+    entry = comfy_client.run(tiny_workflow(_load("k5_text_to_video", api=True), TINY_NAMES), timeout=900)
+    videos = [p for p in comfy_client.output_files(entry, comfy_layout.output) if p.suffix == ".mp4"]
+    assert len(videos) == 1
+    meta = probe_video(videos[0])
+    assert (meta["frames"], meta["width"], meta["height"]) == (TINY_SIZE["frames"], TINY_SIZE["width"], TINY_SIZE["height"])
+    assert meta["codec"] == "h264"
+
+
+def test_image_to_video_from_real_photo_writes_mp4(comfy_client, comfy_layout, test_data):
+    shutil.copy(test_data["astronaut"], Path(comfy_layout.input) / "astronaut.png")
+    prompt = tiny_workflow(_load("k5_image_to_video", api=True), TINY_NAMES, frames=13)
+    entry = comfy_client.run(prompt, timeout=900)
+    videos = [p for p in comfy_client.output_files(entry, comfy_layout.output) if p.suffix == ".mp4"]
+    meta = probe_video(videos[0])
+    assert (meta["frames"], meta["width"], meta["height"]) == (13, TINY_SIZE["width"], TINY_SIZE["height"])
+
+
+def _error_message(comfy_client, prompt) -> str:
+    with pytest.raises(Exception) as err:
+        comfy_client.run(prompt, timeout=300)
+    return str(err.value)
+
+
+def test_bad_sizes_give_clear_errors_and_server_keeps_running(comfy_client):
+    api = _load("k5_text_to_video", api=True)
+    msg = _error_message(comfy_client, tiny_workflow(api, TINY_NAMES, width=120))
+    assert "multiple of 16" in msg and "112" in msg and "128" in msg
+    msg = _error_message(comfy_client, tiny_workflow(api, TINY_NAMES, frames=10))
+    assert "4k+1" in msg or "4k + 1" in msg
+    assert "9" in msg and "13" in msg
+    assert comfy_client.object_info()  # the server still answers
+
+
+def test_loading_a_vae_as_dit_says_what_the_file_is(comfy_client, comfy_layout):
+    misplaced = "misplaced_vae.safetensors"
+    shutil.copy(Path(comfy_layout.models) / "vae" / TINY_NAMES["vae"], Path(comfy_layout.models) / "diffusion_models" / misplaced)
+    prompt = tiny_workflow(_load("k5_text_to_video", api=True), TINY_NAMES)
+    prompt["1"]["inputs"]["dit_name"] = misplaced
+    msg = _error_message(comfy_client, prompt)
+    assert "VAE" in msg and "Kandinsky 5" in msg
+
+
+def test_interrupt_stops_sampling_within_a_step(comfy_client):
+    steps = 400
+    prompt = tiny_workflow(_load("k5_text_to_video", api=True), TINY_NAMES, steps=steps, seed=7,
+                           width=256, height=128, frames=17)
+    prompt_id = comfy_client.queue(prompt)
+    outcome: dict = {}
+
+    def wait():
+        try:
+            outcome["entry"] = comfy_client.wait(prompt_id, timeout=600)
+        except Exception as e:  # the interrupted run is reported as an exception
+            outcome["error"] = e
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+
+    def sampler_steps() -> list[int]:
+        return [e["data"]["value"] for e in list(comfy_client.events)
+                if e.get("type") == "progress" and e["data"].get("prompt_id") == prompt_id and e["data"].get("max") == steps]
+
+    deadline = time.time() + 300
+    while len(sampler_steps()) < 2:
+        assert time.time() < deadline and waiter.is_alive(), f"sampling never reported progress: {outcome}"
+        time.sleep(0.05)
+    at_interrupt = max(sampler_steps())
+    comfy_client.interrupt()
+    waiter.join(180)
+    assert not waiter.is_alive()
+    assert "error" in outcome and "interrupt" in str(outcome["error"]).lower()
+    final = max(sampler_steps())
+    assert final < steps
+    assert final - at_interrupt <= 2, f"ran {final - at_interrupt} steps after the interrupt"
