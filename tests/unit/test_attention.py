@@ -1,0 +1,297 @@
+import math
+import sys
+import types
+import warnings
+
+import pytest
+import torch
+
+import cinetune.core.attention as att
+from cinetune.core.attention import (
+    BACKENDS,
+    AttentionBackendError,
+    attention,
+    available_backends,
+    block_sparse_attention,
+    block_sparse_path,
+    check_backend,
+    flex_block_mask,
+)
+
+
+def _manual_attention(q, k, v, allowed=None):
+    """softmax(q kᵀ/sqrt(D)) v with disallowed scores at -inf; allowed broadcasts to [B, H, Sq, Sk]."""
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _qkv(B, H, S, D, seed=0, Sk=None, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, S, D, generator=g)
+    k = torch.randn(B, H, Sk or S, D, generator=g)
+    v = torch.randn(B, H, Sk or S, D, generator=g)
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+    """Pretend sageattention and flash_attn are not installed, whatever this environment has."""
+    monkeypatch.setitem(sys.modules, "sageattention", None)
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    monkeypatch.setattr(att, "_kernels", {})
+
+
+# ------------------------------------------------------------------------------------------------ dense attention
+
+
+def test_attention_matches_manual_softmax_forward_and_backward():
+    q, k, v = _qkv(2, 3, 5, 8, Sk=7, grad=True)
+    out = attention(q, k, v)
+    assert out.shape == (2, 3, 5, 8)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref = _manual_attention(q, k, v)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    assert _rel_err(out, ref) < 1e-5
+    for a, b in zip(grads, ref_grads):
+        assert _rel_err(a, b) < 1e-5
+
+
+def test_key_padding_mask_matches_manual_masked_softmax():
+    q, k, v = _qkv(3, 2, 4, 8, Sk=6)
+    lengths = [6, 3, 1]
+    mask = torch.arange(6)[None, :] < torch.tensor(lengths)[:, None]
+    out = attention(q, k, v, key_padding_mask=mask)
+    ref = _manual_attention(q, k, v, mask[:, None, None, :])
+    assert _rel_err(out, ref) < 1e-5
+    # padded keys and values must have no influence at all
+    k2, v2 = k.clone(), v.clone()
+    k2[~mask[:, None, :, None].expand_as(k)] = 1e3
+    v2[~mask[:, None, :, None].expand_as(v)] = -1e3
+    assert torch.allclose(attention(q, k2, v2, key_padding_mask=mask), out, atol=1e-6)
+    # a non-prefix mask (holes in the middle) is honoured too
+    holes = torch.tensor([[True, False, True, False, True, True]] * 3)
+    assert _rel_err(attention(q, k, v, key_padding_mask=holes), _manual_attention(q, k, v, holes[:, None, None])) < 1e-5
+
+
+def test_key_padding_mask_validation():
+    q, k, v = _qkv(2, 1, 3, 4, Sk=5)
+    with pytest.raises(ValueError, match=r"bool \[B, Sk\] = \[2, 5\]"):
+        attention(q, k, v, key_padding_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool"):
+        attention(q, k, v, key_padding_mask=torch.ones(2, 5))
+
+
+def test_attention_rejects_mismatched_inputs():
+    q, k, v = _qkv(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="one dtype"):
+        attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="4-D"):
+        attention(q[0], k, v)
+    with pytest.raises(ValueError, match="head size"):
+        attention(q, k[..., :2], v)
+
+
+def test_check_backend_unknown_name_lists_valid_names():
+    with pytest.raises(AttentionBackendError) as e:
+        check_backend("xformers")
+    msg = str(e.value)
+    assert "'xformers'" in msg and all(name in msg for name in BACKENDS)
+    with pytest.raises(AttentionBackendError):
+        attention(*_qkv(1, 1, 2, 4), backend="flash")
+
+
+@pytest.mark.parametrize(
+    "name, hint",
+    [("sageattention", "pip install sageattention"), ("flash-attn", "pip install flash-attn --no-build-isolation")],
+)
+def test_missing_backend_gives_install_hint(no_kernels, name, hint):
+    with pytest.raises(AttentionBackendError, match="not installed") as e:
+        check_backend(name)
+    assert hint in str(e.value)
+    with pytest.raises(AttentionBackendError, match="not installed"):
+        attention(*_qkv(1, 1, 2, 4), backend=name)
+
+
+def test_available_backends_lists_only_importable_ones(no_kernels, monkeypatch):
+    check_backend("sdpa")
+    assert available_backends() == ["sdpa"]
+    fake = types.ModuleType("sageattention")
+    fake.sageattn = lambda *a, **kw: pytest.fail("the Sage kernel must not run on CPU")
+    monkeypatch.setitem(sys.modules, "sageattention", fake)
+    monkeypatch.setattr(att, "_kernels", {})
+    assert available_backends() == ["sdpa", "sageattention"]
+
+
+def test_broken_install_reports_the_import_error(monkeypatch):
+    fake = types.ModuleType("flash_attn")  # importable, but without the kernel function
+    monkeypatch.setitem(sys.modules, "flash_attn", fake)
+    monkeypatch.setattr(att, "_kernels", {})
+    with pytest.raises(AttentionBackendError, match="fails to import"):
+        check_backend("flash-attn")
+
+
+def test_missing_dependency_of_an_installed_backend_is_not_called_not_installed(monkeypatch):
+    def import_module(name):
+        raise ModuleNotFoundError("No module named 'triton'", name="triton")
+
+    monkeypatch.setattr(att, "importlib", types.SimpleNamespace(import_module=import_module))
+    monkeypatch.setattr(att, "_kernels", {})
+    with pytest.raises(AttentionBackendError, match="fails to import.*triton"):
+        check_backend("sageattention")
+
+
+def test_cuda_only_backend_falls_back_to_sdpa_on_cpu(monkeypatch):
+    fake = types.ModuleType("sageattention")
+    fake.sageattn = lambda *a, **kw: pytest.fail("the Sage kernel must not run on CPU")
+    monkeypatch.setitem(sys.modules, "sageattention", fake)
+    monkeypatch.setattr(att, "_kernels", {})
+    monkeypatch.setattr(att, "_warned", set())
+    q, k, v = _qkv(1, 2, 4, 8)
+    with pytest.warns(RuntimeWarning, match="falls back to 'sdpa'.*CUDA"):
+        out = attention(q, k, v, backend="sageattention")
+    assert _rel_err(out, _manual_attention(q, k, v)) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ block-sparse attention
+
+
+def _random_block_mask(shape, density, seed, diagonal=True):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(shape, generator=g) < density
+    if diagonal:
+        m |= torch.eye(shape[-1], dtype=torch.bool)
+    return m
+
+
+def _token_mask(block_mask, bs):
+    return block_mask.repeat_interleave(bs, -2).repeat_interleave(bs, -1)
+
+
+@pytest.mark.parametrize("mask_batch, mask_heads", [(2, 3), (1, 3), (2, 1), (1, 1)])
+def test_block_sparse_matches_dense_with_minus_inf_mask(mask_batch, mask_heads):
+    bs, nb = 16, 6
+    q, k, v = _qkv(2, 3, bs * nb, 16, seed=1, grad=True)
+    block_mask = _random_block_mask((mask_batch, mask_heads, nb, nb), 0.4, seed=2)
+    assert not block_mask.all()
+    out = block_sparse_attention(q, k, v, block_mask, block_size=bs)
+    ref = _manual_attention(q, k, v, _token_mask(block_mask, bs))
+    assert _rel_err(out, ref) < 1e-5
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert _rel_err(a, b) < 1e-5
+
+
+def test_block_sparse_in_row_slices_with_recompute_matches_dense(monkeypatch):
+    # A tiny slice budget forces several query-row slices, each recomputed in backward.
+    monkeypatch.setattr(att, "_DENSE_MASK_ELEMENTS", 1)
+    bs, nb = 8, 5
+    q, k, v = _qkv(1, 2, bs * nb, 8, seed=3, grad=True)
+    block_mask = _random_block_mask((1, 2, nb, nb), 0.5, seed=4)
+    out = block_sparse_attention(q, k, v, block_mask, block_size=bs)
+    ref = _manual_attention(q, k, v, _token_mask(block_mask, bs))
+    assert _rel_err(out, ref) < 1e-5
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert _rel_err(a, b) < 1e-5
+
+
+def test_block_sparse_backward_keeps_no_expanded_token_mask(monkeypatch):
+    # With several row slices, autograd must not hold the [S, S] token mask (or its float form) for backward.
+    monkeypatch.setattr(att, "_DENSE_MASK_ELEMENTS", 64 * 256)
+    bs, nb = 8, 32
+    S = bs * nb
+    q, k, v = _qkv(1, 1, S, 4, seed=12, grad=True)
+    block_mask = _random_block_mask((1, 1, nb, nb), 0.3, seed=13)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block_sparse_attention(q, k, v, block_mask, block_size=bs)
+    assert sum(saved) < S * S  # an expanded bool mask alone would be S*S bytes
+    ref = _manual_attention(q, k, v, _token_mask(block_mask, bs))
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert _rel_err(a, b) < 1e-5
+
+
+def test_all_true_block_mask_equals_plain_attention():
+    q, k, v = _qkv(2, 2, 64, 8, seed=5)
+    out = block_sparse_attention(q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool), block_size=16)
+    assert _rel_err(out, attention(q, k, v)) < 1e-5
+
+
+def test_block_diagonal_mask_equals_per_block_attention():
+    bs, nb = 16, 4
+    q, k, v = _qkv(1, 2, bs * nb, 8, seed=6)
+    out = block_sparse_attention(q, k, v, torch.eye(nb, dtype=torch.bool)[None, None], block_size=bs)
+    for i in range(nb):
+        s = slice(i * bs, (i + 1) * bs)
+        assert _rel_err(out[:, :, s], attention(q[:, :, s], k[:, :, s], v[:, :, s])) < 1e-5
+
+
+def test_query_block_without_keys_outputs_zeros_and_finite_gradients():
+    bs, nb = 8, 3
+    q, k, v = _qkv(1, 1, bs * nb, 4, seed=7, grad=True)
+    block_mask = torch.tensor([[True, False, False], [False, False, False], [True, True, True]])[None, None]
+    out = block_sparse_attention(q, k, v, block_mask, block_size=bs)
+    assert torch.equal(out[:, :, bs : 2 * bs], torch.zeros_like(out[:, :, bs : 2 * bs]))
+    rows = list(range(bs)) + list(range(2 * bs, 3 * bs))
+    ref = _manual_attention(q, k, v, _token_mask(block_mask, bs))
+    assert _rel_err(out[:, :, rows], ref[:, :, rows]) < 1e-5
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(grads[0][:, :, bs : 2 * bs], torch.zeros_like(grads[0][:, :, bs : 2 * bs]))
+
+
+def test_block_sparse_input_errors():
+    q, k, v = _qkv(1, 2, 48, 8)
+    with pytest.raises(ValueError, match="not a multiple of block_size 32"):
+        block_sparse_attention(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), block_size=32)
+    with pytest.raises(ValueError, match="bool"):
+        block_sparse_attention(q, k, v, torch.ones(1, 1, 3, 3), block_size=16)
+    with pytest.raises(ValueError, match=r"expected \[1 or 1, 2 or 1, 3, 3\]"):
+        block_sparse_attention(q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool), block_size=16)
+    with pytest.raises(ValueError, match="self-attention"):
+        block_sparse_attention(q, k[:, :, :32], v[:, :, :32], torch.ones(1, 1, 3, 3, dtype=torch.bool), block_size=16)
+
+
+def test_cpu_uses_masked_dense_path():
+    assert block_sparse_path("cpu") == "masked dense"
+
+
+@pytest.mark.parametrize("full_blocks", [True, False])
+def test_flex_block_mask_lists_exactly_the_selected_blocks(full_blocks):
+    block_mask = _random_block_mask((2, 3, 5, 5), 0.5, seed=8, diagonal=False)
+    bm = flex_block_mask(block_mask, 64, full_blocks=full_blocks)
+    assert bm.shape == (2, 3, 320, 320)
+    assert torch.equal(bm.to_dense().bool(), block_mask)
+    # the transposed (key-major) lists used by the backward pass agree with the mask too
+    q_counts = bm.full_q_num_blocks if full_blocks else bm.q_num_blocks
+    assert torch.equal(q_counts, block_mask.sum(dim=-2, dtype=torch.int32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's sparse kernel needs CUDA")
+def test_flex_path_on_cuda_matches_dense_forward_and_backward():
+    bs, nb = 64, 8
+    q, k, v = (t.detach().cuda().requires_grad_() for t in _qkv(1, 2, bs * nb, 64, seed=9))
+    block_mask = _random_block_mask((1, 2, nb, nb), 0.3, seed=10).cuda()
+    assert block_sparse_path("cuda") == "flex compiled"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a silent fallback to the dense path would fail here
+        out = block_sparse_attention(q, k, v, block_mask, block_size=bs)
+    ref = _manual_attention(q, k, v, _token_mask(block_mask, bs))
+    tol = 2e-3  # the GPU kernels may multiply float32 in TF32
+    assert _rel_err(out, ref) < tol
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert _rel_err(a, b) < tol
