@@ -1,0 +1,267 @@
+"""Tiny random-weight Kandinsky 5 companion models in the real published formats, for the demo and the tests.
+
+Nothing here is committed as weights: every tensor is drawn from a generator seeded by ``(seed, tensor name)``, so
+the same seed always writes identical tensors, whatever order the tensors are created in.
+
+- :func:`write_tiny_qwen`: a Hugging Face snapshot folder laid out like ``Qwen/Qwen2.5-VL-*-Instruct`` (flat
+  ``config.json`` with ``model_type`` ``qwen2_5_vl`` and a nested ``vision_config``; tensors ``model.*``,
+  ``visual.*`` in two safetensors shards with ``model.safetensors.index.json``; bf16 like the published weights;
+  tied embeddings as in Qwen2.5-VL-3B, so there is no ``lm_head``), plus the real tokenizer files.
+- :func:`write_tiny_clip`: a ``CLIPTextModel`` folder (``text_model.*``, fp32) with ``config.json`` and the
+  tokenizer files.
+- :func:`write_tiny_vae`: one diffusers-format ``AutoencoderKLHunyuanVideo`` safetensors file (16 latent channels,
+  4 blocks: ×8 spatial, ×4 temporal, like the real VAE) with narrow blocks.
+
+Initialisation (ours, chosen so activations stay O(1)): weights with ≥ 2 dims ~ N(0, 1/fan_in); 1-d ``*.weight``
+(norm scales) 1 + N(0, 0.1²); biases N(0, 0.02²).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import zlib
+from pathlib import Path
+
+import torch
+
+from ..core.checkpoint import save_file_atomic
+
+#: Hidden size of the tiny Qwen (the tiny DiT's ``in_text_dim``).
+TINY_QWEN_HIDDEN = 64
+#: Hidden size of the tiny CLIP (the tiny DiT's ``in_text_dim2``).
+TINY_CLIP_HIDDEN = 64
+#: Block widths of the tiny VAE (multiples of 32 so the real GroupNorm(32) layout holds).
+TINY_VAE_BLOCK_OUT_CHANNELS = (32, 32, 64, 64)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                    "special_tokens_map.json", "added_tokens.json")
+
+
+def seeded_tensor(seed: int, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A deterministic random tensor for parameter ``name`` (see the module docstring for the distributions).
+
+    The generator seed is ``seed * 1_000_003 + crc32(name)``, so each tensor depends only on ``seed`` and its name.
+    """
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    if len(shape) <= 1:
+        noise = torch.randn(shape, generator=g)
+        t = 0.02 * noise if name.endswith("bias") else 1.0 + 0.1 * noise
+    else:
+        t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
+    return t.to(dtype)
+
+
+def _tokenizer_vocab_size(tokenizer_dir: Path) -> int:
+    """Number of token ids (max id + 1) of a BPE tokenizer folder, read from its files."""
+    ids: list[int] = []
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        tj = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        ids += list(tj["model"]["vocab"].values()) + [t["id"] for t in tj.get("added_tokens", [])]
+    elif (tokenizer_dir / "vocab.json").is_file():
+        ids += list(json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8")).values())
+        cfg = tokenizer_dir / "tokenizer_config.json"
+        if cfg.is_file():
+            ids += [int(i) for i in json.loads(cfg.read_text(encoding="utf-8")).get("added_tokens_decoder", {})]
+    else:
+        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json or vocab.json; pass a tokenizer folder.")
+    return max(ids) + 1
+
+
+def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
+    copied = 0
+    for name in _TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy2(tokenizer_dir / name, dest / name)
+            copied += 1
+    if not copied:
+        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files to copy.")
+
+
+def _write_folder_atomic(folder: Path, fill) -> Path:
+    """Build a folder in a temporary sibling with ``fill(tmp)``, then swap it into place."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        fill(tmp)
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _meta_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def tiny_qwen_config(vocab_size: int) -> dict:
+    """``config.json`` of the tiny Qwen2.5-VL, in the flat layout of the published Qwen2.5-VL configs."""
+    hidden = TINY_QWEN_HIDDEN
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "attention_dropout": 0.0,
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "vision_token_id": 151654,
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": 2 * hidden,
+        "max_position_embeddings": 128000,
+        "max_window_layers": 2,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+        "vocab_size": vocab_size,
+        "vision_config": {
+            "depth": 2,
+            "hidden_act": "silu",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "in_chans": 3,
+            "out_hidden_size": hidden,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "spatial_patch_size": 14,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [1],
+            "tokens_per_second": 2,
+        },
+    }
+
+
+def _published_qwen_name(name: str) -> str:
+    """transformers' in-memory Qwen2.5-VL names → the names in published checkpoints."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    return name
+
+
+def write_tiny_qwen(folder: str | os.PathLike, tokenizer_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny Qwen2.5-VL snapshot folder (see the module docstring) and return its path.
+
+    Args:
+        folder: destination folder; replaced atomically if it exists.
+        tokenizer_dir: a Qwen2.5 tokenizer folder; its files are copied and its size sets ``vocab_size``.
+        seed: weight seed.
+    Raises:
+        FileNotFoundError: ``tokenizer_dir`` has no tokenizer files.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer_dir = Path(tokenizer_dir)
+    config = tiny_qwen_config(_tokenizer_vocab_size(tokenizer_dir))
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config))
+    shapes = {_published_qwen_name(k): s for k, s in _meta_shapes(model).items() if not k.startswith("lm_head.")}
+    tensors = {k: seeded_tensor(seed, k, s, torch.bfloat16) for k, s in sorted(shapes.items())}
+    shards = {"model-00001-of-00002.safetensors": {"model.embed_tokens.weight"},
+              "model-00002-of-00002.safetensors": set(tensors) - {"model.embed_tokens.weight"}}
+
+    def fill(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        weight_map = {}
+        for fname, names in shards.items():
+            save_file_atomic({k: tensors[k] for k in names}, tmp / fname, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in names})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        _copy_tokenizer(tokenizer_dir, tmp)
+
+    return _write_folder_atomic(Path(folder), fill)
+
+
+def tiny_clip_config() -> dict:
+    """``config.json`` of the tiny CLIP text model (field values as in openai/clip-vit-large-patch14's text config,
+    sizes shrunk; one head of 64 dims like every OpenAI CLIP text tower)."""
+    return {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "dropout": 0.0,
+        "eos_token_id": 2,
+        "hidden_act": "quick_gelu",
+        "hidden_size": TINY_CLIP_HIDDEN,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": 4 * TINY_CLIP_HIDDEN,
+        "layer_norm_eps": 1e-05,
+        "max_position_embeddings": 77,
+        "num_attention_heads": TINY_CLIP_HIDDEN // 64,
+        "num_hidden_layers": 2,
+        "pad_token_id": 1,
+        "projection_dim": TINY_CLIP_HIDDEN,
+        "torch_dtype": "float32",
+        "vocab_size": 49408,
+    }
+
+
+def write_tiny_clip(folder: str | os.PathLike, tokenizer_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny ``CLIPTextModel`` folder (``config.json``, ``model.safetensors``, tokenizer files).
+
+    Raises:
+        FileNotFoundError: ``tokenizer_dir`` has no tokenizer files.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer_dir = Path(tokenizer_dir)
+    config = tiny_clip_config()
+    with torch.device("meta"):
+        model = CLIPTextModel(CLIPTextConfig(**config))
+    # Published CLIP checkpoints name the tower ``text_model.*`` (transformers 5 drops that level in memory).
+    shapes = {k if k.startswith("text_model.") else "text_model." + k: s for k, s in _meta_shapes(model).items()}
+    tensors = {k: seeded_tensor(seed, k, s) for k, s in sorted(shapes.items())}
+
+    def fill(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_file_atomic(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        _copy_tokenizer(tokenizer_dir, tmp)
+
+    return _write_folder_atomic(Path(folder), fill)
+
+
+def tiny_vae_config() -> dict:
+    """``AutoencoderKLHunyuanVideo`` constructor arguments of the tiny VAE (real structure, narrow blocks)."""
+    return {"in_channels": 3, "out_channels": 3, "latent_channels": 16,
+            "block_out_channels": list(TINY_VAE_BLOCK_OUT_CHANNELS), "layers_per_block": 1, "norm_num_groups": 32,
+            "spatial_compression_ratio": 8, "temporal_compression_ratio": 4, "mid_block_add_attention": True}
+
+
+def write_tiny_vae(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny HunyuanVideo VAE as one diffusers-format safetensors file (atomic) and return its path."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    with torch.device("meta"):
+        model = AutoencoderKLHunyuanVideo(**tiny_vae_config())
+    tensors = {k: seeded_tensor(seed, k, s) for k, s in sorted(_meta_shapes(model).items())}
+    return save_file_atomic(tensors, Path(path))
