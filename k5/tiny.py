@@ -265,3 +265,47 @@ def write_tiny_vae(path: str | os.PathLike, seed: int = 0) -> Path:
         model = AutoencoderKLHunyuanVideo(**tiny_vae_config())
     tensors = {k: seeded_tensor(seed, k, s) for k, s in sorted(_meta_shapes(model).items())}
     return save_file_atomic(tensors, Path(path))
+
+
+#: Dimensions of the tiny Kandinsky 5 DiT: 1 text block, 2 visual blocks, head dim 32 (RoPE axes 8|12|12), 2 heads.
+TINY_DIT_DIMS = dict(model_dim=64, ff_dim=128, time_dim=32, num_text_blocks=1, num_visual_blocks=2, axes_dims=(8, 12, 12),
+                     in_text_dim=TINY_QWEN_HIDDEN, in_text_dim2=TINY_CLIP_HIDDEN)
+
+#: ComfyUI names (relative to their model folder) of the embedded tiny default models.
+TINY_NAMES = {
+    "dit": "cinetune_tiny_k5_lite.safetensors",
+    "vae": "cinetune_tiny_hunyuan_video_vae.safetensors",
+    "qwen": "cinetune_tiny_qwen2.5_vl/model-00001-of-00002.safetensors",
+    "clip": "cinetune_tiny_clip_l/model.safetensors",
+}
+
+
+def write_tiny_dit(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny Kandinsky 5 video DiT in the official file layout (no prefix, official key names) and return
+    its path.
+
+    Like the published Lite file, modulation tensors are stored in float32 and everything else in bfloat16, so
+    loaders meet mixed stored dtypes. The visual input takes 33 channels (noisy | conditioning | mask).
+    """
+    from .config import K5Config
+    from .dit import Kandinsky5DiT
+
+    with torch.device("meta"):
+        model = Kandinsky5DiT(K5Config(**TINY_DIT_DIMS))
+    tensors = {}
+    for name, shape in sorted(_meta_shapes(model).items()):
+        dtype = torch.float32 if "modulation" in name else torch.bfloat16
+        tensors[name] = seeded_tensor(seed, name, shape, dtype)
+    return save_file_atomic(tensors, Path(path))
+
+
+def write_tiny_defaults(models_dir: str | os.PathLike, *, qwen_tokenizer_dir: str | os.PathLike,
+                        clip_tokenizer_dir: str | os.PathLike, seed: int = 0) -> dict[str, str]:
+    """Write the four tiny default models into a ComfyUI ``models`` folder (``diffusion_models``, ``vae``,
+    ``text_encoders``) and return their ComfyUI names (:data:`TINY_NAMES`)."""
+    models = Path(models_dir)
+    write_tiny_dit(models / "diffusion_models" / TINY_NAMES["dit"], seed)
+    write_tiny_vae(models / "vae" / TINY_NAMES["vae"], seed)
+    write_tiny_qwen(models / "text_encoders" / Path(TINY_NAMES["qwen"]).parent, Path(qwen_tokenizer_dir), seed)
+    write_tiny_clip(models / "text_encoders" / Path(TINY_NAMES["clip"]).parent, Path(clip_tokenizer_dir), seed)
+    return dict(TINY_NAMES)
