@@ -179,6 +179,66 @@ def _fps(stream, path: Path) -> float:
     return float(rate)
 
 
+def _decoded(container, stream, path: Path):
+    """Yield ``(index, av.VideoFrame)`` in decode order, turning FFmpeg failures into :class:`MediaError`."""
+    index = -1
+    try:
+        for index, frame in enumerate(container.decode(stream)):
+            yield index, frame
+    except av.error.FFmpegError as exc:
+        raise MediaError(f"{path}: decoding failed after {index + 1} frames (corrupt or truncated file): "
+                         f"{exc}") from exc
+
+
+def count_decodable_frames(path: str | os.PathLike) -> int:
+    """Decode every frame of the first video stream (no colour conversion) and return how many decode.
+
+    Raises:
+        FileNotFoundError, MediaError: as :func:`read_video`.
+    """
+    path = Path(path)
+    with _open(path) as container:
+        return sum(1 for _ in _decoded(container, _video_stream(container, path), path))
+
+
+def decode_frames(path: str | os.PathLike, indices, transform=None) -> dict[int, Tensor]:
+    """Decode selected frames of the first video stream, stopping after the largest index.
+
+    Only the wanted frames are converted to RGB (and passed through ``transform``), so memory holds the
+    output, not the whole video.
+
+    Args:
+        indices: frame indices in decode order (duplicates allowed; each is decoded once).
+        transform: optional ``f(frame [H, W, 3] uint8) -> Tensor`` applied to each wanted frame.
+
+    Returns:
+        ``{index: frame}``; frames are ``[H, W, 3]`` uint8 (RGB) unless ``transform`` maps them.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        MediaError: decoding fails, or the file has fewer frames than the largest index needs.
+    """
+    path = Path(path)
+    wanted = set(int(i) for i in indices)
+    if not wanted:
+        return {}
+    last = max(wanted)
+    out: dict[int, Tensor] = {}
+    decoded = 0
+    with _open(path) as container:
+        for index, frame in _decoded(container, _video_stream(container, path), path):
+            decoded = index + 1
+            if index in wanted:
+                rgb = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                out[index] = rgb if transform is None else transform(rgb)
+            if index >= last:
+                break
+    if len(out) < len(wanted):
+        raise MediaError(f"{path}: only {decoded} frames decode but frame {last} is needed; the file is "
+                         "truncated or was changed after it was scanned")
+    return out
+
+
 def read_video(path: str | os.PathLike, *, max_frames: int | None = None) -> tuple[Tensor, float]:
     """Decode the first video stream of a file into RGB frames.
 
@@ -204,14 +264,10 @@ def read_video(path: str | os.PathLike, *, max_frames: int | None = None) -> tup
         fps = _fps(stream, path)
         declared = stream.frames
         decoded: list[np.ndarray] = []
-        try:
-            for frame in container.decode(stream):
-                decoded.append(frame.to_ndarray(format="rgb24"))
-                if max_frames is not None and len(decoded) >= max_frames:
-                    break
-        except av.error.FFmpegError as exc:
-            raise MediaError(f"{path}: decoding failed after {len(decoded)} frames (corrupt or truncated "
-                             f"file): {exc}") from exc
+        for _, frame in _decoded(container, stream, path):
+            decoded.append(frame.to_ndarray(format="rgb24"))
+            if max_frames is not None and len(decoded) >= max_frames:
+                break
     wanted = declared if max_frames is None else min(declared, max_frames)
     if not decoded:
         raise MediaError(f"{path}: no video frames could be decoded (empty, corrupt or truncated file)")

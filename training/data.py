@@ -57,14 +57,13 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from ..core.media import MediaError, probe_video
+from ..core.media import MediaError, count_decodable_frames, decode_frames, probe_video
 
 __all__ = [
     "VIDEO_EXTS", "IMAGE_EXTS", "DatasetError", "TooShortError", "NoBucketError",
@@ -214,25 +213,11 @@ def _image_size(path: Path, verify: bool) -> tuple[int, int]:
     return width, height
 
 
-def _count_decodable_frames(path: Path) -> int:
-    """Decode every frame of the first video stream (no colour conversion); return how many decode."""
-    count = 0
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for _ in container.decode(stream):
-                count += 1
-    except av.error.FFmpegError as exc:
-        raise MediaError(f"decoding failed after {count} frames (corrupt or truncated file): {exc}") from exc
-    return count
-
-
 def _describe_video(path: Path, verify: bool) -> tuple[int, int, int, float]:
     info = probe_video(path)
     frames = info["frames"]
     if verify:
-        decoded = _count_decodable_frames(path)
+        decoded = count_decodable_frames(path)
         if decoded == 0 or decoded < frames:
             raise MediaError(f"truncated or corrupt: the container declares {frames} frames but only "
                              f"{decoded} decode")
@@ -757,29 +742,6 @@ def _load_image(path: Path) -> Tensor:
         return torch.from_numpy(np.asarray(img.convert("RGB")).copy())
 
 
-def _decode_frames(path: Path, wanted: set[int], bucket: Bucket) -> dict[int, Tensor]:
-    """Decode frames 0..max(wanted) in order, keeping only the wanted ones, fitted to the bucket."""
-    last = max(wanted)
-    out: dict[int, Tensor] = {}
-    index = -1
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for index, frame in enumerate(container.decode(stream)):
-                if index in wanted:  # colour conversion only for the frames used
-                    out[index] = _fit(torch.from_numpy(frame.to_ndarray(format="rgb24")), bucket)
-                if index >= last:
-                    break
-    except (av.error.FFmpegError, IndexError) as exc:
-        raise MediaError(f"{path}: decoding failed after {index + 1} frames (corrupt or truncated file, or no "
-                         f"video stream): {exc}") from exc
-    if len(out) < len(wanted):
-        raise MediaError(f"{path}: only {index + 1} frames decode but frame {last} is needed; the file is "
-                         "truncated or changed since it was scanned: scan the folder again")
-    return out
-
-
 def load_clip(item: DatasetItem, indices: Sequence[int], bucket: Bucket) -> Tensor:
     """Decode the chosen frames of an item, centre-cropped and resized to a bucket.
 
@@ -821,8 +783,6 @@ def load_clip(item: DatasetItem, indices: Sequence[int], bucket: Bucket) -> Tens
         except (OSError, ValueError, SyntaxError) as exc:
             raise MediaError(f"{item.path}: image cannot be decoded: {exc}") from exc
     else:
-        if not item.path.is_file():
-            raise FileNotFoundError(f"video file not found: {item.path}")
-        decoded = _decode_frames(item.path, set(indices), bucket)
+        decoded = decode_frames(item.path, indices, transform=lambda rgb: _fit(rgb, bucket))
         frames = [decoded[i] for i in indices]
     return (torch.stack(frames, dim=1) / 127.5 - 1.0).clamp_(-1.0, 1.0)

@@ -168,3 +168,16 @@ def test_not_a_video(tmp_path):
     with pytest.raises(MediaError, match="notes.mp4"):
         read_video(text)
 
+
+
+def test_decode_frames_selects_frames_and_stops_early(test_data):
+    frames, _ = read_video(test_data["bbb"], max_frames=12)
+    picked = media.decode_frames(test_data["bbb"], [11, 0, 5, 5])
+    assert sorted(picked) == [0, 5, 11]
+    for i in (0, 5, 11):
+        assert torch.equal(picked[i], frames[i])
+    halves = media.decode_frames(test_data["bbb"], [2], transform=lambda f: f[::2, ::2])
+    assert halves[2].shape == (360, 640, 3)
+    with pytest.raises(MediaError, match="frame 500 is needed"):
+        media.decode_frames(test_data["bbb"], [500])
+    assert media.count_decodable_frames(test_data["bbb"]) == 132
