@@ -13,7 +13,7 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -154,3 +154,87 @@ def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
             os.unlink(tmp)
         raise
     return path
+
+
+def _names(names, n: int = 5) -> str:
+    return ", ".join(names[:n]) + (" …" if len(names) > n else "") if names else "none"
+
+
+def describe_checkpoint(shapes: Mapping[str, Sequence[int]]) -> str:
+    """Say in words what a state dict looks like, for error messages.
+
+    Args:
+        shapes: tensor name → shape (a sequence of ints).
+    Returns:
+        A short phrase such as ``"a CLIP text encoder"`` or ``"a Kandinsky 5 DiT"``; for unknown layouts, the
+        first tensor names.
+    """
+    names = list(shapes)
+
+    def has(part: str) -> bool:
+        return any(part in n for n in names)
+
+    def starts(prefix: str) -> bool:
+        return any(n.startswith(prefix) for n in names)
+
+    if not names:
+        return "an empty file (no tensors)"
+    if has("lora_up.") or has("lora_A.") or has("lora_down.") or has("lora_B."):
+        return "a LoRA (goes in models/loras)"
+    if has("visual_transformer_blocks.") and has("cross_attention.key_norm"):
+        return "a Kandinsky 5 DiT (goes in models/diffusion_models)"
+    if starts("model.diffusion_model."):
+        return "a ComfyUI diffusion model or full checkpoint (model.diffusion_model.*)"
+    if has("text_model.encoder.layers.") or has("embeddings.token_embedding") or (
+            has("encoder.layers.0.self_attn.q_proj") and has("final_layer_norm")):
+        return "a CLIP text encoder"
+    if has("vision_model.encoder.layers."):
+        return "a CLIP vision encoder"
+    if has("encoder.block.") and has("SelfAttention"):
+        return "a T5 text encoder"
+    if has(".layers.0.self_attn.q_norm.") or has("post_feedforward_layernorm"):
+        return "a Gemma/Qwen3 language model"
+    if has("self_attn.k_proj.bias") and has("embed_tokens"):
+        return "a Qwen2/Qwen2.5 language model"
+    if has("self_attn.k_proj") and has("embed_tokens"):
+        return "a Llama/Mistral-style language model"
+    if has("decoder.up_blocks.") or has("decoder.up.") or has("decoder.conv_in"):
+        conv = [tuple(s) for n, s in shapes.items() if n.startswith("decoder.conv_in") and n.endswith("weight")]
+        if conv and len(conv[0]) == 5:
+            return f"a 3D video VAE with {conv[0][1]} latent channels"
+        if conv:
+            return f"a 2D image VAE with {conv[0][1]} latent channels"
+        return "a VAE"
+    if has("transformer_blocks.") or has("double_blocks.") or has("blocks.0.attn"):
+        return "a diffusion transformer of another model family"
+    return "an unrecognised model (first tensors: " + ", ".join(names[:4]) + ")"
+
+
+def assign_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Load ``state_dict`` (strict) into a model built on the meta device, taking the tensors over (``assign``).
+
+    Non-persistent buffers are not in checkpoints and stay on meta: the caller rebuilds them, then calls
+    :func:`check_materialised`.
+    Raises:
+        CheckpointError: missing or unexpected tensors, or a shape that differs from the model's (named, with
+            ``path`` in the message).
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: tensors do not match the model built from its config: missing {_names(missing)}, "
+            f"unexpected {_names(unexpected)}. The file is incomplete or of another model size.")
+    for name, t in state_dict.items():
+        if tuple(t.shape) != expected[name]:
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(t.shape)}, the config expects "
+                                  f"{expected[name]}.")
+    model.load_state_dict(state_dict, strict=True, assign=True)
+
+
+def check_materialised(model: torch.nn.Module) -> None:
+    """Raise ``RuntimeError`` if any parameter or buffer of ``model`` is still on the meta device."""
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"internal error: tensors left uninitialised after loading: {left[:5]}")

@@ -51,8 +51,14 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
-from ..core.checkpoint import CheckpointError, load_state_dict, read_safetensors_header
-from .text import assign_state_dict, check_materialised, describe_checkpoint
+from ..core.checkpoint import (
+    CheckpointError,
+    assign_state_dict,
+    check_materialised,
+    describe_checkpoint,
+    load_state_dict,
+    read_safetensors_header,
+)
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLHunyuanVideo
