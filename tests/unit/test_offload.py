@@ -1,0 +1,448 @@
+"""Block swap on CPU: schedule order, slot residency, numerics with and without swap, checkpointing, fallbacks,
+mixed dtypes, teardown. The adversarial transfer backend below delivers bytes only when the schedule waits for them
+and poisons a slot the moment it is released, so any schedule error shows up as NaN or a mismatch."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cinetune.core import offload
+from cinetune.core.offload import (
+    BlockSwap,
+    CudaTransfer,
+    SyncTransfer,
+    Transfer,
+    default_transfer,
+    split_blocks_to_swap,
+)
+from cinetune.core.quant import CastLinear, FP8Linear
+
+D = 16
+
+
+class Block(nn.Module):
+    """Pre-norm MLP block with a bias, a norm, a buffer and optionally LoRA-like trainable factors."""
+
+    def __init__(self, d: int = D, lora: bool = False) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.fc2 = nn.Linear(2 * d, d)
+        self.register_buffer("gain", torch.randn(d))
+        if lora:
+            self.down = nn.Parameter(torch.randn(2, d) * 0.1)
+            self.up = nn.Parameter(torch.randn(d, 2) * 0.1)
+        else:
+            self.down = self.up = None
+
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        h = self.norm(x)
+        out = self.fc2(F.gelu(self.fc1(h))) * self.gain
+        if self.down is not None:
+            out = out + (h @ self.down.t()) @ self.up.t()
+        return x + scale * out
+
+
+def make_stack(n: int = 6, lora: bool = False, seed: int = 0) -> nn.ModuleList:
+    torch.manual_seed(seed)
+    blocks = nn.ModuleList(Block(lora=lora) for _ in range(n))
+    for name, p in blocks.named_parameters():
+        p.requires_grad_(lora and (name.endswith("down") or name.endswith("up")))
+    return blocks
+
+
+def run(blocks, x, ckpt: str | None = None) -> torch.Tensor:
+    for b in blocks:
+        if ckpt is None:
+            x = b(x, scale=0.5)
+        else:
+            x = checkpoint(b, x, 0.5, use_reentrant=(ckpt == "reentrant"))
+    return x
+
+
+class PoisonTransfer(SyncTransfer):
+    """Records the event order; copies happen only at ``wait`` (as late as an async copy may land) and a released
+    slot is filled with 0xFF bytes (NaN in every float dtype) at once (as early as a reuse may overwrite it)."""
+
+    def __init__(self, device="cpu") -> None:
+        super().__init__(device)
+        self.events: list[tuple] = []
+        self.pending: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+    def allocate_slots(self, count, nbytes):
+        self.slots = [torch.full((nbytes,), 255, dtype=torch.uint8) for _ in range(count)]
+        return self.slots
+
+    def copy_in(self, block, slot, src, dst):
+        self.events.append(("copy", block, slot))
+        self.pending = {b: v for b, v in self.pending.items() if v[2] != slot}
+        self.pending[block] = (src, dst, slot)
+
+    def wait(self, block):
+        self.events.append(("wait", block))
+        if block in self.pending:
+            src, dst, _ = self.pending.pop(block)
+            dst.copy_(src)
+
+    def release(self, slot):
+        self.events.append(("release", slot))
+        self.slots[slot].fill_(255)
+
+    def copies(self) -> list[int]:
+        return [e[1] for e in self.events if e[0] == "copy"]
+
+
+def in_slot(t: torch.Tensor, slots) -> bool:
+    return any(s.data_ptr() <= t.data_ptr() < s.data_ptr() + s.numel() for s in slots)
+
+
+def install_checker(blocks, reference, swap: BlockSwap, transfer: PoisonTransfer, log: list):
+    """A pre-hook registered after BlockSwap's: the block's weights must be in a slot with the right values."""
+    ref_state = [{k: v.clone() for k, v in b.state_dict().items()} for b in reference]
+    handles = []
+    for i, b in enumerate(blocks):
+        def check(module, args, i=i):
+            log.append(i)
+            for name, t in module.state_dict(keep_vars=True).items():
+                assert torch.equal(t.detach(), ref_state[i][name]), f"block {i} {name} wrong before its compute"
+                if i in swap.swapped and not t.requires_grad:
+                    assert in_slot(t, transfer.slots), f"block {i} {name} not in a slot"
+            pointing = {j for j in swap.swapped for t in blocks[j].state_dict(keep_vars=True).values()
+                        if not t.requires_grad and in_slot(t, transfer.slots)}
+            assert len(pointing) <= swap.num_slots
+        handles.append(b.register_forward_pre_hook(check))
+    return handles
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_inference_order_residency_and_bit_identical():
+    blocks = make_stack(6)
+    reference = copy.deepcopy(blocks)
+    x = torch.randn(2, 5, D)
+    with torch.no_grad():
+        expected = [run(reference, x), run(reference, x + 1)]
+    tr = PoisonTransfer()
+    swap = BlockSwap(blocks, 4, device="cpu", transfer=tr)
+    assert swap.swapped == (2, 3, 4, 5) and swap.num_slots == 2
+    log: list[int] = []
+    install_checker(blocks, reference, swap, tr, log)
+    with torch.no_grad():
+        out = [run(blocks, x), run(blocks, x + 1)]
+    assert all(torch.equal(a, b) for a, b in zip(out, expected))
+    assert log == list(range(6)) * 2
+    # block 0 prefetches 2 and 3; each swapped block prefetches the next; block 5 wraps around to block 2 of the next
+    # step; the next step's block 0 brings block 3 back.
+    assert tr.copies() == [2, 3, 4, 5, 2, 3, 4, 5, 2]
+    assert tr.events[:4] == [("copy", 2, 0), ("copy", 3, 1), ("wait", 2), ("release", 0)]
+    assert swap.stats["on_demand"] == 0
+    assert swap.stats["bytes_copied"] == 9 * swap.slot_bytes  # identical blocks
+    swap.close()
+
+
+@pytest.mark.parametrize("ckpt", ["non_reentrant", "reentrant"])
+def test_training_with_checkpointing_order_and_bit_identical_gradients(ckpt):
+    blocks = make_stack(6, lora=True)
+    reference = copy.deepcopy(blocks)
+    x = torch.randn(2, 5, D, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+
+    def step(bl, inp):
+        loss = run(bl, inp, ckpt).square().mean()
+        loss.backward()
+        return loss.detach()
+
+    ref_losses = [step(reference, x_ref) for _ in range(2)]
+    tr = PoisonTransfer()
+    swap = BlockSwap(blocks, 4, device="cpu", transfer=tr)
+    log: list[int] = []
+    install_checker(blocks, reference, swap, tr, log)
+    losses = [step(blocks, x) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(losses, ref_losses))
+    assert torch.equal(x.grad, x_ref.grad)
+    for p, q in zip(blocks.parameters(), reference.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad)
+    # forward 0..5, then the recompute in reverse order 5..0, twice
+    assert log == (list(range(6)) + list(range(5, -1, -1))) * 2
+    # step 1: forward loads 2,3 (at block 0), 4, 5; backward loads 3 (at 4) and 2 (at 3); the last two swapped blocks
+    # are still in the ring at the turn. Step 2 starts with 2 and 3 already in the ring.
+    assert tr.copies() == [2, 3, 4, 5, 3, 2] + [4, 5, 3, 2]
+    assert swap.stats["on_demand"] == 0  # every copy was issued one block ahead, in both directions
+    swap.close()
+
+
+def test_training_without_checkpointing_is_refused():
+    blocks = make_stack(6, lora=True)
+    swap = BlockSwap(blocks, 3, device="cpu")
+    x = torch.randn(1, 3, D)
+    with pytest.raises(RuntimeError, match=r"without gradient checkpointing.*torch\.utils\.checkpoint"):
+        run(blocks, x)
+    with torch.no_grad():
+        run(blocks, x)  # inference is fine
+    swap.close()
+    # everything fits in the ring: no slot is reused, so no checkpointing is needed
+    blocks = make_stack(6, lora=True)
+    reference = copy.deepcopy(blocks)
+    swap = BlockSwap(blocks, 2, device="cpu")
+    run(blocks, x).sum().backward()
+    run(reference, x).sum().backward()
+    assert torch.equal(blocks[5].down.grad, reference[5].down.grad)
+    swap.close()
+
+
+def test_inference_mode_and_on_demand_order():
+    blocks = make_stack(4)
+    reference = copy.deepcopy(blocks)
+    x = torch.randn(1, 3, D)
+    swap = BlockSwap(blocks, 4, device="cpu", ring_size=1)
+    with torch.inference_mode():
+        # an order the schedule did not predict still gets the right weights, loaded on demand
+        y = blocks[3](blocks[1](blocks[2](x)))
+        y_ref = reference[3](reference[1](reference[2](x)))
+    assert torch.equal(y, y_ref)
+    assert swap.stats["on_demand"] >= 2
+    swap.close()
+
+
+def test_blocks_to_swap_zero_is_a_no_op():
+    blocks = make_stack(3)
+    ptrs = [p.data_ptr() for p in blocks.parameters()]
+    swap = BlockSwap(blocks, 0, device="cpu")
+    assert swap.num_slots == 0 and swap.ring_bytes == 0 and swap.host_bytes == 0
+    assert all(not b._forward_pre_hooks for b in blocks)
+    assert [p.data_ptr() for p in blocks.parameters()] == ptrs
+
+
+def test_blocks_to_swap_limits():
+    blocks = make_stack(6)
+    reference = copy.deepcopy(blocks)
+    x = torch.randn(1, 3, D)
+    with pytest.raises(ValueError, match=r"blocks_to_swap=7 is out of range for 6 blocks.*maximum 6"):
+        BlockSwap(blocks, 7, device="cpu")
+    with pytest.raises(ValueError, match="maximum 6"):
+        BlockSwap(blocks, -1, device="cpu")
+    with pytest.raises(ValueError, match="ring_size must be an int ≥ 1"):
+        BlockSwap(blocks, 2, device="cpu", ring_size=0)
+    with pytest.raises(ValueError, match="blocks_to_swap must be an int"):
+        BlockSwap(blocks, 2.0, device="cpu")
+    swap = BlockSwap(blocks, 6, device="cpu")  # the maximum: every block streamed
+    assert swap.swapped == tuple(range(6))
+    with torch.no_grad():
+        assert torch.equal(run(blocks, x), run(reference, x))
+    swap.close()
+
+
+def test_pin_refused_falls_back_to_pageable(monkeypatch):
+    blocks = make_stack(5)
+    reference = copy.deepcopy(blocks)
+
+    def refuse(nbytes):
+        raise RuntimeError("cannot lock memory")
+
+    monkeypatch.setattr(offload, "_pinned_empty", refuse)
+    with pytest.warns(RuntimeWarning, match="pinning host memory failed.*pageable"):
+        swap = BlockSwap(blocks, 3, device="cpu", pin_memory=True)
+    assert not swap.pinned
+    x = torch.randn(2, 4, D)
+    with torch.no_grad():
+        assert torch.equal(run(blocks, x), run(reference, x))
+    swap.close()
+
+
+def test_pin_memory_policy(monkeypatch):
+    calls, unpinned = [], []
+    monkeypatch.setattr(offload, "_pinned_empty", lambda n: calls.append(n) or torch.empty(n, dtype=torch.uint8))
+    monkeypatch.setattr(offload, "_unpin", unpinned.append)
+    BlockSwap(make_stack(4), 2, device="cpu").close()  # default on a CPU device: no pinning
+    BlockSwap(make_stack(4), 2, device="cpu", pin_memory=False).close()
+    assert calls == []
+    swap = BlockSwap(make_stack(4), 2, device="cpu", pin_memory=True)
+    assert len(calls) == 2 and swap.pinned and swap.host_bytes == sum(calls)
+    ptrs = sorted(s.master.data_ptr() for s in swap._swapped.values())
+    swap.close()
+    assert sorted(unpinned) == ptrs  # every registered master is unregistered before it is freed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="pinning works here; the refusal is simulated above")
+def test_pin_without_cuda_driver_falls_back():
+    blocks = make_stack(3)
+    with pytest.warns(RuntimeWarning, match="pageable"):
+        swap = BlockSwap(blocks, 2, device="cpu", pin_memory=True)
+    assert not swap.pinned
+    swap.close()
+
+
+class MixedBlock(nn.Module):
+    """fp8 weight + fp32 scale buffer + fp32 bias, a bf16 Linear, a float64 vector and an int64 buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = FP8Linear.from_linear(nn.Linear(D, D))
+        self.h = CastLinear(D, D).to(torch.bfloat16)
+        self.register_buffer("offset", torch.randn(D, dtype=torch.float64))
+        self.register_buffer("shift", torch.tensor(3, dtype=torch.int64))
+
+    def forward(self, x):
+        return x + self.h(self.q(x)) * 0.1 + self.offset.to(x.dtype) * self.shift
+
+
+def test_mixed_dtypes_in_one_block():
+    torch.manual_seed(1)
+    blocks = nn.ModuleList(MixedBlock() for _ in range(4)).requires_grad_(False)
+    reference = copy.deepcopy(blocks)
+    tr = PoisonTransfer()
+    swap = BlockSwap(blocks, 3, device="cpu", transfer=tr)
+    assert {t.dtype for t in blocks[3].state_dict().values()} == {
+        torch.float8_e4m3fn, torch.float32, torch.bfloat16, torch.float64, torch.int64}
+    log: list[int] = []
+    install_checker(blocks, reference, swap, tr, log)
+    x = torch.randn(2, 3, D)
+    with torch.no_grad():
+        for _ in range(2):
+            assert torch.equal(run_plain(blocks, x), run_plain(reference, x))
+    # one copy per block whatever the dtypes; each tensor on a 256-byte boundary
+    assert tr.copies() == [1, 2, 3, 1, 2, 3, 1]
+    for t in blocks[3].state_dict().values():
+        assert (t.data_ptr() - tr.slots[swap.slot_contents().index(3)].data_ptr()) % offload.ALIGN_BYTES == 0
+    swap.close()
+
+
+def run_plain(blocks, x):
+    for b in blocks:
+        x = b(x)
+    return x
+
+
+def test_close_restores_modules_and_frees_buffers():
+    blocks = make_stack(5, lora=True)
+    reference = copy.deepcopy(blocks)
+    params_before = [id(p) for p in blocks.parameters()]
+    swap = BlockSwap(blocks, 3, device="cpu")
+    x = torch.randn(1, 3, D)
+    with torch.no_grad():
+        run(blocks, x)
+    refs = [weakref.ref(s) for s in swap._slots] + [weakref.ref(s.master) for s in swap._swapped.values()]
+    swap_ref = weakref.ref(swap)
+    swap.close()
+    swap.close()  # idempotent
+    del swap
+    gc.collect()
+    assert all(r() is None for r in refs), "ring slots or masters still referenced after close()"
+    assert swap_ref() is None, "the blocks still reference the BlockSwap"
+    assert all(not b._forward_pre_hooks for b in blocks)
+    assert [id(p) for p in blocks.parameters()] == params_before
+    for t in blocks.state_dict().values():
+        assert t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    with torch.no_grad():
+        assert torch.equal(run(blocks, x), run(reference, x))
+
+
+def test_context_manager_and_shared_tensor_error():
+    blocks = make_stack(3)
+    with BlockSwap(blocks, 1, device="cpu") as swap:
+        assert swap.slot_contents() == [None]
+        with torch.no_grad():
+            run(blocks, torch.randn(1, 2, D))
+        assert swap.slot_contents() == [2]
+    assert all(not b._forward_pre_hooks for b in blocks)
+    shared = make_stack(2)
+    shared[1].fc1 = shared[0].fc1
+    with pytest.raises(ValueError, match="belongs to blocks 0 and 1"):
+        BlockSwap(shared, 1, device="cpu")
+    with torch.device("meta"):
+        meta = make_stack(3)
+    ptrs = [p.data_ptr() for p in blocks.parameters()]
+    with pytest.raises(ValueError, match="meta device"):
+        BlockSwap([*blocks, *meta], 2, device="cpu")
+    assert [p.data_ptr() for p in blocks.parameters()] == ptrs and not blocks[0]._forward_pre_hooks
+
+
+def test_requires_grad_changed_after_attach_is_reported():
+    blocks = make_stack(4)
+    swap = BlockSwap(blocks, 3, device="cpu")
+    blocks[2].fc1.weight.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="now requires grad"):
+        run(blocks, torch.randn(1, 2, D))
+    swap.close()
+
+
+def test_custom_transfer_device_mismatch():
+    with pytest.raises(ValueError, match="transfer.device"):
+        BlockSwap(make_stack(3), 1, device="cpu", transfer=SyncTransfer("meta"))
+    with pytest.raises(NotImplementedError):
+        Transfer("cpu").copy_in(0, 0, torch.empty(1), torch.empty(1))
+    with pytest.raises(RuntimeError, match="CudaTransfer needs an available CUDA device"):
+        CudaTransfer("cpu")
+    assert isinstance(default_transfer("cpu"), SyncTransfer)
+
+
+def test_split_blocks_to_swap_musubi():
+    assert split_blocks_to_swap(2, 32, 0) == (0, 0)
+    assert split_blocks_to_swap(2, 32, 1) == (0, 1)
+    assert split_blocks_to_swap(2, 32, 8) == (1, 7)
+    assert split_blocks_to_swap(2, 32, 31) == (1, 30)
+    assert split_blocks_to_swap(4, 60, 10) == (2, 8)
+    assert split_blocks_to_swap(4, 60, 60) == (2, 58)
+    with pytest.raises(ValueError, match="maximum 31"):
+        split_blocks_to_swap(2, 32, 32)
+
+
+def test_tiny_kandinsky5_dit_with_swap():
+    dit_mod = pytest.importorskip("cinetune.k5.dit")
+    from cinetune.k5.config import K5Config
+
+    cfg = K5Config(model_dim=64, ff_dim=128, time_dim=32, num_text_blocks=2, num_visual_blocks=3,
+                   axes_dims=(8, 12, 12), in_text_dim=48, in_text_dim2=24)
+    torch.manual_seed(0)
+    model = dit_mod.Kandinsky5DiT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) / math.sqrt(p.shape[-1] if p.ndim > 1 else 16))
+    reference = copy.deepcopy(model)
+    x, text, pooled = torch.randn(1, 33, 2, 4, 4), torch.randn(1, 5, 48), torch.randn(1, 24)
+    blocks = [*model.text_transformer_blocks, *model.visual_transformer_blocks]
+    tr = PoisonTransfer()
+    swap = BlockSwap(blocks, 5, device="cpu", transfer=tr)
+    with torch.no_grad():
+        for t in (500.0, 250.0):
+            assert torch.equal(model(x, text, pooled, t), reference(x, text, pooled, t))
+    assert tr.copies()[:5] == [0, 1, 2, 3, 4]
+    swap.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the stream/event path needs CUDA")
+def test_cuda_streams_match_resident_weights():
+    """Pinned masters, side-stream copies and events: same outputs and gradients as an all-resident model."""
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(Block(256, lora=True) for _ in range(8))
+    for name, p in blocks.named_parameters():
+        p.requires_grad_(name.endswith("down") or name.endswith("up"))
+    reference = copy.deepcopy(blocks).cuda()
+    swap = BlockSwap(blocks, 6, device="cuda")
+    assert swap.pinned and isinstance(swap.transfer, CudaTransfer)
+    x = torch.randn(4, 512, 256, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(run(blocks, x), run(reference, x))
+    for _ in range(2):
+        xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        run(blocks, xa, "non_reentrant").square().mean().backward()
+        run(reference, xb, "non_reentrant").square().mean().backward()
+        assert torch.equal(xa.grad, xb.grad)
+    for p, q in zip(blocks.parameters(), reference.parameters()):
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad)
+    assert swap.stats["on_demand"] == 0
+    swap.close(device="cuda")
