@@ -83,6 +83,7 @@ master, ring of slots, free events, checkpointing requirement), Lightricks LTX-2
 from __future__ import annotations
 
 import bisect
+from contextlib import contextmanager
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -659,3 +660,43 @@ def split_blocks_to_swap(n_text: int, n_visual: int, blocks_to_swap: int) -> tup
     text = min(n_text // 2, blocks_to_swap // 4)
     visual = max(1, blocks_to_swap - text)
     return text, visual
+
+
+@contextmanager
+def model_on_device(model: nn.Module, blocks: Sequence[nn.Module], device: torch.device | str, *,
+                    blocks_to_swap: int = 0, pin_memory: bool | None = None, ring_size: int = 2,
+                    offload_device: torch.device | str = "cpu"):
+    """Run ``model`` on ``device`` with its last ``blocks_to_swap`` blocks streamed by a :class:`BlockSwap`.
+
+    Everything outside ``blocks`` (embeddings, norms, output layer) moves to ``device`` as is; the blocks are
+    placed by :class:`BlockSwap`. On exit every tensor is back on ``offload_device`` and the swap is closed, also
+    when the body raises (an interrupt, an out-of-memory error).
+
+    Args:
+        model: the whole network. blocks: its blocks in execution order (each also inside ``model``).
+        blocks_to_swap, pin_memory, ring_size: as :class:`BlockSwap`.
+
+    Yields:
+        The :class:`BlockSwap`.
+
+    Raises:
+        ValueError: as :class:`BlockSwap` (e.g. blocks_to_swap above the block count, with the maximum).
+    """
+    in_blocks = {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
+
+    def move_rest(dev) -> None:
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is not None and id(p) not in in_blocks:
+                    p.data = p.data.to(dev)
+            for name, b in module._buffers.items():
+                if b is not None and id(b) not in in_blocks:
+                    module._buffers[name] = b.to(dev)
+
+    swap = BlockSwap(blocks, blocks_to_swap, device=device, ring_size=ring_size, pin_memory=pin_memory)
+    try:
+        move_rest(device)
+        yield swap
+    finally:
+        swap.close(device=offload_device)
+        move_rest(offload_device)

@@ -84,3 +84,10 @@ def host_tokenizer_dir(name: str) -> Path | None:
         if candidate.is_dir():
             return candidate
     return None
+
+
+def pinned_memory_allowed() -> bool:
+    """False when ComfyUI was started with ``--disable-pinned-memory`` (newer releases have the flag)."""
+    from comfy.cli_args import args
+
+    return not getattr(args, "disable_pinned_memory", False)

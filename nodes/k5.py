@@ -14,6 +14,7 @@ import torch
 from comfy_api.latest import io
 
 from ..core.attention import BACKENDS, check_backend
+from ..core.offload import model_on_device
 from ..k5.config import DEFAULT_NEGATIVE_PROMPT, VARIANTS, K5Config, K5Variant, resolve_variant
 from ..k5.dit import Kandinsky5DiT, load_k5_dit
 from ..k5.nabla import NablaConfig
@@ -40,6 +41,13 @@ class K5ModelHandle:
     attention_backend: str
     nabla: NablaConfig | None
     path: Path
+    blocks_to_swap: int = 0
+    use_pinned_memory: bool = True
+
+    @property
+    def blocks(self) -> list[torch.nn.Module]:
+        """Transformer blocks in execution order (text blocks, then visual blocks)."""
+        return [*self.model.text_transformer_blocks, *self.model.visual_transformer_blocks]
 
 
 def _nabla_for(variant: K5Variant, mode: str) -> NablaConfig | None:
@@ -83,17 +91,30 @@ class K5ModelLoader(io.ComfyNode):
                 io.Combo.Input("nabla", options=NABLA_MODES, default="auto",
                                tooltip="NABLA sparse attention: 'auto' uses it for the variants trained with it (10 s and HD), "
                                        "'on' forces it (sizes must be multiples of 128 px), 'off' uses full attention."),
+                io.Int.Input("blocks_to_swap", default=0, min=0, max=200,
+                             tooltip="Block swap: keep this many transformer blocks (the last ones) in CPU memory and "
+                                     "stream each to the GPU just before it runs, overlapped with compute. Lite has 34 "
+                                     "blocks, Pro 64. Raise it until the model fits; 0 keeps everything on the GPU."),
+                io.Boolean.Input("use_pinned_memory", default=True,
+                                 tooltip="Pin the CPU copies of swapped blocks for fast asynchronous transfers. Turn off "
+                                         "if system RAM is short (ComfyUI --disable-pinned-memory also turns it off)."),
             ],
             outputs=[K5Model.Output(display_name="model")],
         )
 
     @classmethod
-    def execute(cls, dit_name, variant, weight_dtype, attention, nabla) -> io.NodeOutput:
+    def execute(cls, dit_name, variant, weight_dtype, attention, nabla, blocks_to_swap=0,
+                use_pinned_memory=True) -> io.NodeOutput:
         check_backend(attention)
         path = host.model_path("diffusion_models", dit_name)
         loaded = load_k5_dit(path, weight_dtype=weight_dtype, device="cpu")
+        total = loaded.config.num_text_blocks + loaded.config.num_visual_blocks
+        if blocks_to_swap > total:
+            raise ValueError(f"blocks_to_swap={blocks_to_swap} is more than the {total} transformer blocks of "
+                             f"{path.name}: use at most {total}.")
         resolved = resolve_variant(loaded.config, path.name, variant)
-        handle = K5ModelHandle(loaded.model.eval(), loaded.config, resolved, attention, _nabla_for(resolved, nabla), path)
+        handle = K5ModelHandle(loaded.model.eval(), loaded.config, resolved, attention, _nabla_for(resolved, nabla),
+                               path, blocks_to_swap, use_pinned_memory and host.pinned_memory_allowed())
         return io.NodeOutput(handle)
 
 
@@ -227,18 +248,17 @@ class K5Sampler(io.ComfyNode):
         dtype = _compute_dtype(handle.model, device)
         progress = host.Progress(steps)
         host.free_host_models()
-        handle.model.to(device)
-        try:
-            with torch.inference_mode():
-                latent = sample(
-                    handle.model, conditioning["positive"], conditioning["negative"],
-                    width=width, height=height, frames=frames, seed=seed, steps=steps, guidance=guidance,
-                    scheduler_scale=scheduler_scale, rope_scale=handle.variant.rope_scale,
-                    attention_backend=handle.attention_backend, nabla=handle.nabla,
-                    start_latent=None if start_latent is None else start_latent["samples"],
-                    device=device, dtype=dtype, callback=progress.update, check_interrupt=host.check_interrupt)
-        finally:
-            handle.model.to(host.offload_device())
+        with torch.inference_mode(), model_on_device(handle.model, handle.blocks, device,
+                                                     blocks_to_swap=handle.blocks_to_swap,
+                                                     pin_memory=handle.use_pinned_memory,
+                                                     offload_device=host.offload_device()):
+            latent = sample(
+                handle.model, conditioning["positive"], conditioning["negative"],
+                width=width, height=height, frames=frames, seed=seed, steps=steps, guidance=guidance,
+                scheduler_scale=scheduler_scale, rope_scale=handle.variant.rope_scale,
+                attention_backend=handle.attention_backend, nabla=handle.nabla,
+                start_latent=None if start_latent is None else start_latent["samples"],
+                device=device, dtype=dtype, callback=progress.update, check_interrupt=host.check_interrupt)
         return io.NodeOutput({"samples": latent})
 
 

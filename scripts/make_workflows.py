@@ -21,7 +21,8 @@ NEGATIVE = ("Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst
 #        control_after_generate value in the UI format.
 LOADERS = [
     (1, "CinetuneK5ModelLoader", [("dit_name", None), ("variant", "auto"), ("weight_dtype", "default"),
-                                  ("attention", "sdpa"), ("nabla", "auto")], {}, [("model", "CINETUNE_K5_MODEL")]),
+                                  ("attention", "sdpa"), ("nabla", "auto"), ("blocks_to_swap", 0),
+                                  ("use_pinned_memory", True)], {}, [("model", "CINETUNE_K5_MODEL")]),
     (2, "CinetuneK5TextEncoderLoader", [("qwen_name", "qwen_2.5_vl_7b.safetensors"), ("clip_name", "clip_l.safetensors"),
                                         ("dtype", "bf16")], {}, [("text_encoder", "CINETUNE_K5_TEXT_ENCODER")]),
     (3, "CinetuneK5VAELoader", [("vae_name", "hunyuan_video_vae_bf16.safetensors"), ("dtype", "fp32")], {},

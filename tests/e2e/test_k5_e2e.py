@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Saved workflows store widget values by position: this order must never change (append new inputs only).
 FROZEN_INPUT_ORDER = {
-    "CinetuneK5ModelLoader": ["dit_name", "variant", "weight_dtype", "attention", "nabla"],
+    "CinetuneK5ModelLoader": ["dit_name", "variant", "weight_dtype", "attention", "nabla", "blocks_to_swap",
+                              "use_pinned_memory"],
     "CinetuneK5TextEncoderLoader": ["qwen_name", "clip_name", "dtype"],
     "CinetuneK5VAELoader": ["vae_name", "dtype"],
     "CinetuneK5TextEncode": ["text_encoder", "prompt", "negative_prompt", "template"],
@@ -72,6 +73,18 @@ def test_text_to_video_writes_decodable_mp4(comfy_client, comfy_layout):
     meta = probe_video(videos[0])
     assert (meta["frames"], meta["width"], meta["height"]) == (TINY_SIZE["frames"], TINY_SIZE["width"], TINY_SIZE["height"])
     assert meta["codec"] == "h264"
+
+
+def test_block_swap_and_fp8_weights_generate_the_same_size_video(comfy_client, comfy_layout):
+    prompt = tiny_workflow(_load("k5_text_to_video", api=True), TINY_NAMES)
+    prompt["1"]["inputs"].update(blocks_to_swap=3, weight_dtype="fp8_e4m3fn")
+    entry = comfy_client.run(prompt, timeout=900)
+    videos = [p for p in comfy_client.output_files(entry, comfy_layout.output) if p.suffix == ".mp4"]
+    meta = probe_video(videos[0])
+    assert (meta["frames"], meta["width"], meta["height"]) == (TINY_SIZE["frames"], TINY_SIZE["width"], TINY_SIZE["height"])
+    prompt["1"]["inputs"]["blocks_to_swap"] = 4
+    msg = _error_message(comfy_client, prompt)
+    assert "blocks_to_swap=4" in msg and "at most 3" in msg
 
 
 def test_image_to_video_from_real_photo_writes_mp4(comfy_client, comfy_layout, test_data):

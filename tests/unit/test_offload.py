@@ -446,3 +446,28 @@ def test_cuda_streams_match_resident_weights():
             assert torch.equal(p.grad, q.grad)
     assert swap.stats["on_demand"] == 0
     swap.close(device="cuda")
+
+
+def test_model_on_device_streams_k5_blocks_and_restores():
+    from cinetune.core.offload import model_on_device
+    from cinetune.k5.config import K5Config
+    from cinetune.k5.dit import Kandinsky5DiT
+    from cinetune.k5.tiny import TINY_DIT_DIMS
+
+    torch.manual_seed(0)
+    model = Kandinsky5DiT(K5Config(**TINY_DIT_DIMS)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    blocks = [*model.text_transformer_blocks, *model.visual_transformer_blocks]
+    x = torch.randn(1, 33, 2, 4, 4)
+    text, pooled, t = torch.randn(1, 5, TINY_DIT_DIMS["in_text_dim"]), torch.randn(1, TINY_DIT_DIMS["in_text_dim2"]), torch.tensor([500.0])
+    with torch.inference_mode():
+        expected = model(x, text, pooled, t)
+        with model_on_device(model, blocks, "cpu", blocks_to_swap=len(blocks)) as swap:
+            got = model(x, text, pooled, t)
+            assert swap.stats["copies"] >= len(blocks)
+    assert torch.equal(got, expected)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    with pytest.raises(ValueError, match=f"maximum {len(blocks)}"):
+        with model_on_device(model, blocks, "cpu", blocks_to_swap=len(blocks) + 1):
+            pass
