@@ -181,6 +181,25 @@ def _read_headers(files: Sequence[Path]) -> tuple[dict[str, tuple[Path, tuple[in
     return out, metadata
 
 
+def _mapped_weights(path, config_types: tuple[str, ...], key_of):
+    """Locate a text encoder's weight files (a Hugging Face folder of ``config_types`` or one file), read their
+    headers and map stored names to model names with ``key_of`` (None = not a model tensor).
+
+    Returns:
+        ``(path, folder or None, entries, metadata, mapping src→dst, shapes dst→shape)``.
+    Raises:
+        CheckpointError: the path does not exist, or a header cannot be read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found.")
+    folder = _model_folder(path, config_types)
+    entries, metadata = _read_headers(_weight_files(folder) if folder else [path])
+    mapping = {src: dst for src in entries if (dst := key_of(src)) is not None}
+    shapes = {dst: entries[src][1] for src, dst in mapping.items()}
+    return path, folder, entries, metadata, mapping, shapes
+
+
 def _load_mapped(entries: Mapping[str, tuple[Path, tuple[int, ...], str]], mapping: Mapping[str, str],
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Load ``mapping`` (source name → model name) from the files, dequantising fp8 weights.
@@ -318,14 +337,8 @@ def load_qwen_text_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.
         raise ImportError("Loading Qwen2.5-VL needs transformers >= 4.52 (Qwen2_5_VLTextModel); "
                           "upgrade it with pip install -U transformers.") from e
 
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: not found.")
-    folder = _model_folder(path, ("qwen2_5_vl", "qwen2_5_vl_text"))
-    files = _weight_files(folder) if folder else [path]
-    entries, metadata = _read_headers(files)
-    mapping = {src: dst for src in entries if (dst := _qwen_model_key(src)) is not None}
-    shapes = {dst: entries[src][1] for src, dst in mapping.items()}
+    path, folder, entries, metadata, mapping, shapes = _mapped_weights(path, ("qwen2_5_vl", "qwen2_5_vl_text"),
+                                                                       _qwen_model_key)
     if "embed_tokens.weight" not in shapes or "layers.0.self_attn.k_proj.bias" not in shapes:
         what = describe_checkpoint({n: e[1] for n, e in entries.items()})
         raise CheckpointError(
@@ -405,14 +418,8 @@ def load_clip_text_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.
     """
     from transformers import AutoConfig, CLIPTextConfig, CLIPTextModel
 
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: not found.")
-    folder = _model_folder(path, ("clip", "clip_text_model"))
-    files = _weight_files(folder) if folder else [path]
-    entries, metadata = _read_headers(files)
-    mapping = {src: dst for src in entries if (dst := _clip_model_key(src)) is not None}
-    shapes = {dst: entries[src][1] for src, dst in mapping.items()}
+    path, folder, entries, metadata, mapping, shapes = _mapped_weights(path, ("clip", "clip_text_model"),
+                                                                       _clip_model_key)
     if "embeddings.token_embedding.weight" not in shapes or "final_layer_norm.weight" not in shapes:
         what = describe_checkpoint({n: e[1] for n, e in entries.items()})
         raise CheckpointError(

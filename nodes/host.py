@@ -7,6 +7,7 @@ host API changes are absorbed in one place. Only APIs present in ComfyUI 0.3.75 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import comfy.model_management as mm
@@ -91,3 +92,15 @@ def pinned_memory_allowed() -> bool:
     from comfy.cli_args import args
 
     return not getattr(args, "disable_pinned_memory", False)
+
+
+@contextmanager
+def on_compute_device(model):
+    """Move a pack-owned model (anything with ``.to(device)``) to the compute device for the body, then back to the
+    CPU, also when the body raises. Yields the device."""
+    device = compute_device()
+    model.to(device)
+    try:
+        yield device
+    finally:
+        model.to("cpu")

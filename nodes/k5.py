@@ -196,14 +196,9 @@ class K5TextEncode(io.ComfyNode):
 
     @classmethod
     def execute(cls, text_encoder, prompt, negative_prompt, template) -> io.NodeOutput:
-        device = host.compute_device()
-        text_encoder.to(device)
-        try:
-            with torch.inference_mode():
-                positive = text_encoder.encode([prompt], template=template).to("cpu")
-                negative = text_encoder.encode([negative_prompt], template=template).to("cpu")
-        finally:
-            text_encoder.to("cpu")
+        with host.on_compute_device(text_encoder), torch.inference_mode():
+            positive = text_encoder.encode([prompt], template=template).to("cpu")
+            negative = text_encoder.encode([negative_prompt], template=template).to("cpu")
         return io.NodeOutput({"positive": positive, "negative": negative})
 
 
@@ -281,13 +276,8 @@ class K5VAEDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, latent, tiling) -> io.NodeOutput:
-        device = host.compute_device()
-        vae.to(device)
-        try:
-            with torch.inference_mode():
-                video = vae.decode(latent["samples"].to(device), tiling=tiling)  # [B,3,F,H,W] in [-1,1]
-        finally:
-            vae.to("cpu")
+        with host.on_compute_device(vae) as device, torch.inference_mode():
+            video = vae.decode(latent["samples"].to(device), tiling=tiling)  # [B,3,F,H,W] in [-1,1]
         frames = ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).flatten(0, 1)
         return io.NodeOutput(frames.cpu().contiguous())
 
@@ -314,13 +304,8 @@ class K5VAEEncode(io.ComfyNode):
     @classmethod
     def execute(cls, vae, image, width, height) -> io.NodeOutput:
         pixels = prepare_start_image(image, width, height)  # [1,3,1,H,W] in [-1,1]
-        device = host.compute_device()
-        vae.to(device)
-        try:
-            with torch.inference_mode():
-                latent = vae.encode(pixels.to(device))
-        finally:
-            vae.to("cpu")
+        with host.on_compute_device(vae) as device, torch.inference_mode():
+            latent = vae.encode(pixels.to(device))
         return io.NodeOutput({"samples": latent.float().cpu()})
 
 
