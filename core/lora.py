@@ -54,6 +54,7 @@ Decisions (where the sources leave a choice):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 import json
 import math
 import os
@@ -927,3 +928,21 @@ def apply_lora_unmerged(model: nn.Module, weights: LoRAWeights, strength: float 
         _replace(model, path, wrapped)
         out[path] = wrapped
     return out
+
+
+@contextmanager
+def loras_applied(model: nn.Module, loras: Iterable[tuple[LoRAWeights, float]]):
+    """Apply LoRAs unmerged (:func:`apply_lora_unmerged`) for the body, then remove every LoRA wrapper again, also
+    when the body raises. The base weights are never modified, so a shared model stays clean.
+
+    Args:
+        model: the network. loras: ``(weights, strength)`` pairs, applied in order (stacked).
+    Raises:
+        LoRAError: as :func:`apply_lora_unmerged` (nothing stays applied).
+    """
+    try:
+        for weights, strength in loras:
+            apply_lora_unmerged(model, weights, strength)
+        yield model
+    finally:
+        remove_lora(model)

@@ -1,0 +1,362 @@
+"""Text and latent caches: files and shapes on tiny real-format models, keys that follow their inputs,
+interruption, loading the cached dataset back, bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from cinetune.core.media import write_video
+from cinetune.k5.text import load_k5_text_encoder
+from cinetune.k5.tiny import write_tiny_clip, write_tiny_qwen, write_tiny_vae
+from cinetune.k5.vae import load_k5_vae
+from cinetune.training.cache import (
+    CacheError,
+    cache_latents,
+    cache_text,
+    empty_text_path,
+    encoder_identity,
+    load_cached_dataset,
+    read_latent,
+    read_text,
+)
+from cinetune.training.data import (
+    Bucket,
+    DatasetError,
+    FrameSpec,
+    from_tensors,
+    load_clip,
+    scan_folder,
+)
+
+SPEC = FrameSpec(17, "head", 24.0)
+SETTINGS = dict(frame_spec=SPEC, base_resolution=64)  # buckets 80x48 (BBB, chelsea) and 64x64 (astronaut)
+CAPTIONS = {"bbb.mp4": "a big rabbit wakes up", "astronaut.png": "an astronaut", "chelsea.png": "a ginger cat"}
+
+
+class Counting:
+    """Wraps an encoder or VAE and records what each ``encode`` call got."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def encode(self, x, *args, **kwargs):
+        self.calls.append((x[0], args[0] if args else kwargs.get("template")) if isinstance(x, list)
+                          else tuple(x.shape))
+        return self.inner.encode(x, *args, **kwargs)
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_after(entries: int):
+    calls = itertools.count(1)
+
+    def check():
+        if next(calls) > entries:
+            raise Stop
+
+    return check
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, qwen_tokenizer_dir, clip_tokenizer_dir):
+    root = tmp_path_factory.mktemp("models")
+    qwen = write_tiny_qwen(root / "qwen", qwen_tokenizer_dir)
+    clip = write_tiny_clip(root / "clip", clip_tokenizer_dir)
+    vae = write_tiny_vae(root / "vae.safetensors")
+    return SimpleNamespace(encoder=load_k5_text_encoder(qwen, clip, dtype=torch.float32),
+                           vae=load_k5_vae(vae, tiling=False),
+                           encoder_id=encoder_identity(qwen, clip, dtype=torch.float32),
+                           vae_id=encoder_identity(vae, dtype=torch.float32))
+
+
+def make_folder(root: Path, test_data) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(test_data["bbb"], root / "bbb.mp4")
+    shutil.copy(test_data["astronaut"], root / "astronaut.png")
+    shutil.copy(test_data["chelsea"], root / "chelsea.png")
+    for name, caption in CAPTIONS.items():
+        (root / name).with_suffix(".txt").write_text(caption)
+    return root
+
+
+def entries(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def no_temp_files(cache: Path) -> bool:
+    return not [p for p in cache.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, test_data, models):
+    """A dataset of BBB (17 frames) and two photos, text- and latent-cached with i2v."""
+    root = tmp_path_factory.mktemp("built")
+    ds = scan_folder(make_folder(root / "data", test_data))
+    te, vae = Counting(models.encoder), Counting(models.vae)
+    cache = root / "cache"
+    text_report = cache_text(ds, te, cache, encoder_id=models.encoder_id)
+    latent_report = cache_latents(ds, vae, cache, vae_id=models.vae_id, i2v=True, **SETTINGS)
+    return SimpleNamespace(ds=ds, cache=cache, te=te, vae=vae, text_report=text_report, latent_report=latent_report)
+
+
+@pytest.fixture
+def fresh(tmp_path, test_data):
+    return make_folder(tmp_path / "data", test_data)
+
+
+# --------------------------------------------------------------------------------------------- files and shapes
+
+
+def test_text_cache_holds_each_caption_once_plus_empty_ones(built, models):
+    r = built.text_report
+    assert (r.written, r.skipped, r.problems) == (5, 0, [])
+    assert sorted(built.te.calls) == sorted([("a big rabbit wakes up", "video"), ("an astronaut", "image"),
+                                             ("a ginger cat", "image"), ("", "video"), ("", "image")])
+    assert len(entries(built.cache / "text")) == 5 and no_temp_files(built.cache)
+    sample = {s.item_id: s for s in load_cached_dataset(built.ds, built.cache, encoder_id=models.encoder_id,
+                                                        vae_id=models.vae_id, i2v=True, **SETTINGS)}
+    for item_id, template in [("bbb.mp4", "video"), ("chelsea.png", "image")]:
+        text, pooled = read_text(sample[item_id].text_path)
+        ref = models.encoder.encode([CAPTIONS[item_id]], template)
+        n = int(ref.text_mask[0].sum())
+        assert text.dtype == pooled.dtype == torch.float32 and text.shape == (n, 64) and pooled.shape == (64,)
+        assert torch.equal(text, ref.text[0, :n]) and torch.equal(pooled, ref.pooled[0])
+    empty, _ = read_text(empty_text_path(built.cache, models.encoder_id, "video"))
+    assert empty.shape[0] == 1  # only <|im_end|> survives the crop
+    manifest = json.loads((built.cache / "text" / "manifest.json").read_text())["entries"]
+    assert {e["file"] for e in manifest.values()} == {p.name for p in entries(built.cache / "text")}
+    assert {(e["caption"], e["template"]) for e in manifest.values()} == set(built.te.calls)
+
+
+def test_latent_cache_shapes_raw_latents_and_i2v_frames(built, models):
+    r = built.latent_report
+    assert (r.written, r.skipped, r.problems) == (3, 0, [])
+    # BBB: the clip, then its first and last frame alone; photos: one call each (first = last = latent)
+    assert sorted(built.vae.calls) == sorted([(1, 3, 17, 48, 80), (1, 3, 1, 48, 80), (1, 3, 1, 48, 80),
+                                              (1, 3, 1, 64, 64), (1, 3, 1, 48, 80)])
+    samples = load_cached_dataset(built.ds, built.cache, encoder_id=models.encoder_id, vae_id=models.vae_id,
+                                  i2v=True, **SETTINGS)
+    by_id = {s.item_id: s for s in samples}
+    items = {item.source_id: item for item in built.ds.items}
+    expected = {"bbb.mp4": ((80, 48), 17, (16, 5, 6, 10)), "astronaut.png": ((64, 64), 1, (16, 1, 8, 8)),
+                "chelsea.png": ((80, 48), 1, (16, 1, 6, 10))}
+    for item_id, (bucket, frames, shape) in expected.items():
+        s = by_id[item_id]
+        lat = read_latent(s)
+        assert (s.bucket, s.frames) == (bucket, frames)
+        assert lat["latent"].shape == shape and lat["latent"].dtype == torch.float32
+        assert lat["first"].shape == lat["last"].shape == (16, 1, *shape[2:])
+    bbb = read_latent(by_id["bbb.mp4"])
+    indices = [(2 * i * 25 + 24) // 48 for i in range(17)]  # 24 fps from 25: nearest source frame, ties up
+    for name, index in [("first", indices[0]), ("last", indices[-1])]:
+        alone = models.vae.encode(load_clip(items["bbb.mp4"], [index], Bucket(80, 48))[None])[0]
+        assert torch.equal(bbb[name], alone), name
+    assert not torch.equal(bbb["last"], bbb["latent"][:, -1:])  # not a slice of the clip's latent
+    photo = read_latent(by_id["astronaut.png"])
+    direct = models.vae.encode(load_clip(items["astronaut.png"], [0], Bucket(64, 64))[None])[0]
+    assert torch.equal(photo["latent"], direct)  # raw: not multiplied by the scaling factor
+    assert torch.equal(photo["first"], direct) and torch.equal(photo["last"], direct)
+    manifest = json.loads((built.cache / "latents" / "manifest.json").read_text())["entries"]
+    assert manifest[by_id["bbb.mp4"].key]["indices"] == indices
+    assert {e["file"] for e in manifest.values()} == {p.name for p in entries(built.cache / "latents")}
+
+
+def test_load_cached_dataset_returns_exactly_the_samples(built, models):
+    samples = load_cached_dataset(built.ds, built.cache, encoder_id=models.encoder_id, vae_id=models.vae_id,
+                                  i2v=True, **SETTINGS)
+    assert [s.item_id for s in samples] == ["astronaut.png", "bbb.mp4", "chelsea.png"]
+    assert {s.latent_path for s in samples} == set(entries(built.cache / "latents"))
+    assert {s.key for s in samples} == {p.stem for p in entries(built.cache / "latents")}
+    assert [(s.caption, s.kind, s.template, s.repeats) for s in samples] == [
+        ("an astronaut", "image", "image", 1), ("a big rabbit wakes up", "video", "video", 1),
+        ("a ginger cat", "image", "image", 1)]
+    assert all(s.text_path.parent == built.cache / "text" and s.text_path.is_file() for s in samples)
+    assert len({s.text_key for s in samples}) == 3
+
+
+def test_load_cached_dataset_names_what_is_missing(built, models, tmp_path):
+    # the latents of the non-i2v settings were never built
+    with pytest.raises(CacheError) as err:
+        load_cached_dataset(built.ds, built.cache, encoder_id=models.encoder_id, vae_id=models.vae_id, **SETTINGS)
+    message = str(err.value)
+    assert "3 latent entries are missing" in message and "latent cacher" in message and "i2v off" in message
+    assert all(name in message for name in ("bbb.mp4", "astronaut.png", "chelsea.png"))
+    # a cache folder with text only
+    shutil.copytree(built.cache / "text", tmp_path / "cache" / "text")
+    with pytest.raises(CacheError, match="bbb.mp4"):
+        load_cached_dataset(built.ds, tmp_path / "cache", encoder_id=models.encoder_id, vae_id=models.vae_id,
+                            i2v=True, **SETTINGS)
+    # another text encoder: every caption and both empty captions are missing
+    with pytest.raises(CacheError) as err:
+        load_cached_dataset(built.ds, built.cache, encoder_id="other", vae_id=models.vae_id, i2v=True, **SETTINGS)
+    message = str(err.value)
+    assert "5 text entries are missing" in message and "text cacher" in message and "a ginger cat" in message
+    assert "latent entries are missing" not in message
+
+
+def test_read_functions_reject_missing_and_damaged_files(built, models, tmp_path):
+    sample = load_cached_dataset(built.ds, built.cache, encoder_id=models.encoder_id, vae_id=models.vae_id,
+                                 i2v=True, **SETTINGS)[0]
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(sample.latent_path.read_bytes()[:-10])
+    with pytest.raises(CacheError, match="truncated.*latent cacher"):
+        read_latent(replace(sample, latent_path=cut))
+    with pytest.raises(CacheError, match="not found.*text cacher"):
+        read_text(tmp_path / "nothing.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------------ keys
+
+
+def test_second_run_encodes_nothing(built, models):
+    te, vae = Counting(models.encoder), Counting(models.vae)
+    text = cache_text(built.ds, te, built.cache, encoder_id=models.encoder_id)
+    latents = cache_latents(built.ds, vae, built.cache, vae_id=models.vae_id, i2v=True, **SETTINGS)
+    assert (text.written, text.skipped, latents.written, latents.skipped) == (0, 5, 0, 3)
+    assert te.calls == [] and vae.calls == []
+
+
+def test_changed_caption_reencodes_one_text_entry_and_no_latent(fresh, models, tmp_path):
+    cache = tmp_path / "cache"
+    ds = scan_folder(fresh)
+    cache_text(ds, models.encoder, cache, encoder_id=models.encoder_id)
+    cache_latents(ds, models.vae, cache, vae_id=models.vae_id, **SETTINGS)
+    (fresh / "chelsea.txt").write_text("a sleepy ginger cat")
+    ds = scan_folder(fresh)
+    te, vae = Counting(models.encoder), Counting(models.vae)
+    text = cache_text(ds, te, cache, encoder_id=models.encoder_id)
+    latents = cache_latents(ds, vae, cache, vae_id=models.vae_id, **SETTINGS)
+    assert te.calls == [("a sleepy ginger cat", "image")] and (text.written, text.skipped) == (1, 4)
+    assert vae.calls == [] and (latents.written, latents.skipped) == (0, 3)
+    samples = load_cached_dataset(ds, cache, encoder_id=models.encoder_id, vae_id=models.vae_id, **SETTINGS)
+    assert samples[2].caption == "a sleepy ginger cat"
+    assert torch.equal(read_text(samples[2].text_path)[0],
+                       models.encoder.encode(["a sleepy ginger cat"], "image").text[0])
+
+
+def test_touched_video_reencodes_its_latents_only(fresh, models, tmp_path):
+    cache = tmp_path / "cache"
+    ds = scan_folder(fresh)
+    cache_text(ds, models.encoder, cache, encoder_id=models.encoder_id)
+    cache_latents(ds, models.vae, cache, vae_id=models.vae_id, **SETTINGS)
+    st = (fresh / "bbb.mp4").stat()
+    os.utime(fresh / "bbb.mp4", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    ds = scan_folder(fresh)
+    te, vae = Counting(models.encoder), Counting(models.vae)
+    text = cache_text(ds, te, cache, encoder_id=models.encoder_id)
+    latents = cache_latents(ds, vae, cache, vae_id=models.vae_id, **SETTINGS)
+    assert te.calls == [] and text.written == 0
+    assert vae.calls == [(1, 3, 17, 48, 80)] and (latents.written, latents.skipped) == (1, 2)
+    assert len(entries(cache / "latents")) == 4  # the old entry is kept (nothing cached is lost)
+
+
+def test_in_memory_items_are_keyed_by_their_pixels(models, tmp_path):
+    pixels = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    ds = from_tensors([pixels], "noise")
+    first = cache_latents(ds, models.vae, tmp_path, vae_id=models.vae_id, **SETTINGS)
+    again = cache_latents(from_tensors([pixels.clone()], "noise"), models.vae, tmp_path, vae_id=models.vae_id,
+                          **SETTINGS)
+    changed = cache_latents(from_tensors([pixels * 0.5], "noise"), models.vae, tmp_path, vae_id=models.vae_id,
+                            **SETTINGS)
+    assert (first.written, again.skipped, changed.written) == (1, 1, 1)
+
+
+def test_encoder_identity_follows_files_and_settings(tmp_path):
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"x" * 10)
+    base = encoder_identity(model, dtype=torch.bfloat16)
+    assert encoder_identity(str(model), dtype=torch.bfloat16) == base and len(base) == 32
+    assert encoder_identity(model, dtype=torch.float32) != base
+    assert encoder_identity(model, "tiling=256", dtype=torch.bfloat16) != base
+    st = model.stat()
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert encoder_identity(model, dtype=torch.bfloat16) != base
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        encoder_identity(tmp_path / "missing.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------- interruption
+
+
+def test_interrupted_runs_leave_complete_files_and_resume(fresh, models, tmp_path):
+    cache = tmp_path / "cache"
+    ds = scan_folder(fresh)
+    seen = []
+    with pytest.raises(Stop):
+        cache_text(ds, models.encoder, cache, encoder_id=models.encoder_id, check_interrupt=stop_after(2),
+                   progress=lambda done, total: seen.append((done, total)))
+    with pytest.raises(Stop):
+        cache_latents(ds, models.vae, cache, vae_id=models.vae_id, check_interrupt=stop_after(2), **SETTINGS)
+    assert seen == [(1, 5), (2, 5)]
+    assert no_temp_files(cache)
+    for sub in ("text", "latents"):
+        files = entries(cache / sub)
+        assert len(files) == 2
+        manifest = json.loads((cache / sub / "manifest.json").read_text())["entries"]
+        assert sorted(e["file"] for e in manifest.values()) == [p.name for p in files]
+    for path in entries(cache / "text"):
+        read_text(path)
+    with pytest.raises(CacheError, match="1 latent entries are missing"):
+        load_cached_dataset(ds, cache, encoder_id=models.encoder_id, vae_id=models.vae_id, **SETTINGS)
+
+    te, vae = Counting(models.encoder), Counting(models.vae)
+    text = cache_text(ds, te, cache, encoder_id=models.encoder_id)
+    latents = cache_latents(ds, vae, cache, vae_id=models.vae_id, **SETTINGS)
+    assert (text.written, text.skipped, len(te.calls)) == (3, 2, 3)
+    assert (latents.written, latents.skipped, vae.calls) == (1, 2, [(1, 3, 1, 48, 80)])  # chelsea, the 3rd clip
+    samples = load_cached_dataset(ds, cache, encoder_id=models.encoder_id, vae_id=models.vae_id, **SETTINGS)
+    assert all(read_latent(s)["latent"].shape[0] == 16 for s in samples) and len(samples) == 3
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+def noise_video(path: Path, frames: int, keep: float = 1.0) -> None:
+    video = torch.rand(frames, 48, 64, 3, generator=torch.Generator().manual_seed(frames))
+    data = write_video(video, path.with_suffix(".full.mp4"), fps=24).read_bytes()
+    path.with_suffix(".full.mp4").unlink()
+    path.write_bytes(data[: int(len(data) * keep)])  # the index is at the front: a cut file still probes
+    path.with_suffix(".txt").write_text(path.stem)
+
+
+def test_bad_files_become_problems_and_good_ones_are_cached(tmp_path, test_data, models):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(test_data["astronaut"], data / "astronaut.png")
+    (data / "astronaut.txt").write_text("an astronaut")
+    noise_video(data / "short.mp4", 9)
+    noise_video(data / "cut.mp4", 33, keep=0.3)  # 33 frames declared, 7 decode
+    (data / "broken.mp4").write_bytes(test_data["bbb"].read_bytes()[:200_000])  # BBB's index is at the end
+    (data / "broken.txt").write_text("broken")
+
+    ds = scan_folder(data, verify=False)  # the cut file passes a header-only scan and fails when decoded
+    seen = []
+    report = cache_latents(ds, models.vae, tmp_path / "cache", vae_id=models.vae_id,
+                           progress=lambda done, total: seen.append((done, total)), **SETTINGS)
+    assert (report.written, report.skipped) == (1, 0) and seen == [(1, 2), (2, 2)]  # astronaut, cut
+    assert len(list((tmp_path / "cache" / "latents").glob("*.failed.json"))) == 1
+    problems = {p.path.name: p.message for p in report.problems}
+    assert set(problems) == {"broken.mp4", "short.mp4", "cut.mp4"}
+    assert "too short" in problems["short.mp4"] and "target_frames ≤ 9" in problems["short.mp4"]
+    assert "cannot be decoded" in problems["cut.mp4"] and "re-encode" in problems["cut.mp4"]
+    assert str(data / "cut.mp4") in report.summary()
+    cache_text(ds, models.encoder, tmp_path / "cache", encoder_id=models.encoder_id)
+    samples = load_cached_dataset(ds, tmp_path / "cache", encoder_id=models.encoder_id, vae_id=models.vae_id,
+                                  **SETTINGS)
+    assert [s.item_id for s in samples] == ["astronaut.png"]  # the cut clip is left out, not "missing"
+
+    (data / "astronaut.png").unlink()
+    with pytest.raises(DatasetError) as err:
+        cache_latents(scan_folder(data, verify=False), models.vae, tmp_path / "cache", vae_id=models.vae_id,
+                      **SETTINGS)
+    assert all(name in str(err.value) for name in ("short.mp4", "cut.mp4", "broken.mp4"))

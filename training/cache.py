@@ -1,0 +1,718 @@
+"""Text-encoder and latent caches on disk for Kandinsky 5 LoRA training.
+
+A cache folder holds two sub-folders, each written by one cacher and read by the trainer::
+
+    <cache_dir>/text/<key>.safetensors      "text" [L, D] float32 (valid tokens only), "pooled" [D2] float32
+    <cache_dir>/text/manifest.json          what the entries are (caption, template, encoder id)
+    <cache_dir>/latents/<key>.safetensors   "latent" [16, T, h, w] float32 RAW VAE latent,
+                                            with i2v also "first" and "last" [16, 1, h, w]
+    <cache_dir>/latents/<key>.failed.json   a clip whose frames could not be decoded (see below)
+    <cache_dir>/latents/manifest.json       what the entries are (item, frame indices, bucket, VAE id)
+
+Typical use (the cacher nodes and the trainer node are thin wrappers around this)::
+
+    ds = scan_folder("dataset/")
+    te_id = encoder_identity(qwen_path, clip_path, dtype=torch.bfloat16)
+    cache_text(ds, text_encoder, "cache/", encoder_id=te_id)
+    vae_id = encoder_identity(vae_path, dtype=torch.float32)
+    cache_latents(ds, vae, "cache/", vae_id=vae_id, frame_spec=FrameSpec(17))
+    samples = load_cached_dataset(ds, "cache/", encoder_id=te_id, vae_id=vae_id, frame_spec=FrameSpec(17))
+
+Decisions (sources: reference k5.md §5 and §8, musubi-tuner's K5 cache scripts, official K5 training code):
+
+- **Keys are content hashes of every input**, so a cache folder can be shared by runs with different settings
+  and stale entries are never read. Text key = SHA-256 of (format version, caption, template, encoder id).
+  Latent key = SHA-256 of (format version, item identity, source frame indices, bucket, VAE id, i2v flag), where
+  the item identity is the absolute path + size + ``mtime_ns`` of its file, or the SHA-256 of the pixel values
+  for in-memory items. Frame indices stand for the whole frame selection (count, fps resampling, mode). Moving
+  the dataset folder therefore re-encodes its latents; moving model files does not (see
+  :func:`encoder_identity`). ``CACHE_VERSION`` is bumped when decoding/resizing or the file layout changes.
+- **Raw latents, float32.** Latents are stored as the VAE returns them, unscaled (the official trainer caches
+  unscaled latents and multiplies by ``scaling_factor`` 0.476986 in the loop; musubi stores scaled ones — we do
+  not), so they equal ComfyUI ``LATENT`` samples. float32 keeps exactly what the VAE produced whatever dtype it
+  ran in; the cost is small (a 121-frame 512×512 clip is 8 MB).
+- **I2V**: "first" / "last" are the first / last frame of the clip encoded ALONE as one-frame videos, as the
+  official I2V pipeline encodes its conditioning image (not latent frames sliced out of the clip, whose last
+  latent frame mixes 4 frames). For a one-frame clip both equal "latent". (musubi's ``latents_image`` also
+  holds first and last frame latents.)
+- **Templates**: video items use the Qwen template ``"video"``, one-frame items (images) ``"image"``; pass
+  ``template_for`` to choose otherwise (musubi-tuner picks one template per dataset: ``"video"`` if any item has
+  more than one frame). The empty caption ``""`` is cached for every template in use, for caption dropout
+  (:func:`empty_text_path`).
+- **One prompt per encoder call**, so an entry never depends on which other captions were encoded with it
+  (padding in a batch can change the last bits) and interruption loses at most one entry.
+- **Interruption**: every file is written atomically (temporary file + rename), ``check_interrupt()`` is called
+  before each entry and ``progress(done, total)`` after it; an interrupted run leaves only complete entries and
+  the next run skips them. An existing entry is checked by its header (tensor names, file length); a damaged
+  one is encoded again.
+- **Problems instead of failures**: too-short videos, items too small for any bucket and files that fail to
+  decode are reported in :class:`CacheReport` (with the dataset's own scan problems, so one report lists every
+  file left out) and the rest is cached. A clip that failed to decode gets a ``<key>.failed.json`` marker so
+  :func:`load_cached_dataset` leaves it out instead of reporting it missing; a later successful run removes it.
+  Only when nothing at all can be cached is :class:`~cinetune.training.data.DatasetError` raised.
+- **Manifests** (``manifest.json`` in each sub-folder) list every entry with its inputs, for people. They are
+  rewritten atomically at the end of each run, interrupted or not, keeping earlier entries whose files still
+  exist. The entry files are the truth; a process killed outright can leave the manifest without its last
+  entries, and the next run adds them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..core.checkpoint import (
+    CheckpointError,
+    load_state_dict,
+    read_safetensors_header,
+    save_file_atomic,
+)
+from ..core.media import MediaError
+from .data import (
+    Bucket,
+    Clip,
+    Dataset,
+    DatasetError,
+    DatasetItem,
+    DatasetProblem,
+    FrameSpec,
+    NoBucketError,
+    assign_bucket,
+    load_clip,
+    make_buckets,
+    plan_clips,
+)
+
+__all__ = [
+    "CACHE_VERSION", "CacheError", "CachedSample", "CacheReport", "encoder_identity", "default_template",
+    "cache_text", "cache_latents", "load_cached_dataset", "read_latent", "read_text", "empty_text_path",
+]
+
+#: Part of every key: bump when the meaning of a cached file changes (decoding, resizing, layout).
+CACHE_VERSION = 1
+
+TEXT_DIR, LATENT_DIR, MANIFEST = "text", "latents", "manifest.json"
+_FAILED_SUFFIX = ".failed.json"
+_LIST_LIMIT = 10
+
+ProgressFn = Callable[[int, int], None]
+InterruptFn = Callable[[], None]
+TemplateFn = Callable[[DatasetItem], str]
+
+
+class TextEncoderLike(Protocol):
+    """What :func:`cache_text` needs: ``encode(prompts, template)`` → object with ``text``, ``text_mask``,
+    ``pooled`` (like :class:`~cinetune.k5.text.K5TextEncoder`)."""
+
+    def encode(self, prompts: list[str], template: str = "video"): ...
+
+
+class VAELike(Protocol):
+    """What :func:`cache_latents` needs: ``encode(video [B, 3, F, H, W] in [-1, 1])`` → raw latent
+    ``[B, 16, T, h, w]`` (like :class:`~cinetune.k5.vae.K5VAE`)."""
+
+    def encode(self, video: Tensor) -> Tensor: ...
+
+
+class CacheError(DatasetError):
+    """A cache entry is missing or damaged; the message names the entries and says which cacher to run."""
+
+
+@dataclass(frozen=True)
+class CachedSample:
+    """One training sample: one clip of one item in one bucket, with its cached latent and caption embedding.
+
+    Attributes:
+        key: latent key (64 hex chars, see the module notes).
+        latent_path: safetensors file with "latent" ``[16, T, h, w]`` float32 raw VAE latent,
+            ``T = (frames−1)/4 + 1``, ``h, w = bucket height/8, width/8``; with i2v also "first" and "last"
+            ``[16, 1, h, w]`` (read with :func:`read_latent`).
+        text_key: text key of (caption, template, encoder id).
+        text_path: safetensors file with "text" ``[L, D]`` and "pooled" ``[D2]`` float32 (read with :func:`read_text`).
+        caption: the caption as encoded.
+        item_id: the item's ``source_id``.
+        bucket: ``(width, height)`` in pixels.
+        frames: video frames in the clip (4k+1; 1 for images).
+        kind: ``"video"`` or ``"image"`` (the item's kind).
+        repeats: how many times the sample counts per epoch.
+        template: the Qwen template the caption was encoded with; caption dropout uses
+            ``empty_text_path(cache_dir, encoder_id, template)``.
+    """
+
+    key: str
+    latent_path: Path
+    text_key: str
+    text_path: Path
+    caption: str
+    item_id: str
+    bucket: tuple[int, int]
+    frames: int
+    kind: str
+    repeats: int
+    template: str = "video"
+
+
+@dataclass
+class CacheReport:
+    """What a cacher did.
+
+    Attributes:
+        written: entries encoded and written by this run.
+        skipped: entries that were already cached (complete files found).
+        problems: files left out: the dataset's scan problems followed by those found while caching.
+        cache_dir: the cache folder (the root passed in, holding ``text/`` and ``latents/``).
+    """
+
+    written: int
+    skipped: int
+    problems: list[DatasetProblem] = field(default_factory=list)
+    cache_dir: Path = Path(".")
+
+    def summary(self) -> str:
+        """Multi-line text for node outputs and logs: counts, the folder, then one line per problem."""
+        head = (f"{self.written} written, {self.skipped} already cached, {len(self.problems)} problems "
+                f"in {self.cache_dir}")
+        lines = [head]
+        lines += [f"  - {problem}" for problem in self.problems]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ identities
+
+
+def _sha256_json(payload) -> str:
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()
+
+
+def _file_row(path: Path, name: str) -> list:
+    st = path.stat()
+    return ["file", name, st.st_size, st.st_mtime_ns]
+
+
+def encoder_identity(*paths_or_strings: str | os.PathLike, dtype: torch.dtype | str | None = None) -> str:
+    """A stable id for a set of model files (and settings), for cache keys.
+
+    Each argument is either a path or a plain string:
+
+    - ``os.PathLike`` objects are paths and must exist; a ``str`` naming an existing file or folder is a path too.
+      A file contributes its name, size and ``mtime_ns``; a folder contributes every non-hidden file below it
+      (relative name, size, ``mtime_ns``), e.g. a Hugging Face snapshot with its tokenizer files. The folder
+      location is not used, so moving models keeps their caches; replacing or touching a file changes the id.
+    - any other ``str`` is included as it is (e.g. ``"tiling=256/192"`` for settings that change the output).
+
+    Args:
+        *paths_or_strings: model files/folders and settings, in a fixed order (order matters).
+        dtype: compute dtype the model runs in (included as text), or None.
+
+    Returns:
+        32 lowercase hex characters.
+
+    Raises:
+        ValueError: no arguments.
+        FileNotFoundError: a ``Path`` argument does not exist.
+        TypeError: an argument that is neither a string nor a path.
+    """
+    if not paths_or_strings:
+        raise ValueError("encoder_identity needs at least one model path or string")
+    rows: list = []
+    for part in paths_or_strings:
+        if isinstance(part, os.PathLike) or (isinstance(part, str) and part and os.path.exists(part)):
+            path = Path(part)
+            if not path.exists():
+                raise FileNotFoundError(f"model file not found: {path}; check the path given for the model")
+            if path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.is_file()
+                               and not any(s.startswith(".") for s in p.relative_to(path).parts))
+                rows.append(["folder", path.name, [_file_row(p, p.relative_to(path).as_posix()) for p in files]])
+            else:
+                rows.append(_file_row(path, path.name))
+        elif isinstance(part, str):
+            rows.append(["text", part])
+        else:
+            raise TypeError(f"encoder_identity takes paths or strings, got {type(part).__name__}")
+    if dtype is not None:
+        rows.append(["dtype", str(dtype)])
+    return _sha256_json({"v": CACHE_VERSION, "parts": rows})[:32]
+
+
+def default_template(item: DatasetItem) -> str:
+    """Qwen template for an item: ``"video"`` for video items, ``"image"`` for images (see the module notes)."""
+    return "video" if item.kind == "video" else "image"
+
+
+def _text_key(caption: str, template: str, encoder_id: str) -> str:
+    return _sha256_json({"v": CACHE_VERSION, "caption": caption, "template": template, "encoder": encoder_id})
+
+
+def _item_identity(item: DatasetItem, memo: dict[int, list]) -> list:
+    """Absolute path + size + mtime_ns, or a digest of in-memory pixels. Raises FileNotFoundError."""
+    found = memo.get(id(item))
+    if found is not None:
+        return found
+    if item.pixels is not None:
+        data = np.ascontiguousarray(item.pixels.detach().to("cpu", torch.float32).numpy())
+        identity = ["pixels", list(data.shape), hashlib.sha256(data.data).hexdigest()]
+    elif item.path is not None:
+        st = item.path.stat()
+        identity = ["file", str(item.path.absolute()), st.st_size, st.st_mtime_ns]
+    else:
+        raise ValueError(f"{item.source_id}: item has neither a file nor in-memory pixels")
+    memo[id(item)] = identity
+    return identity
+
+
+def _latent_key(identity: list, indices: list[int], bucket: Bucket, vae_id: str, i2v: bool) -> str:
+    return _sha256_json({"v": CACHE_VERSION, "item": identity, "indices": indices,
+                         "bucket": [bucket.width, bucket.height], "vae": vae_id, "i2v": bool(i2v)})
+
+
+def empty_text_path(cache_dir: str | os.PathLike, encoder_id: str, template: str = "video") -> Path:
+    """Path of the cached empty caption ``""`` for ``template`` (caption dropout).
+
+    :func:`cache_text` writes it for every template its dataset uses. Read it with :func:`read_text`.
+    """
+    return Path(cache_dir) / TEXT_DIR / f"{_text_key('', template, encoder_id)}.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------- file helpers
+
+
+def _write_json_atomic(data, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _is_complete(path: Path, names: Iterable[str]) -> bool:
+    """The file exists, its header is valid, its data is all there and it holds ``names``."""
+    try:
+        tensors, _ = read_safetensors_header(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # CheckpointError, or a mangled header
+        return False
+    return all(name in tensors for name in names)
+
+
+def _subfolder(cache_dir: str | os.PathLike, name: str) -> Path:
+    root = Path(cache_dir)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"cache folder {root} is a file; choose a folder for the cache")
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+class _Manifest:
+    """The ``manifest.json`` of one sub-folder: earlier entries whose files still exist, plus this run's."""
+
+    def __init__(self, folder: Path, kind: str):
+        self.path, self.kind, self.folder = folder / MANIFEST, kind, folder
+        self.entries: dict[str, dict] = {}
+        try:
+            old = json.loads(self.path.read_text(encoding="utf-8"))
+            if isinstance(old, dict) and isinstance(old.get("entries"), dict):
+                self.entries = old["entries"]
+        except (OSError, ValueError):
+            pass  # missing or unreadable: rebuilt from this run's entries
+
+    def add(self, key: str, info: dict) -> None:
+        self.entries[key] = info
+
+    def save(self) -> None:
+        entries = {k: v for k, v in self.entries.items()
+                   if isinstance(v, dict) and (self.folder / str(v.get("file", ""))).is_file()}
+        _write_json_atomic({"format": f"cinetune {self.kind} cache", "version": CACHE_VERSION,
+                            "entries": entries}, self.path)
+
+
+def _tick(check_interrupt: InterruptFn | None) -> None:
+    if check_interrupt is not None:
+        check_interrupt()
+
+
+def _listed(lines: list[str]) -> str:
+    shown = [f"  - {line}" for line in lines[:_LIST_LIMIT]]
+    if len(lines) > _LIST_LIMIT:
+        shown.append(f"  … and {len(lines) - _LIST_LIMIT} more")
+    return "\n".join(shown)
+
+
+# ------------------------------------------------------------------------------------------------ text cache
+
+
+def _text_entries(dataset: Dataset, template_for: TemplateFn | None) -> list[tuple[str, str]]:
+    """Distinct (caption, template) pairs in item order, then ("", template) for each template used."""
+    template_for = template_for or default_template
+    pairs: dict[tuple[str, str], None] = {}
+    templates: dict[str, None] = {}
+    for item in dataset.items:
+        template = template_for(item)
+        if not isinstance(template, str) or not template:
+            raise ValueError(f"template_for returned {template!r} for {item.name}; return a template name "
+                             "such as 'video' or 'image'")
+        pairs[(item.caption, template)] = None
+        templates[template] = None
+    for template in templates:
+        pairs[("", template)] = None
+    return list(pairs)
+
+
+def cache_text(dataset: Dataset, encoder: TextEncoderLike, cache_dir: str | os.PathLike, *, encoder_id: str,
+               template_for: TemplateFn | None = None, progress: ProgressFn | None = None,
+               check_interrupt: InterruptFn | None = None) -> CacheReport:
+    """Encode every distinct caption of a dataset (and the empty caption) once and store the embeddings.
+
+    One entry per distinct (caption, template): template from ``template_for(item)`` (default
+    :func:`default_template`: ``"video"`` for videos, ``"image"`` for images), plus ``""`` for each template in use.
+    Entries already in ``<cache_dir>/text/`` (same key, complete file) are skipped. Each entry is encoded alone
+    (``encoder.encode([caption], template)``) and written atomically as ``"text"`` ``[L, D]`` (the L valid tokens,
+    float32) and ``"pooled"`` ``[D2]`` float32, on CPU, with the caption, template and encoder id in the file's
+    metadata.
+
+    Args:
+        dataset: from :func:`~cinetune.training.data.scan_folder` or ``from_tensors``.
+        encoder: a loaded :class:`~cinetune.k5.text.K5TextEncoder` (or anything with the same ``encode``), on any
+            device; it is not moved.
+        cache_dir: cache folder (created if missing); entries go to its ``text/`` sub-folder.
+        encoder_id: from :func:`encoder_identity` for the text-encoder files and dtype.
+        template_for: ``item → template name``; None = :func:`default_template`.
+        progress: called as ``progress(done, total)`` after each entry (total = distinct entries).
+        check_interrupt: called before each entry; whatever it raises propagates (complete entries stay).
+
+    Returns:
+        :class:`CacheReport` (``problems`` = the dataset's scan problems; text encoding adds none).
+
+    Raises:
+        DatasetError: the dataset has no items.
+        ValueError: ``template_for`` returns something that is not a template name (the encoder raises for unknown
+            names), or the encoder returns unexpected shapes.
+        NotADirectoryError: ``cache_dir`` is a file.
+    """
+    if not dataset.items:
+        raise DatasetError("the dataset has no items; scan a folder with captioned videos or images first")
+    entries = _text_entries(dataset, template_for)
+    folder = _subfolder(cache_dir, TEXT_DIR)
+    manifest = _Manifest(folder, "text")
+    written = skipped = 0
+    try:
+        for done, (caption, template) in enumerate(entries, start=1):
+            _tick(check_interrupt)
+            key = _text_key(caption, template, encoder_id)
+            path = folder / f"{key}.safetensors"
+            info = {"file": path.name, "caption": caption, "template": template, "encoder_id": encoder_id}
+            if _is_complete(path, ("text", "pooled")):
+                skipped += 1
+            else:
+                text, pooled = _encode_one(encoder, caption, template)
+                save_file_atomic({"text": text, "pooled": pooled}, path, metadata={
+                    "format": "cinetune text cache", "version": str(CACHE_VERSION), "caption": caption,
+                    "template": template, "encoder_id": encoder_id})
+                written += 1
+            manifest.add(key, {**info, "tokens": _shape_of(path, "text")[0]})
+            if progress is not None:
+                progress(done, len(entries))
+    finally:
+        manifest.save()
+    return CacheReport(written, skipped, list(dataset.problems), Path(cache_dir))
+
+
+def _encode_one(encoder: TextEncoderLike, caption: str, template: str) -> tuple[Tensor, Tensor]:
+    out = encoder.encode([caption], template)
+    text, mask, pooled = out.text, out.text_mask, out.pooled
+    if text.ndim != 3 or mask.shape != text.shape[:2] or pooled.ndim != 2 or text.shape[0] != 1:
+        raise ValueError(f"text encoder returned text {tuple(text.shape)}, mask {tuple(mask.shape)}, pooled "
+                         f"{tuple(pooled.shape)}; expected [1, L, D], [1, L], [1, D2]")
+    valid = text[0][mask[0].bool()]
+    return valid.detach().to("cpu", torch.float32), pooled[0].detach().to("cpu", torch.float32)
+
+
+def _shape_of(path: Path, name: str) -> tuple[int, ...]:
+    return read_safetensors_header(path)[0][name].shape
+
+
+# ---------------------------------------------------------------------------------------------- latent cache
+
+
+@dataclass(frozen=True)
+class _Job:
+    clip: Clip
+    bucket: Bucket
+    key: str
+
+
+def _plan_latents(dataset: Dataset, vae_id: str, frame_spec: FrameSpec, base_resolution: int, bucket_step: int,
+                  allow_upscale: bool, i2v: bool) -> tuple[list[_Job], list[DatasetProblem]]:
+    """Clips with bucket and key (no decoding); problems for too-short, bucketless and vanished items."""
+    clips, problems = plan_clips(dataset, frame_spec)
+    buckets = make_buckets(base_resolution, step=bucket_step)
+    jobs, memo = [], {}
+    for clip in clips:
+        item = clip.item
+        try:
+            bucket = assign_bucket(item.width, item.height, buckets, allow_upscale=allow_upscale,
+                                   step=bucket_step, name=item.name)
+            identity = _item_identity(item, memo)
+        except NoBucketError as exc:
+            problems.append(DatasetProblem(item.path, str(exc)))
+            continue
+        except FileNotFoundError:
+            problems.append(DatasetProblem(item.path, f"{item.name} is gone since the folder was scanned; scan "
+                                                      "the folder again"))
+            continue
+        jobs.append(_Job(clip, bucket, _latent_key(identity, clip.indices, bucket, vae_id, i2v)))
+    # a video in several chunks that is gone or too small is reported once
+    unique = {(str(p.path), p.message): p for p in problems}
+    return jobs, list(unique.values())
+
+
+def _nothing_usable(problems: list[DatasetProblem]) -> DatasetError:
+    return DatasetError("nothing in the dataset can be cached; fix these files and run again:\n"
+                        + _listed([str(p) for p in problems]))
+
+
+def _encode_clip(vae: VAELike, pixels: Tensor, i2v: bool) -> dict[str, Tensor]:
+    """``pixels`` [3, F, H, W] → {"latent" [16, T, h, w], and with i2v "first"/"last" [16, 1, h, w]}, CPU float32."""
+    def encode(video: Tensor) -> Tensor:
+        return vae.encode(video[None])[0].detach().to("cpu", torch.float32)
+
+    out = {"latent": encode(pixels)}
+    if i2v:
+        if pixels.shape[1] == 1:
+            out["first"], out["last"] = out["latent"].clone(), out["latent"].clone()  # no shared storage
+        else:
+            out["first"] = encode(pixels[:, :1])
+            out["last"] = encode(pixels[:, -1:])
+    return out
+
+
+def cache_latents(dataset: Dataset, vae: VAELike, cache_dir: str | os.PathLike, *, vae_id: str,
+                  frame_spec: FrameSpec, base_resolution: int = 512, bucket_step: int = 16,
+                  allow_upscale: bool = False, i2v: bool = False, progress: ProgressFn | None = None,
+                  check_interrupt: InterruptFn | None = None) -> CacheReport:
+    """Encode every training clip of a dataset with the VAE and store the raw latents.
+
+    Clips come from :func:`~cinetune.training.data.plan_clips` with ``frame_spec`` (images give one one-frame
+    clip), buckets from ``make_buckets(base_resolution, step=bucket_step)`` and ``assign_bucket``. Each clip is
+    decoded with ``load_clip`` (centre crop + resize to its bucket), encoded as one video, and written atomically
+    to ``<cache_dir>/latents/<key>.safetensors`` as "latent" ``[16, (F−1)/4+1, H/8, W/8]`` float32 raw (unscaled)
+    latent; with ``i2v`` the clip's first and last frames are also encoded alone into "first" / "last"
+    ``[16, 1, H/8, W/8]``. Clips already cached (same key, complete file) are skipped without decoding.
+
+    Args:
+        dataset: from ``scan_folder`` or ``from_tensors``.
+        vae: a loaded :class:`~cinetune.k5.vae.K5VAE` (or anything with ``encode(video [B,3,F,H,W]) → [B,16,T,h,w]``),
+            on any device; pixels are handed over on CPU and it moves them.
+        cache_dir: cache folder (created if missing); entries go to its ``latents/`` sub-folder.
+        vae_id: from :func:`encoder_identity` for the VAE file, dtype and any setting that changes latents
+            (tiling).
+        frame_spec: frames per clip, selection mode and fps (``FrameSpec``).
+        base_resolution: bucket area ≈ ``base_resolution²`` pixels.
+        bucket_step: bucket sides are multiples of this: 16, or 128 with NABLA.
+        allow_upscale: enlarge items smaller than their bucket (otherwise a smaller bucket of the same aspect).
+        i2v: also cache the first/last frame latents for image-to-video training.
+        progress: called as ``progress(done, total)`` after each clip (total = clips with a bucket).
+        check_interrupt: called before each clip; whatever it raises propagates (complete entries stay).
+
+    Returns:
+        :class:`CacheReport`; ``problems`` = the dataset's scan problems, then too-short videos, items too small
+        for a bucket, and files that fail to decode (each names the file and the fix).
+
+    Raises:
+        DatasetError: no clip could be cached (the message lists every problem).
+        ValueError: bad ``base_resolution`` / ``bucket_step``, or the VAE rejects a clip shape.
+        NotADirectoryError: ``cache_dir`` is a file.
+    """
+    try:
+        jobs, problems = _plan_latents(dataset, vae_id, frame_spec, base_resolution, bucket_step, allow_upscale, i2v)
+    except DatasetError as exc:  # no clip at all: list the scan problems too
+        raise _nothing_usable(list(dataset.problems) + [DatasetProblem(None, str(exc))]) from exc
+    folder = _subfolder(cache_dir, LATENT_DIR)
+    manifest = _Manifest(folder, "latent")
+    needed = ("latent", "first", "last") if i2v else ("latent",)
+    written = skipped = 0
+    failed: dict[str, DatasetProblem] = {}  # one problem per file, however many of its clips fail
+    try:
+        for done, job in enumerate(jobs, start=1):
+            _tick(check_interrupt)
+            path = folder / f"{job.key}.safetensors"
+            if _is_complete(path, needed):
+                skipped += 1
+                _record_latent(manifest, folder, job, path, vae_id, i2v)
+            else:
+                error = _write_latent(vae, folder, job, path, vae_id, i2v)
+                if error is None:
+                    written += 1
+                    _record_latent(manifest, folder, job, path, vae_id, i2v)
+                else:
+                    failed.setdefault(job.clip.item.name, error)
+            if progress is not None:
+                progress(done, len(jobs))
+    finally:
+        manifest.save()
+    problems = list(dataset.problems) + problems + list(failed.values())
+    if written + skipped == 0:
+        raise _nothing_usable(problems)
+    return CacheReport(written, skipped, problems, Path(cache_dir))
+
+
+def _write_latent(vae: VAELike, folder: Path, job: _Job, path: Path, vae_id: str, i2v: bool) -> DatasetProblem | None:
+    """Decode and encode one clip and write its entry; a clip that fails to decode gets a failure marker."""
+    item = job.clip.item
+    try:
+        pixels = load_clip(item, job.clip.indices, job.bucket)
+    except (MediaError, OSError) as exc:
+        message = str(exc).removeprefix(f"{item.path}: ")
+        _write_json_atomic({"item": item.name, "error": message}, folder / f"{job.key}{_FAILED_SUFFIX}")
+        return DatasetProblem(item.path, f"cannot be decoded: {message}; re-encode the file or remove it from "
+                                         "the folder")
+    save_file_atomic(_encode_clip(vae, pixels, i2v), path, metadata={
+        "format": "cinetune latent cache", "version": str(CACHE_VERSION), "item": item.source_id,
+        "bucket": str(job.bucket), "frames": str(len(job.clip.indices)), "vae_id": vae_id,
+        "i2v": str(bool(i2v)).lower(), "latent": "raw (unscaled) VAE latent"})
+    return None
+
+
+def _record_latent(manifest: _Manifest, folder: Path, job: _Job, path: Path, vae_id: str, i2v: bool) -> None:
+    """Note a complete entry in the manifest and drop a failure marker left by an earlier run."""
+    (folder / f"{job.key}{_FAILED_SUFFIX}").unlink(missing_ok=True)
+    item = job.clip.item
+    manifest.add(job.key, {
+        "file": path.name, "item": item.source_id, "path": str(item.path) if item.path else None,
+        "indices": job.clip.indices, "bucket": [job.bucket.width, job.bucket.height],
+        "shape": list(_shape_of(path, "latent")), "vae_id": vae_id, "i2v": bool(i2v)})
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+
+def load_cached_dataset(dataset: Dataset, cache_dir: str | os.PathLike, *, encoder_id: str, vae_id: str,
+                        frame_spec: FrameSpec, base_resolution: int = 512, bucket_step: int = 16,
+                        allow_upscale: bool = False, i2v: bool = False,
+                        template_for: TemplateFn | None = None) -> list[CachedSample]:
+    """The cached training samples of a dataset, found by recomputing the keys (nothing is decoded or encoded).
+
+    Pass the same settings as to :func:`cache_text` and :func:`cache_latents`. Clips the latent cacher reported as
+    problems (too short, no bucket, failed to decode) are left out.
+
+    Returns:
+        One :class:`CachedSample` per clip, in dataset order (several per video in ``chunks`` mode).
+
+    Raises:
+        CacheError: latent or text entries are missing or damaged (also the empty-caption entry used for caption
+            dropout); the message lists them (up to 10) and says which cacher to run with which settings.
+        DatasetError: no clip is usable at all.
+    """
+    template_for = template_for or default_template
+    cache_dir = Path(cache_dir)
+    try:
+        jobs, _ = _plan_latents(dataset, vae_id, frame_spec, base_resolution, bucket_step, allow_upscale, i2v)
+    except DatasetError as exc:
+        raise _nothing_usable(list(dataset.problems) + [DatasetProblem(None, str(exc))]) from exc
+    latent_dir, text_dir = cache_dir / LATENT_DIR, cache_dir / TEXT_DIR
+    needed = ("latent", "first", "last") if i2v else ("latent",)
+    samples, missing_latents, missing_text = [], [], {}
+    templates: dict[str, None] = {}
+    for job in jobs:
+        item = job.clip.item
+        latent_path = latent_dir / f"{job.key}.safetensors"
+        template = template_for(item)
+        templates[template] = None
+        text_key = _text_key(item.caption, template, encoder_id)
+        text_path = text_dir / f"{text_key}.safetensors"
+        if not _is_complete(latent_path, needed):
+            if not (latent_dir / f"{job.key}{_FAILED_SUFFIX}").is_file():
+                missing_latents.append(f"{item.name} (frames {job.clip.indices[0]}..{job.clip.indices[-1]}, "
+                                       f"bucket {job.bucket})")
+            continue
+        if not _is_complete(text_path, ("text", "pooled")):
+            missing_text[text_key] = f"{item.caption!r} (template {template})"
+        samples.append(CachedSample(
+            key=job.key, latent_path=latent_path, text_key=text_key, text_path=text_path, caption=item.caption,
+            item_id=item.source_id, bucket=(job.bucket.width, job.bucket.height), frames=len(job.clip.indices),
+            kind=item.kind, repeats=item.repeats, template=template))
+    for template in templates:
+        if not _is_complete(empty_text_path(cache_dir, encoder_id, template), ("text", "pooled")):
+            missing_text[_text_key("", template, encoder_id)] = f"'' (empty caption for dropout, template {template})"
+    message = []
+    if missing_latents:
+        held = len(list(latent_dir.glob("*.safetensors"))) if latent_dir.is_dir() else 0
+        message.append(f"{len(missing_latents)} latent entries are missing from {latent_dir} ({held} files there "
+                       "are for other inputs or settings):\n" + _listed(missing_latents) +
+                       "\nrun the latent cacher on this dataset with the same VAE, frame count/mode/fps, "
+                       f"resolution {base_resolution}, bucket step {bucket_step}, upscaling "
+                       f"{'on' if allow_upscale else 'off'} and i2v {'on' if i2v else 'off'}")
+    if missing_text:
+        message.append(f"{len(missing_text)} text entries are missing from {text_dir}:\n"
+                       + _listed(list(missing_text.values()))
+                       + "\nrun the text cacher on this dataset with the same text encoder files and dtype")
+    if message:
+        raise CacheError("the cache is incomplete; " + "\n".join(message))
+    if not samples:
+        raise DatasetError(f"no usable clip in the dataset for {cache_dir}: every item was left out while caching "
+                           "(see the latent cacher's report)")
+    return samples
+
+
+def _load_entry(path: Path, what: str, cacher: str) -> dict[str, Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"{what} cache entry not found: {path}; run the {cacher} again")
+    try:
+        return load_state_dict(path)
+    except CheckpointError as exc:
+        raise CacheError(f"{exc} Delete {path.name} and run the {cacher} again.") from exc
+
+
+def read_latent(sample: CachedSample) -> dict[str, Tensor]:
+    """Load a sample's latents.
+
+    Returns:
+        ``{"latent": [16, T, h, w]}`` plus ``"first"`` and ``"last"`` ``[16, 1, h, w]`` when cached with i2v; float32,
+        CPU, raw (unscaled: multiply by ``k5.vae.SCALING_FACTOR`` for the DiT).
+
+    Raises:
+        CacheError: file missing, truncated, or without a 4-D "latent" (the message says to run the latent cacher).
+    """
+    tensors = _load_entry(sample.latent_path, "latent", "latent cacher")
+    latent = tensors.get("latent")
+    if latent is None or latent.ndim != 4:
+        raise CacheError(f"{sample.latent_path}: no 4-D 'latent' tensor; delete the file and run the latent cacher "
+                         "again")
+    return {name: tensors[name].float() for name in ("latent", "first", "last") if name in tensors}
+
+
+def read_text(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
+    """Load a cached caption embedding.
+
+    Returns:
+        ``(text [L, D], pooled [D2])``, float32, CPU: Qwen hidden states of the L valid tokens and the CLIP pooled
+        vector. For a batch, pad ``text`` on the right and build the mask from the lengths.
+
+    Raises:
+        CacheError: file missing, truncated, or with wrong tensors (the message says to run the text cacher).
+    """
+    tensors = _load_entry(Path(path), "text", "text cacher")
+    text, pooled = tensors.get("text"), tensors.get("pooled")
+    if text is None or pooled is None or text.ndim != 2 or pooled.ndim != 1:
+        raise CacheError(f"{path}: expected 'text' [L, D] and 'pooled' [D2]; delete the file and run the text "
+                         "cacher again")
+    return text.float(), pooled.float()
