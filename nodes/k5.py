@@ -7,13 +7,14 @@ inputs at the end, with defaults.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from comfy_api.latest import io
 
 from ..core.attention import BACKENDS, check_backend
+from ..core.lora import LoRAWeights, load_lora, loras_applied
 from ..core.offload import model_on_device
 from ..k5.config import DEFAULT_NEGATIVE_PROMPT, VARIANTS, K5Config, K5Variant, resolve_variant
 from ..k5.dit import Kandinsky5DiT, load_k5_dit
@@ -43,6 +44,8 @@ class K5ModelHandle:
     path: Path
     blocks_to_swap: int = 0
     use_pinned_memory: bool = True
+    loras: tuple[tuple[str, LoRAWeights, float], ...] = ()
+    """``(name, weights, strength)`` applied unmerged while sampling; the shared base weights never change."""
 
     @property
     def blocks(self) -> list[torch.nn.Module]:
@@ -243,10 +246,11 @@ class K5Sampler(io.ComfyNode):
         dtype = _compute_dtype(handle.model, device)
         progress = host.Progress(steps)
         host.free_host_models()
-        with torch.inference_mode(), model_on_device(handle.model, handle.blocks, device,
-                                                     blocks_to_swap=handle.blocks_to_swap,
-                                                     pin_memory=handle.use_pinned_memory,
-                                                     offload_device=host.offload_device()):
+        loras = [(weights, strength) for _, weights, strength in handle.loras]
+        placement = dict(blocks_to_swap=handle.blocks_to_swap, pin_memory=handle.use_pinned_memory,
+                         offload_device=host.offload_device())
+        with (torch.inference_mode(), loras_applied(handle.model, loras),
+              model_on_device(handle.model, handle.blocks, device, **placement)):
             latent = sample(
                 handle.model, conditioning["positive"], conditioning["negative"],
                 width=width, height=height, frames=frames, seed=seed, steps=steps, guidance=guidance,
@@ -309,4 +313,33 @@ class K5VAEEncode(io.ComfyNode):
         return io.NodeOutput({"samples": latent.float().cpu()})
 
 
-NODES = [K5ModelLoader, K5TextEncoderLoader, K5VAELoader, K5TextEncode, K5Sampler, K5VAEDecode, K5VAEEncode]
+class K5LoRALoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneK5LoRALoader",
+            display_name="K5 LoRA Loader (Cinetune)",
+            category=f"{CATEGORY}/loaders",
+            description="Applies a LoRA to a Kandinsky 5 model for sampling. Chain several for several LoRAs. Reads "
+                        "Cinetune/ComfyUI, kohya/musubi-tuner and the official PEFT LoRA files.",
+            inputs=[
+                K5Model.Input("model", tooltip="From K5 Model Loader (or another K5 LoRA Loader)."),
+                io.Combo.Input("lora_name", options=host.model_names("loras"),
+                               tooltip="LoRA file in models/loras (trained by Cinetune, musubi-tuner, ComfyUI, or an "
+                                       "official Kandinsky 5 LoRA)."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="LoRA strength: 1.0 as trained, 0 disables it, negative values invert it."),
+            ],
+            outputs=[K5Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength) -> io.NodeOutput:
+        handle: K5ModelHandle = model
+        names = [name for name, _ in handle.model.named_modules()]
+        weights = load_lora(host.model_path("loras", lora_name), module_names=names)
+        return io.NodeOutput(replace(handle, loras=(*handle.loras, (lora_name, weights, strength))))
+
+
+NODES = [K5ModelLoader, K5TextEncoderLoader, K5VAELoader, K5TextEncode, K5Sampler, K5VAEDecode, K5VAEEncode,
+         K5LoRALoader]

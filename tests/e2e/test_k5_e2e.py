@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cinetune.core.media import probe_video
+import torch
+
+from cinetune.core.media import probe_video, read_video
 from cinetune.k5.tiny import TINY_NAMES
 
 from .comfy_host import ui_to_api
@@ -32,6 +34,7 @@ FROZEN_INPUT_ORDER = {
     "CinetuneK5VAEDecode": ["vae", "latent", "tiling"],
     "CinetuneK5VAEEncode": ["vae", "image", "width", "height"],
     "CinetuneSaveVideo": ["images", "fps", "filename_prefix"],
+    "CinetuneK5LoRALoader": ["model", "lora_name", "strength"],
 }
 
 
@@ -153,3 +156,33 @@ def test_interrupt_stops_sampling_within_a_step(comfy_client):
     final = max(sampler_steps())
     assert final < steps
     assert final - at_interrupt <= 2, f"ran {final - at_interrupt} steps after the interrupt"
+
+
+def _first_frames(comfy_client, comfy_layout, prompt) -> torch.Tensor:
+    entry = comfy_client.run(prompt, timeout=900)
+    video = [p for p in comfy_client.output_files(entry, comfy_layout.output) if p.suffix == ".mp4"][0]
+    return read_video(video)[0].float()
+
+
+def test_lora_loader_changes_the_video_and_strength_zero_does_not(comfy_client, comfy_layout):
+    from cinetune.core.lora import inject_lora, save_lora
+    from cinetune.k5.dit import load_k5_dit
+
+    model = load_k5_dit(Path(comfy_layout.models) / "diffusion_models" / TINY_NAMES["dit"], weight_dtype="fp32").model
+    modules = inject_lora(model, rank=4, alpha=4.0)
+    generator = torch.Generator().manual_seed(0)
+    for m in modules.values():
+        m.lora_up.data = torch.randn(m.lora_up.shape, generator=generator) * 0.5
+    save_lora(Path(comfy_layout.models) / "loras" / "tiny_test_lora.safetensors", modules,
+              metadata={"base_model": TINY_NAMES["dit"]})
+
+    base = tiny_workflow(_load("k5_text_to_video", api=True), TINY_NAMES, seed=3)
+    with_lora = json.loads(json.dumps(base))
+    with_lora["20"] = {"class_type": "CinetuneK5LoRALoader",
+                       "inputs": {"model": ["1", 0], "lora_name": "tiny_test_lora.safetensors", "strength": 1.0}}
+    with_lora["5"]["inputs"]["model"] = ["20", 0]
+    plain = _first_frames(comfy_client, comfy_layout, base)
+    changed = _first_frames(comfy_client, comfy_layout, with_lora)
+    assert (plain - changed).abs().mean() > 1.0
+    with_lora["20"]["inputs"]["strength"] = 0.0
+    assert torch.equal(_first_frames(comfy_client, comfy_layout, with_lora), plain)
