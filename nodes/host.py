@@ -104,3 +104,7 @@ def on_compute_device(model):
         yield device
     finally:
         model.to("cpu")
+
+
+def input_directory() -> Path:
+    return Path(folder_paths.get_input_directory())

@@ -22,6 +22,7 @@ from ..k5.nabla import NablaConfig
 from ..k5.pipeline import prepare_start_image, sample
 from ..k5.text import TEMPLATES, load_k5_text_encoder
 from ..k5.vae import load_k5_vae
+from ..training.cache import encoder_identity
 from . import host
 from .types import K5VAE, K5Conditioning, K5Model, K5TextEncoder
 
@@ -30,6 +31,7 @@ WEIGHT_DTYPES = ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn"]
 NABLA_MODES = ["auto", "on", "off"]
 MAX_SIZE = 4096
 MAX_FRAMES = 1025
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
@@ -145,11 +147,13 @@ class K5TextEncoderLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, qwen_name, clip_name, dtype) -> io.NodeOutput:
+        qwen_path, clip_path = host.model_path("text_encoders", qwen_name), host.model_path("text_encoders", clip_name)
         encoder = load_k5_text_encoder(
-            host.model_path("text_encoders", qwen_name), host.model_path("text_encoders", clip_name),
+            qwen_path, clip_path,
             qwen_tokenizer=host.host_tokenizer_dir("qwen25_tokenizer"),
             clip_tokenizer=host.host_tokenizer_dir("sd1_tokenizer"),
-            dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype], device="cpu")
+            dtype=DTYPES[dtype], device="cpu")
+        encoder.identity = encoder_identity(qwen_path, clip_path, dtype=dtype)  # text-cache key
         return io.NodeOutput(encoder)
 
 
@@ -172,8 +176,9 @@ class K5VAELoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae_name, dtype) -> io.NodeOutput:
-        vae = load_k5_vae(host.model_path("vae", vae_name),
-                          dtype={"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype])
+        path = host.model_path("vae", vae_name)
+        vae = load_k5_vae(path, dtype=DTYPES[dtype])
+        vae.identity = encoder_identity(path, f"tiling={vae.tiling}", dtype=dtype)  # latent-cache key
         return io.NodeOutput(vae)
 
 

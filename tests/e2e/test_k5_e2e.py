@@ -35,6 +35,10 @@ FROZEN_INPUT_ORDER = {
     "CinetuneK5VAEEncode": ["vae", "image", "width", "height"],
     "CinetuneSaveVideo": ["images", "fps", "filename_prefix"],
     "CinetuneK5LoRALoader": ["model", "lora_name", "strength"],
+    "CinetuneDatasetFolder": ["folder", "repeats", "trigger_word", "default_caption"],
+    "CinetuneK5CacheText": ["dataset", "text_encoder", "cache_name"],
+    "CinetuneK5CacheLatents": ["text_cache", "vae", "frames", "frame_selection", "resolution", "nabla",
+                               "image_to_video", "allow_upscale"],
 }
 
 

@@ -1,0 +1,188 @@
+"""Training nodes: dataset folder, text-encoder cache, latent cache (the trainer node lives in nodes/trainer.py).
+
+The nodes pass small descriptor objects along the chain (dataset → text cache → latent cache → trainer); the
+tensors live on disk in the cache folder, keyed by content, so re-running a cacher only encodes what changed.
+Widget order is frozen once released: add new inputs at the end, with defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from comfy_api.latest import io, ui
+
+from ..training.cache import cache_latents, cache_text
+from ..training.data import Dataset, FrameSpec, scan_folder
+from . import host
+from .types import K5VAE, K5TextEncoder
+
+CATEGORY = "Cinetune/training"
+
+DatasetType = io.Custom("CINETUNE_DATASET")
+TextCacheType = io.Custom("CINETUNE_K5_TEXT_CACHE")
+TrainingDataType = io.Custom("CINETUNE_K5_TRAINING_DATA")
+
+
+@dataclass(frozen=True)
+class TextCache:
+    """A dataset whose captions are encoded in ``cache_dir`` by the encoder with id ``encoder_id``."""
+
+    dataset: Dataset
+    cache_dir: Path
+    encoder_id: str
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Everything the trainer needs to find the cached samples (see ``training.cache.load_cached_dataset``)."""
+
+    dataset: Dataset
+    cache_dir: Path
+    encoder_id: str
+    vae_id: str
+    frame_spec: FrameSpec
+    base_resolution: int
+    bucket_step: int
+    allow_upscale: bool
+    i2v: bool
+
+
+def cache_directory(name: str) -> Path:
+    """``<ComfyUI output>/cinetune/cache/<name>``; ``name`` may not leave that folder."""
+    root = (host.output_directory() / "cinetune" / "cache").resolve()
+    folder = (root / name).resolve()
+    if not name.strip() or root not in folder.parents:
+        raise ValueError(f"cache_name '{name}' must be a plain folder name (no '..', not absolute), e.g. 'my_dataset'.")
+    return folder
+
+
+def resolve_dataset_folder(folder: str) -> Path:
+    """An absolute folder, or one relative to ComfyUI's input folder.
+
+    Raises:
+        FileNotFoundError: neither exists; the message names both places.
+    """
+    path = Path(folder.strip()).expanduser()
+    if path.is_absolute() and path.is_dir():
+        return path
+    candidate = host.input_directory() / path
+    if candidate.is_dir():
+        return candidate
+    raise FileNotFoundError(f"dataset folder '{folder}' not found: give an absolute path or a folder inside ComfyUI's "
+                            f"input folder ({host.input_directory()}).")
+
+
+class DatasetFolder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneDatasetFolder",
+            display_name="Dataset Folder (Cinetune)",
+            category=CATEGORY,
+            description="A folder of videos (mp4, mov, webm, mkv, gif) and images with same-name .txt captions, "
+                        "searched recursively.",
+            inputs=[
+                io.String.Input("folder", default="",
+                                tooltip="Absolute path, or a folder inside ComfyUI's input folder."),
+                io.Int.Input("repeats", default=1, min=1, max=10000,
+                             tooltip="How many times each item counts per epoch."),
+                io.String.Input("trigger_word", default="",
+                                tooltip="Prepended to every caption as 'trigger, caption' (left out when empty)."),
+                io.String.Input("default_caption", default="",
+                                tooltip="Caption for files without a .txt; when empty such files are skipped and "
+                                        "listed as problems."),
+            ],
+            outputs=[DatasetType.Output(display_name="dataset")],
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **kwargs):
+        return float("nan")  # the folder's files may change between runs: always rescan (cheap)
+
+    @classmethod
+    def execute(cls, folder, repeats, trigger_word, default_caption) -> io.NodeOutput:
+        dataset = scan_folder(resolve_dataset_folder(folder), repeats=repeats, trigger_word=trigger_word,
+                              default_caption=default_caption or None)
+        return io.NodeOutput(dataset, ui=ui.PreviewText(dataset.summary()))
+
+
+class K5CacheText(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneK5CacheText",
+            display_name="K5 Cache Text Encoder Outputs (Cinetune)",
+            category=CATEGORY,
+            description="Encodes every caption once with Qwen2.5-VL + CLIP and stores the results on disk. Re-running "
+                        "encodes only new or changed captions.",
+            inputs=[
+                DatasetType.Input("dataset", tooltip="From Dataset Folder."),
+                K5TextEncoder.Input("text_encoder", tooltip="From K5 Text Encoder Loader; moved back to the CPU "
+                                                            "when caching is done."),
+                io.String.Input("cache_name", default="k5_dataset",
+                                tooltip="Folder under output/cinetune/cache holding this dataset's caches."),
+            ],
+            outputs=[TextCacheType.Output(display_name="text_cache")],
+        )
+
+    @classmethod
+    def execute(cls, dataset, text_encoder, cache_name) -> io.NodeOutput:
+        cache_dir = cache_directory(cache_name)
+        encoder_id = text_encoder.identity
+        progress = host.Progress(1)
+        with host.on_compute_device(text_encoder):
+            report = cache_text(dataset, text_encoder, cache_dir, encoder_id=encoder_id, progress=progress.update,
+                                check_interrupt=host.check_interrupt)
+        return io.NodeOutput(TextCache(dataset, cache_dir, encoder_id), ui=ui.PreviewText(report.summary()))
+
+
+class K5CacheLatents(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneK5CacheLatents",
+            display_name="K5 Cache Latents (Cinetune)",
+            category=CATEGORY,
+            description="Selects clips, sorts them into aspect-ratio buckets and encodes them with the VAE once. "
+                        "Re-running encodes only new or changed clips; an interrupted run resumes where it stopped.",
+            inputs=[
+                TextCacheType.Input("text_cache", tooltip="From K5 Cache Text Encoder Outputs."),
+                K5VAE.Input("vae", tooltip="From K5 VAE Loader."),
+                io.Int.Input("frames", default=49, min=1, max=1025, step=4,
+                             tooltip="Video frames per training clip, 4k+1 (at 24 fps: 49 ≈ 2 s, 121 = 5 s). "
+                                     "Images are 1-frame clips."),
+                io.Combo.Input("frame_selection", options=["head", "uniform", "chunks"], default="head",
+                               tooltip="head: one clip from the start; uniform: one clip spread over the whole video; "
+                                       "chunks: consecutive clips covering the video."),
+                io.Int.Input("resolution", default=512, min=64, max=2048, step=16,
+                             tooltip="Bucket area = resolution²; each item goes to the bucket with the nearest aspect "
+                                     "ratio (sides in steps of 16 px, 128 px with NABLA)."),
+                io.Boolean.Input("nabla", default=False,
+                                 tooltip="Use 128 px bucket steps, required to train with NABLA attention."),
+                io.Boolean.Input("image_to_video", default=False,
+                                 tooltip="Also encode each clip's first and last frame alone, for image-to-video training."),
+                io.Boolean.Input("allow_upscale", default=False,
+                                 tooltip="Allow buckets larger than an item (upscaling); off keeps smaller items small."),
+            ],
+            outputs=[TrainingDataType.Output(display_name="training_data")],
+        )
+
+    @classmethod
+    def execute(cls, text_cache, vae, frames, frame_selection, resolution, nabla, image_to_video,
+                allow_upscale) -> io.NodeOutput:
+        spec = FrameSpec(target_frames=frames, mode=frame_selection)
+        step = 128 if nabla else 16
+        progress = host.Progress(1)
+        with host.on_compute_device(vae):
+            report = cache_latents(text_cache.dataset, vae, text_cache.cache_dir, vae_id=vae.identity,
+                                   frame_spec=spec, base_resolution=resolution, bucket_step=step,
+                                   allow_upscale=allow_upscale, i2v=image_to_video, progress=progress.update,
+                                   check_interrupt=host.check_interrupt)
+        data = TrainingData(text_cache.dataset, text_cache.cache_dir, text_cache.encoder_id, vae.identity, spec,
+                            resolution, step, allow_upscale, image_to_video)
+        return io.NodeOutput(data, ui=ui.PreviewText(report.summary()))
+
+
+NODES = [DatasetFolder, K5CacheText, K5CacheLatents]
