@@ -108,3 +108,29 @@ def on_compute_device(model):
 
 def input_directory() -> Path:
     return Path(folder_paths.get_input_directory())
+
+
+def model_folder(folder: str) -> Path:
+    """The first registered path of a model folder (where new files such as trained LoRAs are written)."""
+    path = Path(folder_paths.get_folder_paths(folder)[0])
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def send_event(event: str, data: dict) -> None:
+    """Send a JSON websocket event to every connected client (no-op when no server runs)."""
+    from server import PromptServer
+
+    instance = getattr(PromptServer, "instance", None)
+    if instance is not None:
+        instance.send_sync(event, data)
+
+
+def current_prompt_id() -> str | None:
+    """The id of the prompt being executed, when the host exposes it."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    context = get_executing_context()
+    return getattr(context, "prompt_id", None)

@@ -112,7 +112,8 @@ class K5ModelLoader(io.ComfyNode):
                 use_pinned_memory=True) -> io.NodeOutput:
         check_backend(attention)
         path = host.model_path("diffusion_models", dit_name)
-        loaded = load_k5_dit(path, weight_dtype=weight_dtype, device="cpu")
+        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trainable weights must not be
+            loaded = load_k5_dit(path, weight_dtype=weight_dtype, device="cpu")  # inference tensors
         total = loaded.config.num_text_blocks + loaded.config.num_visual_blocks
         if blocks_to_swap > total:
             raise ValueError(f"blocks_to_swap={blocks_to_swap} is more than the {total} transformer blocks of "

@@ -54,6 +54,32 @@ def save(prefix: str):
     return (7, "CinetuneSaveVideo", [("fps", 24.0), ("filename_prefix", prefix)], {"images": (6, 0, "IMAGE")}, [])
 
 
+def training_nodes():
+    text = text_encode("ohwx, a big white rabbit stands in a sunny meadow, cartoon style")
+    train_sampler = (5, "CinetuneK5Sampler", sampler(5.0, start=False)[2],
+                     {"model": (13, 0, "CINETUNE_K5_MODEL"), "conditioning": (4, 0, "CINETUNE_K5_CONDITIONING")},
+                     [("latent", "LATENT")])
+    return [*LOADERS,
+            (10, "CinetuneDatasetFolder", [("folder", "k5_lora_dataset"), ("repeats", 1), ("trigger_word", "ohwx"),
+                                            ("default_caption", "")], {}, [("dataset", "CINETUNE_DATASET")]),
+            (11, "CinetuneK5CacheText", [("cache_name", "k5_lora_dataset")],
+             {"dataset": (10, 0, "CINETUNE_DATASET"), "text_encoder": (2, 0, "CINETUNE_K5_TEXT_ENCODER")},
+             [("text_cache", "CINETUNE_K5_TEXT_CACHE")]),
+            (12, "CinetuneK5CacheLatents", [("frames", 49), ("frame_selection", "head"), ("resolution", 512),
+                                            ("nabla", False), ("image_to_video", False), ("allow_upscale", False)],
+             {"text_cache": (11, 0, "CINETUNE_K5_TEXT_CACHE"), "vae": (3, 0, "CINETUNE_K5_VAE")},
+             [("training_data", "CINETUNE_K5_TRAINING_DATA")]),
+            (13, "CinetuneK5TrainLoRA",
+             [("output_name", "k5_lora"), ("rank", 16), ("alpha", 16.0), ("learning_rate", 1e-4),
+              ("optimizer", "adamw"), ("lr_schedule", "constant"), ("warmup_steps", 0), ("max_steps", 1000),
+              ("epochs", 0), ("batch_size", 1), ("gradient_accumulation", 1), ("timestep_sampling", "shift"),
+              ("flow_shift", 5.0), ("gradient_checkpointing", True), ("image_to_video", "off"),
+              ("caption_dropout", 0.0), ("seed", 0), ("save_every", 250), ("resume", False), ("validate_every", 0)],
+             {"model": (1, 0, "CINETUNE_K5_MODEL"), "training_data": (12, 0, "CINETUNE_K5_TRAINING_DATA")},
+             [("model", "CINETUNE_K5_MODEL"), ("lora_name", "STRING")]),
+            text, train_sampler, *DECODE_AND_SAVE, save("Cinetune/k5_lora_sample")]
+
+
 WORKFLOWS = {
     "k5_text_to_video": {
         "dit": "kandinsky5lite_t2v_sft_5s.safetensors",
@@ -72,6 +98,7 @@ WORKFLOWS = {
                    {"vae": (3, 0, "CINETUNE_K5_VAE"), "image": (8, 0, "IMAGE")}, [("start_latent", "LATENT")]),
                   sampler(10.0, start=True), *DECODE_AND_SAVE, save("Cinetune/k5_i2v")],
     },
+    "k5_lora_training": {"dit": "kandinsky5lite_t2v_sft_5s.safetensors", "nodes": training_nodes()},
 }
 
 

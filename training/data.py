@@ -162,10 +162,12 @@ class Dataset:
     Attributes:
         items: usable items in a stable order (sorted by ``source_id`` for scanned folders).
         problems: files left out, each with the fix.
+        trigger_word: the trigger word prepended to the captions ("" if none), recorded in LoRA metadata.
     """
 
     items: list[DatasetItem]
     problems: list[DatasetProblem] = field(default_factory=list)
+    trigger_word: str = ""
 
     def __len__(self) -> int:
         return len(self.items)
@@ -315,7 +317,7 @@ def scan_folder(folder: str | os.PathLike, *, repeats: int = 1, trigger_word: st
     if not items:
         listed = "\n".join(f"  - {problem}" for problem in problems) or "  (all uncaptioned and skipped)"
         raise DatasetError(f"no usable training files in {folder}; fix these and scan again:\n{listed}")
-    return Dataset(items=items, problems=problems)
+    return Dataset(items=items, problems=problems, trigger_word=trigger_word.strip())
 
 
 def _tensor_digest(pixels: Tensor) -> str:

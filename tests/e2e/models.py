@@ -4,6 +4,7 @@ point an example workflow at them (small size, few steps). Used by the end-to-en
 from __future__ import annotations
 
 import copy
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,17 +15,37 @@ import provision_test_data  # noqa: E402
 from cinetune.k5.tiny import write_tiny_defaults  # noqa: E402
 
 TINY_SIZE = {"width": 128, "height": 64, "frames": 9, "steps": 4}
+TINY_TRAINING = {"frames": 17, "resolution": 128, "max_steps": 30, "save_every": 10}
+DATASET_FOLDER = "k5_lora_dataset"  # inside the host's input folder, as the example workflow expects
+
+
+def populate_dataset(layout) -> Path:
+    """A small real dataset in the host's input folder: the Big Buck Bunny clip and two photos, with captions."""
+    media = provision_test_data.locate_media()
+    folder = Path(layout.input) / DATASET_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = {"bbb": "a big white rabbit walks out of his burrow in a green meadow, cartoon style",
+                "astronaut": "portrait of an astronaut in a white suit in front of a flag",
+                "coffee": "a cup of coffee on a saucer, seen from above"}
+    for name, caption in captions.items():
+        src = media[name]
+        shutil.copy(src, folder / f"{name}{src.suffix}")
+        (folder / f"{name}.txt").write_text(caption + "\n")
+    return folder
 
 
 def populate_models(layout) -> dict[str, str]:
-    """Write the tiny DiT, VAE, Qwen2.5-VL and CLIP into ``layout.models``; returns their ComfyUI names."""
+    """Write the tiny DiT, VAE, Qwen2.5-VL and CLIP into ``layout.models`` and the small training dataset into the
+    input folder; returns the models' ComfyUI names."""
     data = provision_test_data.provision()
+    populate_dataset(layout)
     return write_tiny_defaults(layout.models, qwen_tokenizer_dir=data["qwen_tokenizer"],
                                clip_tokenizer_dir=data["clip_tokenizer"])
 
 
-def tiny_workflow(api: dict, names: dict[str, str], **sizes) -> dict:
-    """A copy of an API-format K5 workflow with model files replaced by the tiny ones and a small video size."""
+def tiny_workflow(api: dict, names: dict[str, str], *, output_name: str = "tiny_lora", **sizes) -> dict:
+    """A copy of an API-format K5 workflow with model files replaced by the tiny ones, a small video size and, for
+    training workflows, a small clip size, 30 steps and the given run/LoRA name."""
     api = copy.deepcopy(api)
     size = {**TINY_SIZE, **sizes}
     for node in api.values():
@@ -39,4 +60,9 @@ def tiny_workflow(api: dict, names: dict[str, str], **sizes) -> dict:
             inputs.update(size)
         elif ctype == "CinetuneK5VAEEncode":
             inputs.update(width=size["width"], height=size["height"])
+        elif ctype == "CinetuneK5CacheLatents":
+            inputs.update(frames=TINY_TRAINING["frames"], resolution=TINY_TRAINING["resolution"])
+        elif ctype == "CinetuneK5TrainLoRA":
+            inputs.update(max_steps=TINY_TRAINING["max_steps"], save_every=TINY_TRAINING["save_every"],
+                          output_name=output_name, rank=8, alpha=8.0, learning_rate=1e-3)
     return api

@@ -39,6 +39,11 @@ FROZEN_INPUT_ORDER = {
     "CinetuneK5CacheText": ["dataset", "text_encoder", "cache_name"],
     "CinetuneK5CacheLatents": ["text_cache", "vae", "frames", "frame_selection", "resolution", "nabla",
                                "image_to_video", "allow_upscale"],
+    "CinetuneK5TrainLoRA": ["model", "training_data", "output_name", "rank", "alpha", "learning_rate", "optimizer",
+                            "lr_schedule", "warmup_steps", "max_steps", "epochs", "batch_size", "gradient_accumulation",
+                            "timestep_sampling", "flow_shift", "gradient_checkpointing", "image_to_video",
+                            "caption_dropout", "seed", "save_every", "resume", "validate_every",
+                            "validation_conditioning", "vae"],
 }
 
 
@@ -65,7 +70,7 @@ def test_object_info_lists_every_node_with_frozen_widget_order_and_tooltips(comf
     assert ours == set(FROZEN_INPUT_ORDER), "every registered node needs a frozen widget order here"
 
 
-@pytest.mark.parametrize("name", ["k5_text_to_video", "k5_image_to_video"])
+@pytest.mark.parametrize("name", ["k5_text_to_video", "k5_image_to_video", "k5_lora_training"])
 def test_ui_workflow_converts_to_the_committed_api_workflow(comfy_client, name):
     converted = ui_to_api(_load(name), comfy_client.object_info())
     committed = _load(name, api=True)

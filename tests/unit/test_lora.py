@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from cinetune.core.lora import (
 from cinetune.core.quant import FP8Linear, k5_fp8_keep_high_precision, quantize_fp8, quantize_linear_weights_fp8
 from cinetune.k5.config import LITE_CONFIG, PRO_CONFIG, K5Config
 from cinetune.k5.dit import Kandinsky5DiT
+from comfy_lora_keys import native_lora_report
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = K5Config(model_dim=32, ff_dim=64, time_dim=16, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6),
@@ -324,43 +324,6 @@ def test_merge_into_fp8_requantises_like_fp32_merge_then_quantise():
 # ---------------------------------------------------------------------------------------------------------------
 # Native ComfyUI key mapping (real comfy/lora.py from ComfyUI 0.3.75, in a child process)
 
-_COMFY_SCRIPT = r"""
-import json, logging, sys
-from types import SimpleNamespace
-host, base_path, out_path, strength, *lora_paths = sys.argv[1:]
-sys.path.insert(0, host)
-import comfy.cli_args
-comfy.cli_args.args.cpu = True
-import comfy.lora
-from safetensors.torch import load_file, save_file
-
-class Grab(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-grab = Grab()
-logging.getLogger().addHandler(grab)
-base = load_file(base_path)
-model = SimpleNamespace(state_dict=lambda: base, model_config=SimpleNamespace(unet_config={}))
-key_map = comfy.lora.model_lora_keys_unet(model, {})
-report, merged = {}, {}
-for i, path in enumerate(lora_paths):
-    grab.messages.clear()
-    patches = comfy.lora.load_lora(load_file(path), key_map)
-    prefix = "lora key not loaded: "
-    report[path] = {"not_loaded": [m[len(prefix):] for m in grab.messages if m.startswith(prefix)],
-                    "patched": sorted(patches)}
-    for key, adapter in patches.items():
-        patch = [(float(strength), adapter, 1.0, None, None)]
-        merged[f"{i}/{key}"] = comfy.lora.calculate_weight(patch, base[key].clone(), key)
-save_file(merged, out_path)
-print("REPORT" + json.dumps(report))
-"""
-
-
 def _comfy_host() -> Path:
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
@@ -380,13 +343,7 @@ def test_native_comfyui_maps_every_saved_key_and_merges_the_same(tmp_path):
     save_file(base, tmp_path / "base.safetensors")
     files = [save_lora(tmp_path / "comfy.safetensors", lora, metadata={}, dtype=torch.float32),
              save_lora(tmp_path / "kohya.safetensors", lora, metadata={}, dtype=torch.float32, layout="kohya")]
-    script = tmp_path / "check.py"
-    script.write_text(_COMFY_SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(host), str(tmp_path / "base.safetensors"),
-                             str(tmp_path / "merged.safetensors"), "0.8", *map(str, files)],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.split("REPORT", 1)[1])
+    report = native_lora_report(host, tmp_path / "base.safetensors", tmp_path / "merged.safetensors", 0.8, files)
     expected = sorted(f"diffusion_model.{p}.weight" for p in lora.layers)
     for f in files:
         assert report[str(f)]["not_loaded"] == [], f
