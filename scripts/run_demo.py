@@ -1,8 +1,14 @@
-"""The main job: start a real ComfyUI with Cinetune, run example_workflows/k5_text_to_video.json on the
-embedded tiny Kandinsky 5 models through the API queue, and print where the mp4 is.
+"""The main job: start a real ComfyUI with Cinetune and run, through the API queue, on the embedded tiny
+Kandinsky 5 models:
 
-The UI-format example workflow is converted to API format with the running server's /object_info; its model
-widgets are pointed at the tiny models and the video size is made small so the run takes about a minute on a CPU.
+1. example_workflows/k5_text_to_video.json — prints where the mp4 is;
+2. example_workflows/k5_lora_training.json on a real dataset (the Big Buck Bunny clip and two photos, with
+   captions): caches text and latents, trains a LoRA for 30 steps, samples with it — prints where the LoRA and the
+   sampled mp4 are.
+
+Each UI-format example workflow is converted to API format with the running server's /object_info; its model
+widgets are pointed at the tiny models and sizes and step counts are made small, so everything takes about a
+minute on a CPU.
 """
 
 from __future__ import annotations
@@ -24,25 +30,33 @@ from provision_host import provision_host  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--workflow", default="k5_text_to_video", help="example workflow name (without .json)")
+    parser.add_argument("--workflow", action="append", help="example workflow name(s) without .json "
+                        "(default: k5_text_to_video and k5_lora_training)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo", help="folder for models, logs and outputs")
     args = parser.parse_args()
 
     host_dir = provision_host()
     layout = make_layout(args.out, {"cinetune": ROOT})
     names = populate_models(layout)
-    workflow_ui = json.loads((ROOT / "example_workflows" / f"{args.workflow}.json").read_text())
+    workflows = args.workflow or ["k5_text_to_video", "k5_lora_training"]
     print(f"ComfyUI host: {host_dir}\nTiny models: {names}")
+    ok = True
     with ComfyServer(host_dir, layout, log_path=args.out / "comfyui.log") as server:
         client = ComfyClient(server.base_url)
-        prompt = tiny_workflow(ui_to_api(workflow_ui, client.object_info()), names)
-        started = time.time()
-        entry = client.run(prompt, timeout=1800)
-        videos = [p for p in client.output_files(entry, layout.output) if p.suffix == ".mp4"]
-    print(f"Workflow {args.workflow} finished in {time.time() - started:.1f} s.")
-    for path in videos:
-        print(f"Video: {path}")
-    return 0 if videos else 1
+        for name in workflows:
+            workflow_ui = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+            lora_name = f"demo_lora_{time.strftime('%Y%m%d_%H%M%S')}"
+            prompt = tiny_workflow(ui_to_api(workflow_ui, client.object_info()), names, output_name=lora_name)
+            started = time.time()
+            entry = client.run(prompt, timeout=1800)
+            videos = [p for p in client.output_files(entry, layout.output) if p.suffix == ".mp4"]
+            print(f"Workflow {name} finished in {time.time() - started:.1f} s.")
+            if any(n["class_type"] == "CinetuneK5TrainLoRA" for n in prompt.values()):
+                print(f"LoRA: {layout.models / 'loras' / (lora_name + '.safetensors')}")
+            for path in videos:
+                print(f"Video: {path}")
+            ok = ok and bool(videos)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
