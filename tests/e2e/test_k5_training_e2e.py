@@ -92,3 +92,17 @@ def test_empty_dataset_folder_is_a_clear_error(comfy_client, comfy_layout):
     with pytest.raises(Exception, match="empty_dataset") as err:
         comfy_client.run(prompt, timeout=600)
     assert ".mp4" in str(err.value)
+
+
+def test_training_with_block_swap_fp8_and_validation_videos(comfy_client, comfy_layout):
+    prompt = _training_prompt("e2e_swap_fp8")
+    prompt["1"]["inputs"].update(blocks_to_swap=3, weight_dtype="fp8_e4m3fn")
+    prompt["13"]["inputs"].update(max_steps=6, validate_every=3, save_every=0)
+    prompt["13"]["inputs"]["validation_conditioning"] = ["4", 0]
+    prompt["13"]["inputs"]["vae"] = ["3", 0]
+    entry = comfy_client.run(prompt, timeout=1200)
+    run = Path(comfy_layout.output) / "cinetune" / "runs" / "e2e_swap_fp8"
+    assert sorted(p.name for p in (run / "validation").glob("*.mp4")) == ["step_000003.mp4", "step_000006.mp4"]
+    assert (Path(comfy_layout.models) / "loras" / "e2e_swap_fp8.safetensors").is_file()
+    shown = entry["outputs"]["13"]["images"]
+    assert shown[0]["filename"] == "step_000006.mp4"
