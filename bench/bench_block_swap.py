@@ -128,7 +128,7 @@ def run_cuda(args) -> None:
                 step()  # first step: cold ring
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
-                copies0, bytes0, od0 = swap.stats["copies"], swap.stats["bytes_copied"], swap.stats["on_demand"]
+                bytes0, od0 = swap.stats["bytes_copied"], swap.stats["on_demand"]
                 t = timed_steps(step, device, args.warmup, args.repeats)
                 steps = args.warmup + args.repeats
                 per_step = (swap.stats["bytes_copied"] - bytes0) / steps

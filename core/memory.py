@@ -51,6 +51,7 @@ and training, within 15 %.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -367,7 +368,7 @@ def measure_block_activations(block: nn.Module, make_inputs: Callable[[int], tup
             raise ValueError("the block output does not require grad: make the hidden state require grad or give the "
                              "block trainable parameters, so that its backward can be measured")
         grad = torch.randn_like(out)
-        bwd = measure_cpu_peak(lambda: out.backward(grad))
+        bwd = measure_cpu_peak(functools.partial(out.backward, grad))
         rows.append((out_bytes, fwd.peak, with_grad.end - out_bytes, bwd.peak))
         del fwd, with_grad, out, grad
     (h1, f1, s1, b1), (h2, f2, s2, b2) = rows
