@@ -102,7 +102,8 @@ WORKFLOWS = {
 }
 
 
-def _resolve(nodes, dit):
+def resolve_nodes(nodes, dit):
+    """The node descriptions with the workflow's DiT file name filled in."""
     out = []
     for nid, ctype, widgets, links, outputs in nodes:
         widgets = [(n, dit if (ctype == "CinetuneK5ModelLoader" and n == "dit_name") else v) for n, v in widgets]
@@ -153,7 +154,7 @@ def to_ui(nodes) -> dict:
 
 def main() -> None:
     for name, wf in WORKFLOWS.items():
-        nodes = _resolve(wf["nodes"], wf["dit"])
+        nodes = resolve_nodes(wf["nodes"], wf["dit"])
         (ROOT / "example_workflows" / f"{name}.json").write_text(json.dumps(to_ui(nodes), indent=2) + "\n")
         (ROOT / "example_workflows" / "api" / f"{name}.json").write_text(json.dumps(to_api(nodes), indent=2) + "\n")
 

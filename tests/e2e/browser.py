@@ -199,11 +199,12 @@ def watch_loss_chart(page_url: str, workflow_ui: dict, node_id: int | str, min_p
     """Load ``workflow_ui`` in the frontend at ``page_url``, queue it and watch node ``node_id``'s loss chart.
 
     Waits (up to ``timeout`` seconds after queueing) until the chart reports at least ``min_points`` points
-    and its ``data-last-step`` has increased at least once (and, with ``until_step``, reached that step), then
-    reads the canvas pixels, takes a screenshot of the page with the node centred (to ``screenshot_path`` when
-    given), and reads how the node is saved (``app.graph.serialize()``) and queued (``app.graphToPrompt()``).
-    With ``clear_graph`` it finally clears the graph and reports how many charts are still listening.
-    The prompt keeps running on the server.
+    and its ``data-last-step`` has increased at least once or its run has finished (and, with ``until_step``,
+    reached that step). Then it reads the canvas pixels, takes a screenshot of the page with the node centred
+    (to ``screenshot_path`` when given), and reads how the node is saved (``app.graph.serialize()``) and
+    queued (``app.graphToPrompt()``). With ``clear_graph`` it finally clears the graph and reports how many
+    charts are still listening. The prompt keeps running on the server; wait for it with ``ComfyClient``.
+    ``node_id`` is a root-graph node id (nodes inside subgraphs are not supported).
 
     Raises ``RuntimeError`` when the frontend rejects the prompt or the page has no chart for the node,
     ``TimeoutError`` (with the chart's state and the page's console errors) when the points do not come.
@@ -251,7 +252,9 @@ def watch_loss_chart(page_url: str, workflow_ui: dict, node_id: int | str, min_p
                     step = int(state["lastStep"])
                     if not last_steps or step != last_steps[-1]:
                         last_steps.append(step)
-                increased = len(last_steps) >= 2 and last_steps[-1] > last_steps[0]
+                # A run that ends between two polls cannot show an increase; its "finished" status stands in.
+                increased = (len(last_steps) >= 2 and last_steps[-1] > last_steps[0]) or (
+                    bool(state) and state["status"] == "finished")
                 reached = until_step is None or (bool(last_steps) and last_steps[-1] >= until_step)
                 if state and state["points"] >= min_points and increased and reached:
                     break

@@ -43,7 +43,8 @@ def populate_models(layout) -> dict[str, str]:
                                clip_tokenizer_dir=data["clip_tokenizer"])
 
 
-def tiny_workflow(api: dict, names: dict[str, str], *, output_name: str = "tiny_lora", **sizes) -> dict:
+def tiny_workflow(api: dict, names: dict[str, str], *, output_name: str = "tiny_lora",
+                  max_steps: int = TINY_TRAINING["max_steps"], **sizes) -> dict:
     """A copy of an API-format K5 workflow with model files replaced by the tiny ones, a small video size and, for
     training workflows, a small clip size, 30 steps and the given run/LoRA name."""
     api = copy.deepcopy(api)
@@ -63,6 +64,19 @@ def tiny_workflow(api: dict, names: dict[str, str], *, output_name: str = "tiny_
         elif ctype == "CinetuneK5CacheLatents":
             inputs.update(frames=TINY_TRAINING["frames"], resolution=TINY_TRAINING["resolution"])
         elif ctype == "CinetuneK5TrainLoRA":
-            inputs.update(max_steps=TINY_TRAINING["max_steps"], save_every=TINY_TRAINING["save_every"],
+            inputs.update(max_steps=max_steps, save_every=TINY_TRAINING["save_every"],
                           output_name=output_name, rank=8, alpha=8.0, learning_rate=1e-3)
     return api
+
+
+def tiny_ui_workflow(name: str, names: dict[str, str], **overrides) -> dict:
+    """The UI-format example workflow ``name`` with the same tiny settings as :func:`tiny_workflow`, built from the
+    workflow description in scripts/make_workflows.py (for tests that drive the real frontend)."""
+    import make_workflows
+
+    spec = make_workflows.WORKFLOWS[name]
+    nodes = make_workflows.resolve_nodes(spec["nodes"], spec["dit"])
+    tiny = tiny_workflow(make_workflows.to_api(nodes), names, **overrides)
+    nodes = [(nid, ctype, [(n, tiny[str(nid)]["inputs"].get(n, v)) for n, v in widgets], links, outputs)
+             for nid, ctype, widgets, links, outputs in nodes]
+    return make_workflows.to_ui(nodes)

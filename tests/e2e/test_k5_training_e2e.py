@@ -106,3 +106,20 @@ def test_training_with_block_swap_fp8_and_validation_videos(comfy_client, comfy_
     assert (Path(comfy_layout.models) / "loras" / "e2e_swap_fp8.safetensors").is_file()
     shown = entry["outputs"]["13"]["images"]
     assert shown[0]["filename"] == "step_000006.mp4"
+
+
+def test_live_loss_chart_draws_the_real_training_run(comfy_server, comfy_client, tmp_path):
+    from .browser import missing_browser_reason, watch_loss_chart
+    from .models import tiny_ui_workflow
+
+    reason = missing_browser_reason()
+    if reason:
+        pytest.skip(reason)
+    workflow = tiny_ui_workflow("k5_lora_training", TINY_NAMES, output_name="chart_lora", max_steps=40)
+    watch = watch_loss_chart(comfy_server.base_url, workflow, node_id=13, min_points=20, timeout=300,
+                             screenshot_path=tmp_path / "chart.png")
+    assert watch.points >= 20 and watch.colored_pixels > 0
+    assert "loss_chart" in watch.widget_names
+    # 20 widget values + the seed's control_after_generate value; the chart itself is never saved
+    assert len(watch.widgets_values) == 21 and watch.widgets_values[0] == "chart_lora"
+    comfy_client.wait(watch.prompt_id, timeout=600)

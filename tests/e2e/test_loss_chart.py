@@ -35,6 +35,7 @@ PACK_SOURCE = textwrap.dedent('''
     import comfy.model_management
     import server
     from comfy_api.latest import ComfyExtension, io
+    from comfy_execution.utils import get_executing_context
 
     # The repository's frontend folder (holds the chart extension), served as this pack's own.
     WEB_DIRECTORY = os.environ["CINETUNE_CHART_TEST_WEB"]
@@ -56,7 +57,7 @@ PACK_SOURCE = textwrap.dedent('''
         @classmethod
         def execute(cls, steps, delay, run):
             instance = server.PromptServer.instance
-            node, prompt_id = str(cls.hidden.unique_id), instance.last_prompt_id
+            node, prompt_id = str(cls.hidden.unique_id), get_executing_context().prompt_id
             base = {"node": node, "prompt_id": prompt_id, "run": run}
 
             def status(kind, step, message):
@@ -99,9 +100,9 @@ def chart_host(comfy_host_dir, tmp_path_factory):
     pack = tmp_path_factory.mktemp("chart_pack")
     (pack / "__init__.py").write_text(PACK_SOURCE)
     layout = make_layout(tmp_path_factory.mktemp("chart_host"), {"cinetune_chart_test": pack})
-    with ComfyServer(comfy_host_dir, layout, env={"CINETUNE_CHART_TEST_WEB": str(ROOT / "web")}) as server:
-        with ComfyClient(server.base_url) as client:
-            yield server, client
+    server = ComfyServer(comfy_host_dir, layout, env={"CINETUNE_CHART_TEST_WEB": str(ROOT / "web")})
+    with server, ComfyClient(server.base_url) as client:
+        yield server, client
 
 
 def _workflow(steps: int, delay: float, run: str) -> dict:
