@@ -120,6 +120,13 @@ def to_api(nodes) -> dict:
     return api
 
 
+def _height(widgets, links) -> int:
+    """Rough node height in the canvas: title, sockets, widgets (multiline prompts are taller), the loss chart."""
+    tall = sum(1 for n, _ in widgets if "prompt" in n)
+    chart = 180 if any(n == "max_steps" for n, _ in widgets) else 0
+    return 40 + 22 * (len(links) + 1) + 24 * len(widgets) + 60 * tall + chart
+
+
 def to_ui(nodes) -> dict:
     link_rows, ui_nodes = [], []
     consumers: dict[tuple[int, int], list[int]] = {}
@@ -128,6 +135,12 @@ def to_ui(nodes) -> dict:
             link_id = len(link_rows) + 1
             link_rows.append([link_id, src, slot, nid, None, typ, name])
             consumers.setdefault((src, slot), []).append(link_id)
+    positions, x, y = {}, 60, 80
+    for nid, _, widgets, links, _ in nodes:  # columns of nodes, a new column when one gets too tall
+        if y > 80 and y + _height(widgets, links) > 1200:
+            x, y = x + 380, 80
+        positions[nid] = [x, y]
+        y += _height(widgets, links) + 60
     for order, (nid, ctype, widgets, links, outputs) in enumerate(nodes):
         inputs = []
         for name, (src, slot, typ) in links.items():
@@ -140,7 +153,7 @@ def to_ui(nodes) -> dict:
             if n == "seed":
                 values.append("fixed")
         ui_nodes.append({
-            "id": nid, "type": ctype, "pos": [60 + 380 * (order % 4), 80 + 420 * (order // 4)], "size": [340, 200],
+            "id": nid, "type": ctype, "pos": positions[nid], "size": [340, _height(widgets, links)],
             "flags": {}, "order": order, "mode": 0, "inputs": inputs,
             "outputs": [{"name": n, "type": t, "links": consumers.get((nid, i), []), "slot_index": i}
                         for i, (n, t) in enumerate(outputs)],
