@@ -112,6 +112,12 @@ class K5TrainLoRA(io.ComfyNode):
                 K5Conditioning.Input("validation_conditioning", optional=True,
                                      tooltip="Prompt for validation videos, from K5 Text Encode."),
                 K5VAE.Input("vae", optional=True, tooltip="Decodes validation videos."),
+                io.Int.Input("blocks_to_swap", default=-1, min=-1, max=200,
+                             tooltip="Transformer blocks streamed from CPU memory during training (-1: as set on the "
+                                     "K5 Model Loader). Training often needs more than sampling; requires gradient "
+                                     "checkpointing (turned on automatically)."),
+                io.Boolean.Input("use_pinned_memory", default=True,
+                                 tooltip="Pin the CPU copies of swapped blocks (faster transfers, uses page-locked RAM)."),
             ],
             outputs=[K5Model.Output(display_name="model"), io.String.Output(display_name="lora_name")],
             hidden=[io.Hidden.unique_id],
@@ -122,8 +128,15 @@ class K5TrainLoRA(io.ComfyNode):
     def execute(cls, model, training_data, output_name, rank, alpha, learning_rate, optimizer, lr_schedule,
                 warmup_steps, max_steps, epochs, batch_size, gradient_accumulation, timestep_sampling, flow_shift,
                 gradient_checkpointing, image_to_video, caption_dropout, seed, save_every, resume, validate_every,
-                validation_conditioning=None, vae=None) -> io.NodeOutput:
+                validation_conditioning=None, vae=None, blocks_to_swap=-1, use_pinned_memory=True) -> io.NodeOutput:
         handle: K5ModelHandle = model
+        if blocks_to_swap >= 0:
+            total = len(handle.blocks)
+            if blocks_to_swap > total:
+                raise ValueError(f"blocks_to_swap={blocks_to_swap} is more than the {total} transformer blocks of "
+                                 f"{handle.path.name}: use at most {total}.")
+            handle = replace(handle, blocks_to_swap=blocks_to_swap,
+                             use_pinned_memory=use_pinned_memory and host.pinned_memory_allowed())
         data = training_data
         if handle.nabla is not None and data.bucket_step % 128:
             raise ValueError("this model runs NABLA attention, which needs 128 px buckets: turn on 'nabla' in K5 Cache "

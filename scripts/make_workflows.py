@@ -74,7 +74,8 @@ def training_nodes():
               ("optimizer", "adamw"), ("lr_schedule", "constant"), ("warmup_steps", 0), ("max_steps", 1000),
               ("epochs", 0), ("batch_size", 1), ("gradient_accumulation", 1), ("timestep_sampling", "shift"),
               ("flow_shift", 5.0), ("gradient_checkpointing", True), ("image_to_video", "off"),
-              ("caption_dropout", 0.0), ("seed", 0), ("save_every", 250), ("resume", False), ("validate_every", 0)],
+              ("caption_dropout", 0.0), ("seed", 0), ("save_every", 250), ("resume", False), ("validate_every", 0),
+              ("blocks_to_swap", -1), ("use_pinned_memory", True)],
              {"model": (1, 0, "CINETUNE_K5_MODEL"), "training_data": (12, 0, "CINETUNE_K5_TRAINING_DATA")},
              [("model", "CINETUNE_K5_MODEL"), ("lora_name", "STRING")]),
             text, train_sampler, *DECODE_AND_SAVE, save("Cinetune/k5_lora_sample")]

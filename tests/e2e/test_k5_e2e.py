@@ -43,7 +43,7 @@ FROZEN_INPUT_ORDER = {
                             "lr_schedule", "warmup_steps", "max_steps", "epochs", "batch_size", "gradient_accumulation",
                             "timestep_sampling", "flow_shift", "gradient_checkpointing", "image_to_video",
                             "caption_dropout", "seed", "save_every", "resume", "validate_every",
-                            "validation_conditioning", "vae"],
+                            "blocks_to_swap", "use_pinned_memory", "validation_conditioning", "vae"],
 }
 
 

@@ -96,8 +96,8 @@ def test_empty_dataset_folder_is_a_clear_error(comfy_client, comfy_layout):
 
 def test_training_with_block_swap_fp8_and_validation_videos(comfy_client, comfy_layout):
     prompt = _training_prompt("e2e_swap_fp8")
-    prompt["1"]["inputs"].update(blocks_to_swap=3, weight_dtype="fp8_e4m3fn")
-    prompt["13"]["inputs"].update(max_steps=6, validate_every=3, save_every=0)
+    prompt["1"]["inputs"].update(weight_dtype="fp8_e4m3fn")
+    prompt["13"]["inputs"].update(max_steps=6, validate_every=3, save_every=0, blocks_to_swap=3)
     prompt["13"]["inputs"]["validation_conditioning"] = ["4", 0]
     prompt["13"]["inputs"]["vae"] = ["3", 0]
     entry = comfy_client.run(prompt, timeout=1200)
@@ -120,6 +120,6 @@ def test_live_loss_chart_draws_the_real_training_run(comfy_server, comfy_client,
                              screenshot_path=tmp_path / "chart.png")
     assert watch.points >= 20 and watch.colored_pixels > 0
     assert "loss_chart" in watch.widget_names
-    # 20 widget values + the seed's control_after_generate value; the chart itself is never saved
-    assert len(watch.widgets_values) == 21 and watch.widgets_values[0] == "chart_lora"
+    # 22 widget values + the seed's control_after_generate value; the chart itself is never saved
+    assert len(watch.widgets_values) == 23 and watch.widgets_values[0] == "chart_lora"
     comfy_client.wait(watch.prompt_id, timeout=600)
