@@ -39,9 +39,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,12 @@ from ..core.checkpoint import CheckpointError, TensorInfo, load_state_dict, read
 from ..core.quant import (
     CastLinear,
     FP8Linear,
+    check_fp8_device,
+    combine_fp8_scales,
+    dequantize_fp8,
+    find_scaled_fp8,
+    fp8_supported,
+    is_fp8_dtype,
     k5_fp8_keep_high_precision,
     quantize_fp8,
     quantize_linear_weights_fp8,
@@ -529,6 +535,7 @@ WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16,
 _PREFIXES = (("model.diffusion_model.", "comfyui"), ("diffusion_model.", "comfyui"), ("transformer.", "diffusers"))
 _DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 _DIFFUSERS_FILE = "diffusion_pytorch_model.safetensors"
+_HIGH_PRECISION = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @dataclass
@@ -541,7 +548,9 @@ class LoadedK5DiT:
         layout: ``"official"`` (no prefix), ``"comfyui"`` (``model.diffusion_model.`` prefix) or ``"diffusers"``
             (a diffusers transformer folder / shard index, or a ``transformer.`` prefix).
         path: the file or folder loaded.
-        dtypes: histogram of the *stored* tensor dtypes of the DiT tensors, e.g. ``{"BF16": 780, "F32": 34}``.
+        dtypes: histogram of the *stored* tensor dtypes of the DiT weights (scales not counted), e.g.
+            ``{"BF16": 780, "F32": 34}``.
+        fp8_layout: ``"musubi"`` or ``"comfyui"`` when the file was pre-quantised (scaled fp8), else None.
     """
 
     model: Kandinsky5DiT
@@ -549,6 +558,7 @@ class LoadedK5DiT:
     layout: str
     path: Path
     dtypes: dict[str, int] = field(default_factory=dict)
+    fp8_layout: str | None = None
 
 
 def _first(items, n: int = 10) -> str:
@@ -623,8 +633,9 @@ def _check_keys(path: Path, config: K5Config, found: Mapping[str, TensorInfo],
     if missing:
         problems.append(f"{len(missing)} missing tensors: {_first(missing)}")
     if unexpected:
-        hint = (" (scaled fp8 scale tensors: re-save the file in bf16 — scaled fp8 files are not readable yet)"
-                if any(k.endswith((".scale_weight", ".weight_scale")) for k in unexpected) else "")
+        hint = (" (ComfyUI mixed-precision quantised tensors '.weight_scale'/'.comfy_quant' are not readable for the "
+                "DiT yet: use the bf16 file or a scaled fp8 file with '.scale_weight' scales)"
+                if any(k.endswith((".weight_scale", ".comfy_quant", ".input_scale")) for k in unexpected) else "")
         problems.append(f"{len(unexpected)} unexpected tensors{hint}: {_first(unexpected)}")
     bad = [f"{k} {list(found[k].shape)} (expected {list(expected[k])})" for k in sorted(set(found) & set(expected))
            if tuple(found[k].shape) != expected[k]]
@@ -638,19 +649,52 @@ def _check_keys(path: Path, config: K5Config, found: Mapping[str, TensorInfo],
             + f". Expected {EXPECTED_FILE} as published, without extra or missing tensors; re-download the file.")
 
 
+def _read_tensors(f: Path, keys: list[str], device: torch.device):
+    """Yield ``(key, tensor)`` for ``keys`` of one file, read onto ``device`` in their stored dtypes (safetensors:
+    only these tensors, memory-mapped on CPU; pickles: the whole file once)."""
+    if f.suffix.lower() in (".safetensors", ".sft"):
+        with safe_open(str(f), framework="pt", device=str(device)) as handle:
+            for key in keys:
+                try:
+                    tensor = handle.get_tensor(key)
+                except Exception as e:  # safetensors raises its own error types for bad data
+                    raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e}); the file is damaged, fetch it "
+                                          "again.") from e
+                yield key, tensor
+    else:
+        sd = load_state_dict(f, device=device)
+        for key in keys:
+            yield key, sd.pop(key)
+        del sd
+
+
 def _convert(name: str, t: torch.Tensor, target: torch.dtype | None, fp8_weights: set[str],
-             out: dict[str, torch.Tensor]) -> None:
-    if name in fp8_weights:
+             scales: Mapping[str, torch.Tensor], device: torch.device, out: dict[str, torch.Tensor]) -> None:
+    """Put tensor ``name`` (as read) into ``out`` in its loaded form.
+
+    - pre-quantised weight (``name`` in ``scales``): kept as stored with its float32 scale, or, when ``target`` is
+      a high-precision dtype, dequantised ``(q · s)`` in float32 and rounded once to ``target``;
+    - ``fp8_weights``: quantised now with one scale per tensor (:func:`~cinetune.core.quant.quantize_fp8`);
+    - otherwise cast to ``target`` (floats only) or kept as stored.
+    """
+    scale_name = name[: -len("weight")] + "scale_weight"
+    if name in scales:
+        if target in _HIGH_PRECISION:
+            out[name] = dequantize_fp8(t, scales[name], torch.float32).to(device=device, dtype=target)
+        else:
+            out[name] = t.to(device)
+            out[scale_name] = scales[name].to(device)
+    elif name in fp8_weights:
         try:
             q, scale = quantize_fp8(t)
         except ValueError as e:
             raise CheckpointError(f"tensor {name!r}: {e}") from e
-        out[name] = q
-        out[name[: -len("weight")] + "scale_weight"] = scale
+        out[name] = q.to(device)
+        out[scale_name] = scale.to(device)
     elif target is not None and target != torch.float8_e4m3fn and t.is_floating_point():
-        out[name] = t.to(target)
+        out[name] = t.to(device=device, dtype=target)
     else:
-        out[name] = t
+        out[name] = t.to(device)
 
 
 def load_k5_dit(path: str | os.PathLike, *, weight_dtype: str = "default",
@@ -663,6 +707,15 @@ def load_k5_dit(path: str | os.PathLike, *, weight_dtype: str = "default",
     ``Kandinsky5Transformer3DModel`` uses the official tensor names, so no renaming is needed; its ``config.json``
     supplies ``axes_dims`` when present. PyTorch pickles (``.pt``/``.pth``/``.bin``) are read too.
 
+    Pre-quantised (scaled fp8) files, detected by :func:`~cinetune.core.quant.find_scaled_fp8`: musubi-tuner's (any
+    ``<layer>.scale_weight``; per-tensor, per-channel or block-wise scales, two-level block scales folded into one)
+    and ComfyUI's (marker ``scaled_fp8``, per-tensor scales; ``.scale_input`` ignored). Each layer the file stores in
+    fp8 becomes an :class:`~cinetune.core.quant.FP8Linear` holding the stored fp8 codes and scales unchanged (scales
+    as float32, an exact conversion) — with ``weight_dtype`` ``"default"`` or ``"fp8_e4m3fn"``, whichever layers
+    these are (musubi files also quantise the modulations and the out layer). With ``"bf16"``/``"fp16"``/``"fp32"``
+    those layers are dequantised on load instead, ``W = q · s`` in float32 rounded once to the dtype (no memory
+    saving; the way to run fp8 files on a device that cannot hold float8).
+
     The model is built on the meta device and filled with ``load_state_dict(assign=True)``, tensor by tensor, so
     no second copy of the weights is ever made. On CPU, tensors kept in their stored dtype stay backed by
     safetensors' private memory map of the file (pages are read on first use and can be dropped again by the
@@ -672,9 +725,10 @@ def load_k5_dit(path: str | os.PathLike, *, weight_dtype: str = "default",
     Args:
         path: file or folder.
         weight_dtype: ``"default"`` keeps each tensor's stored dtype (a file with fp32 modulation and bf16 elsewhere
-            stays so; the forward casts at use); ``"bf16"``, ``"fp16"``, ``"fp32"`` cast every float tensor;
-            ``"fp8_e4m3fn"`` stores the block Linear weights in float8 with a per-tensor scale (see
-            :func:`~cinetune.core.quant.k5_fp8_keep_high_precision`) and keeps the rest as stored.
+            stays so; the forward casts at use; pre-quantised layers stay fp8); ``"bf16"``, ``"fp16"``, ``"fp32"``
+            cast every float tensor and dequantise pre-quantised layers; ``"fp8_e4m3fn"`` keeps pre-quantised
+            layers and stores every other block Linear weight in float8 with a per-tensor scale (see
+            :func:`~cinetune.core.quant.k5_fp8_keep_high_precision`), the rest as stored.
         device: where the weights go.
 
     Returns:
@@ -682,9 +736,12 @@ def load_k5_dit(path: str | os.PathLike, *, weight_dtype: str = "default",
 
     Raises:
         ValueError: unknown ``weight_dtype``.
+        FP8DeviceError: fp8 weights would be kept on a device that cannot cast float8 (use ``weight_dtype="bf16"``).
         NotK5CheckpointError: the file is another kind of model (LTX-2, VAE, text encoder, LoRA, …); the message says
             which and what was expected.
-        CheckpointError: missing/truncated/unreadable file, missing or unexpected tensors (listed), wrong shapes.
+        CheckpointError: missing/truncated/unreadable file, missing or unexpected tensors (listed), wrong shapes;
+            in a scaled fp8 file: an fp8 weight without scale, a scale without fp8 weight, a scale of the wrong
+            shape, a scale on a tensor that is not a Linear weight (each names the key).
     """
     if weight_dtype not in WEIGHT_DTYPES:
         raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}; got {weight_dtype!r}")
@@ -702,6 +759,16 @@ def load_k5_dit(path: str | os.PathLike, *, weight_dtype: str = "default",
     prefix, layout = _select_prefix(infos)
     dit_infos = {k[len(prefix):]: v for k, v in infos.items() if k.startswith(prefix)}
     try:
+        scaled = find_scaled_fp8(dit_infos, source=str(path))
+    except CheckpointError:
+        if MARKER_KEY not in dit_infos:  # another model's fp8 file: say what it is rather than what its scales lack
+            try:
+                detect_config(dit_infos)
+            except NotK5CheckpointError as e:
+                raise NotK5CheckpointError(f"{path}: {e}") from e
+        raise
+    dit_infos = {k: v for k, v in dit_infos.items() if k not in scaled.auxiliary}
+    try:
         config = detect_config(dit_infos)
     except NotK5CheckpointError as e:
         raise NotK5CheckpointError(f"{path}: {e}") from e
@@ -716,37 +783,60 @@ def load_k5_dit(path: str | os.PathLike, *, weight_dtype: str = "default",
 
     with torch.device("meta"):
         model = Kandinsky5DiT(config)
+    expected = _expected_shapes(model)  # FP8Linear and CastLinear share the keys weight/bias; scales come apart
+    _check_keys(path, config, dit_infos, expected)
+    modules = dict(model.named_modules())
+    not_linear = [f"{layer}.scale_weight ({type(modules.get(layer)).__name__})" for layer in scaled.layers
+                  if not isinstance(modules.get(layer), nn.Linear)]
+    if not_linear:
+        raise CheckpointError(f"{path}: scaled fp8 is for Linear weights, but these scales sit beside other "
+                              f"tensors: {_first(not_linear)}. The file was converted wrongly; use the bf16 file.")
+
     target = WEIGHT_DTYPES[weight_dtype]
+    keep_fp8 = target not in _HIGH_PRECISION
+    stored = set(scaled.layers) if keep_fp8 else set()
+    if stored:
+        quantize_linear_weights_fp8(model, keep=lambda name: name not in stored)  # meta: structure only
     fp8_weights: set[str] = set()
     if target == torch.float8_e4m3fn:
         quantize_linear_weights_fp8(model, keep=k5_fp8_keep_high_precision)
-        fp8_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, FP8Linear)}
-    expected = {k: v for k, v in _expected_shapes(model).items() if not k.endswith(".scale_weight")}
-    _check_keys(path, config, dit_infos, expected)
+        fp8_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, FP8Linear) and n not in stored}
+    device = torch.device(device)
+    file_has_fp8 = any(is_fp8_dtype(info.dtype) for info in dit_infos.values())
+    keeps_unscaled_fp8 = file_has_fp8 and target is None and not scaled.layout
+    if stored or fp8_weights or keeps_unscaled_fp8:
+        check_fp8_device(device)
+    # fp8 data to be dequantised on a device that cannot cast float8 is read on the CPU first.
+    read_device = device if not file_has_fp8 or fp8_supported(device) else torch.device("cpu")
+
+    scales: dict[str, torch.Tensor] = {}
+    if scaled.layers:
+        scale_keys = [layer + ".scale_weight" for layer in scaled.layers]
+        scale_keys += [layer + ".scale_weight_tensor" for layer in scaled.tensor_scales]
+        raw: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for key in scale_keys:
+            by_file.setdefault(owner[prefix + key], []).append(prefix + key)
+        for f, keys in by_file.items():
+            raw.update((k[len(prefix):], t) for k, t in _read_tensors(f, keys, read_device))
+        for layer in scaled.layers:
+            scales[layer + ".weight"] = combine_fp8_scales(
+                raw[layer + ".scale_weight"], raw.get(layer + ".scale_weight_tensor"),
+                name=f"{path}: {prefix}{layer}.scale_weight")
 
     state: dict[str, torch.Tensor] = {}
-    device = torch.device(device)
-    by_file: dict[Path, list[str]] = {}
+    by_file = {}
     for name in expected:
-        by_file.setdefault(owner[prefix + name], []).append(name)
-    for f, names in by_file.items():
-        if f.suffix.lower() in (".safetensors", ".sft"):  # read only the DiT tensors
-            with safe_open(str(f), framework="pt", device=str(device)) as handle:
-                for name in names:
-                    try:
-                        tensor = handle.get_tensor(prefix + name)
-                    except Exception as e:  # safetensors raises its own error types for bad data
-                        raise CheckpointError(f"{f}: cannot read tensor {prefix + name!r} ({e}); the file is "
-                                              "damaged, fetch it again.") from e
-                    _convert(name, tensor, target, fp8_weights, state)
-        else:
-            sd = load_state_dict(f, device=device)
-            for name in names:
-                _convert(name, sd.pop(prefix + name), target, fp8_weights, state)
-            del sd
+        if not name.endswith(".scale_weight"):
+            by_file.setdefault(owner[prefix + name], []).append(prefix + name)
+    for f, keys in by_file.items():
+        for key, tensor in _read_tensors(f, keys, read_device):
+            _convert(key[len(prefix):], tensor, target, fp8_weights, scales, device, state)
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
     histogram: dict[str, int] = {}
     for name in expected:
-        histogram[dit_infos[name].dtype] = histogram.get(dit_infos[name].dtype, 0) + 1
-    return LoadedK5DiT(model=model, config=config, layout=layout, path=path, dtypes=histogram)
+        if name in dit_infos:
+            histogram[dit_infos[name].dtype] = histogram.get(dit_infos[name].dtype, 0) + 1
+    return LoadedK5DiT(model=model, config=config, layout=layout, path=path, dtypes=histogram,
+                       fp8_layout=scaled.layout)
