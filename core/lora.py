@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, load_state_dict, read_safetensors_header, save_file_atomic
-from .quant import FP8Linear, quantize_fp8
+from .quant import FP8Linear
 
 #: The Linear layers the official Kandinsky 5 LoRA training targets (PEFT suffix match, so text and visual blocks;
 #: kandinskylab/kandinsky-5-lora-train ``lora_train.py``, whose attribution is unconfirmed); musubi-tuner
@@ -864,8 +864,9 @@ def merge_lora(model: nn.Module, weights: LoRAWeights, strength: float = 1.0) ->
 
     The sum is formed in float32 and written back in the weight's dtype. For
     :class:`~cinetune.core.quant.FP8Linear` the weight is dequantised (``q · scale``), the delta added in float32,
-    and the result requantised with a fresh per-tensor scale (:func:`~cinetune.core.quant.quantize_fp8`) — one more
-    fp8 rounding (relative error ≤ 2⁻⁴ per element); :func:`apply_lora_unmerged` avoids it. A layer that is a
+    and the result requantised with fresh scales in the layer's own layout (per tensor or block-wise,
+    :meth:`~cinetune.core.quant.FP8Linear.requantize_`) — one more fp8 rounding (relative error ≤ 2⁻⁴ per element);
+    :func:`apply_lora_unmerged` avoids it. A layer that is a
     :class:`LoRALinear` is merged into its innermost base. All layers are checked before any weight changes.
 
     Args:
@@ -888,9 +889,7 @@ def merge_lora(model: nn.Module, weights: LoRAWeights, strength: float = 1.0) ->
         delta = (up.to(weight.device, torch.float32) @ down.to(weight.device, torch.float32)) * (
             strength * alpha / down.shape[0])
         if isinstance(base, FP8Linear):
-            q, scale = quantize_fp8(base.dequantized_weight(torch.float32) + delta)
-            weight.copy_(q)
-            base.scale_weight.copy_(scale)
+            base.requantize_(base.dequantized_weight(torch.float32) + delta)
         else:
             weight.copy_((weight.float() + delta).to(weight.dtype))
     return len(found)
