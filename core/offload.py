@@ -681,7 +681,13 @@ def model_on_device(model: nn.Module, blocks: Sequence[nn.Module], device: torch
 
     Raises:
         ValueError: as :class:`BlockSwap` (e.g. blocks_to_swap above the block count, with the maximum).
+        FP8DeviceError: the model holds fp8 weights and ``device`` cannot cast float8 (the message says to load
+            with weight_dtype bf16).
     """
+    if any(t.dtype == torch.float8_e4m3fn for t in model.parameters()):
+        from .quant import check_fp8_device
+
+        check_fp8_device(device)
     in_blocks = {id(t) for b in blocks for t in (*b.parameters(), *b.buffers())}
 
     def move_rest(dev) -> None:
