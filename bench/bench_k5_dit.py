@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,21 +33,8 @@ from pathlib import Path
 
 import torch
 
-DIMS = dict(model_dim=256, ff_dim=1024, time_dim=128, num_text_blocks=1, num_visual_blocks=4, axes_dims=(8, 12, 12))
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def make_weights(path: Path) -> None:
-    from cinetune.core.checkpoint import save_file_atomic
-    from cinetune.k5.config import K5Config
-    from cinetune.k5.dit import Kandinsky5DiT
-
-    g = torch.Generator().manual_seed(0)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Kandinsky5DiT(K5Config(**DIMS)).state_dict().items()}
-    sd = {k: (1.0 if k.endswith("norm.weight") else 0.0) + torch.randn(s, generator=g) / s[-1] ** 0.5
-          for k, s in shapes.items()}
-    save_file_atomic(sd, path)
+from _common import (DIMS, DTYPES, WORKER_ENV, diffusers_forward, load_diffusers_k5, make_weights, memory_mark,
+                     memory_peak, page_in)
 
 
 def make_inputs(args, dtype, device):
@@ -66,48 +51,16 @@ def build(which: str, weights: Path, dtype, device):
         from cinetune.k5.dit import load_k5_dit
 
         model = load_k5_dit(weights, weight_dtype=[k for k, v in DTYPES.items() if v == dtype][0], device=device).model
-        for p in model.parameters():  # page in weights that are still backed by the file's memory map
-            p.float().sum()
+        page_in(model)  # weights that are still backed by the file's memory map
 
         def call(x, text, pooled, t):
             return model(x, text, pooled, t, rope_scale=(1.0, 2.0, 2.0))
     else:
-        from diffusers import Kandinsky5Transformer3DModel
-        from safetensors.torch import load_file
-
-        model = Kandinsky5Transformer3DModel(in_visual_dim=16, out_visual_dim=16, visual_cond=True, **DIMS)
-        model.load_state_dict(load_file(str(weights)), strict=True)
-        model = model.to(device=device, dtype=dtype).eval()
-        for name, module in model.named_modules():  # as from_pretrained(torch_dtype=...) does
-            if set(name.split(".")) & set(model._keep_in_fp32_modules):
-                module.float()
+        model = load_diffusers_k5(weights, dtype, device)
 
         def call(x, text, pooled, t):
-            B, C, T, H, W = x.shape
-            out = model(x.permute(0, 2, 3, 4, 1), text, t, pooled,
-                        visual_rope_pos=[torch.arange(T, device=x.device), torch.arange(H // 2, device=x.device),
-                                         torch.arange(W // 2, device=x.device)],
-                        text_rope_pos=torch.arange(text.shape[1], device=x.device), scale_factor=(1.0, 2.0, 2.0),
-                        return_dict=False)
-            return out.permute(0, 4, 1, 2, 3)
+            return diffusers_forward(model, x, text, pooled, t, (1.0, 2.0, 2.0))
     return call
-
-
-def _proc_status() -> dict[str, int] | None:
-    try:
-        lines = Path("/proc/self/status").read_text().splitlines()
-    except OSError:
-        return None
-    fields = dict(line.split(":", 1) for line in lines if ":" in line)
-    return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM") if k in fields}
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def worker(args) -> None:
@@ -121,32 +74,17 @@ def worker(args) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def memory_mark() -> int:
-        """Reset the peak counter; return the memory in use now."""
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-            return torch.cuda.memory_allocated()
-        if _reset_peak_rss() and (status := _proc_status()):
-            return status["VmRSS"]
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no reset possible: peak since start
-
-    def memory_peak() -> int:
-        if device.type == "cuda":
-            return torch.cuda.max_memory_allocated()
-        status = _proc_status()
-        return status["VmHWM"] if status else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
     with torch.inference_mode():
         out = call(x, text, pooled, t)  # warm-up: one-time lazy initialisation is not part of the measurement
         sync()
         times, peaks = [], []
         for _ in range(args.runs):
-            base = memory_mark()
+            base = memory_mark(device)
             start = time.perf_counter()
             out = call(x, text, pooled, t)
             sync()
             times.append(time.perf_counter() - start)
-            peaks.append(memory_peak() - base)
+            peaks.append(memory_peak(device) - base)
     peak = max(peaks)
     torch.save(out.float().cpu(), args.out)
     print(json.dumps({"median_s": statistics.median(times), "best_s": min(times), "peak_bytes": peak}))
@@ -157,8 +95,7 @@ def run(which: str, args, weights: Path, out: Path) -> dict:
            "--device", args.device, "--dtype", args.dtype, "--runs", str(args.runs), "--threads", str(args.threads),
            "--frames", str(args.frames), "--height", str(args.height), "--width", str(args.width),
            "--text-len", str(args.text_len)]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=WORKER_ENV)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

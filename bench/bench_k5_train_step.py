@@ -1,0 +1,315 @@
+"""Benchmark: one Kandinsky 5 LoRA training step, Cinetune vs diffusers ``Kandinsky5Transformer3DModel`` + PEFT.
+
+A step is what the trainer does per optimizer step with one micro-batch and no gradient clipping: ``zero_grad``,
+the flow-matching loss (``x_σ = (1 − σ)·x0 + σ·ε``, target ``ε − x0``, MSE in float32; 33 input channels with
+zero conditioning and mask, as text-to-video), backward, ``AdamW.step`` (the ``TrainConfig`` defaults),
+``zero_grad``.
+Only the LoRA parameters train: rank 16, alpha 16 on the official Kandinsky 5 targets (:data:`K5_LORA_TARGETS`,
+6 Linear layers per text block, 10 per visual block).
+
+- ours: ``Kandinsky5DiT`` (``load_k5_dit``) + ``core.lora.inject_lora`` + ``training.trainer.flow_matching_loss``,
+  with the trainer's per-block ``gradient_checkpointing`` on or off;
+- reference: diffusers ``Kandinsky5Transformer3DModel`` on the same state dict (the names are identical) +
+  ``peft.inject_adapter_in_model(LoraConfig(r=16, lora_alpha=16, target_modules=<the same 10 suffixes>))``, with
+  diffusers' own ``enable_gradient_checkpointing()`` (also per block, non-reentrant) on or off.
+
+Both start from the same adapters: ``lora_down``/``lora_A`` drawn kaiming-uniform (a = √5, PEFT's and our init) with
+a generator seeded by the layer name, ``lora_up``/``lora_B`` zero. So the first loss is the base model's on both
+sides, and the first gradients and all later losses agree up to diffusers' bf16 rounding of the rotated q/k (it
+rounds them even in float32). With ``--dtype bf16`` the base weights and activations are bf16 and the adapters stay
+float32 on both sides; PEFT then runs the adapter matmuls in float32 (it casts x to the adapter dtype), ours in bf16
+(it casts the adapters to x's dtype), as each library does in training.
+
+Each of the four variants (ours / reference × checkpointing off / on) runs in its own subprocess (fresh allocator,
+no shared caches). The subprocesses are built and warmed up one after the other (one step each, which also creates
+the AdamW state; not measured), then driven step by step in cycles — one step of each variant per cycle, the order
+reversed every other cycle — so load from other processes on the machine hits both sides of a comparison alike.
+Time: the median over cycles of the per-cycle ratio ours/reference (with its quartiles), the median and best step
+time of each variant. Peak memory: the extra memory a step needs at its peak over what is resident before it
+(weights, inputs, AdamW state), the largest over the measured steps; measured as in ``bench_k5_dit.py`` (CPU: Linux
+``VmHWM`` after minus ``VmRSS`` before, high-water mark reset per step, glibc mmap threshold 64 KiB; CUDA:
+``max_memory_allocated``).
+
+    python bench/bench_k5_train_step.py [--device cpu|cuda] [--dtype fp32|bf16] [--runs 9] [--threads N]
+                                        [--frames 4 --height 48 --width 64] [--text-len 128]
+
+Needs ``peft`` (``pip install peft``) besides diffusers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from _common import (DIMS, DTYPES, WORKER_ENV, diffusers_forward, load_diffusers_k5, make_weights, memory_mark,
+                     memory_peak, page_in)
+
+RANK = 16
+ALPHA = 16.0
+ROPE_SCALE = (1.0, 2.0, 2.0)
+SIGMA = 0.7
+VARIANTS = [(impl, ckpt) for ckpt in (False, True) for impl in ("ours", "diffusers")]
+LABEL = {"ours": "ours", "diffusers": "diffusers+peft"}
+
+
+def make_inputs(args, dtype, device):
+    """x0 [1, 16, T, H, W] (model space), ε, σ [1], text [1, L, 3584], pooled [1, 768], zero cond and mask."""
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(1, 16, args.frames, args.height, args.width, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    text = torch.randn(1, args.text_len, 3584, generator=g)
+    pooled = torch.randn(1, 768, generator=g)
+    sigma = torch.tensor([SIGMA])
+    cond = torch.zeros_like(x0)
+    mask = torch.zeros(1, 1, *x0.shape[2:])
+    return dict(x0=x0.to(device), noise=noise.to(device), sigma=sigma.to(device), text=text.to(device, dtype),
+                pooled=pooled.to(device, dtype), cond=cond.to(device), mask=mask.to(device))
+
+
+def lora_down_init(name: str, in_features: int) -> torch.Tensor:
+    """The shared initial ``lora_down`` / ``lora_A`` ``[RANK, in]`` of a layer: kaiming-uniform (a = √5), seeded by
+    the layer name, so both sides get the same adapters whatever order they create them in."""
+    seed = sum((i + 1) * ord(ch) for i, ch in enumerate(name))
+    down = torch.empty(RANK, in_features)
+    torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=torch.Generator().manual_seed(seed))
+    return down
+
+
+def build_ours(weights: Path, dtype, device):
+    from cinetune.core.lora import inject_lora
+    from cinetune.k5.dit import load_k5_dit
+    from cinetune.training.trainer import flow_matching_loss
+
+    model = load_k5_dit(weights, weight_dtype=[k for k, v in DTYPES.items() if v == dtype][0], device=device).model
+    page_in(model)
+    layers = inject_lora(model, rank=RANK, alpha=ALPHA, dtype=torch.float32)
+    with torch.no_grad():
+        for name, m in layers.items():
+            m.lora_down.copy_(lora_down_init(name, m.in_features))
+    model.train()
+    ups = {name: m.lora_up for name, m in layers.items()}
+
+    def loss_fn(x0, noise, sigma, text, pooled, cond, mask):
+        return flow_matching_loss(model, x0, noise, sigma, text, pooled, cond=cond, mask=mask,
+                                  rope_scale=ROPE_SCALE, compute_dtype=dtype)
+
+    return model, loss_fn, ups
+
+
+def build_diffusers(weights: Path, dtype, device):
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    from cinetune.core.lora import K5_LORA_TARGETS
+
+    model = load_diffusers_k5(weights, dtype, device)
+    page_in(model)
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(K5_LORA_TARGETS))
+    model = inject_adapter_in_model(config, model)
+    model.requires_grad_(False)
+    ups = {}
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, LoraLayer):
+                a, b = m.lora_A["default"], m.lora_B["default"]
+                a.float(), b.float()  # adapters in float32, as ours (lora_dtype)
+                a.weight.copy_(lora_down_init(name, a.in_features))
+                b.weight.zero_()
+                a.weight.requires_grad_(True)
+                b.weight.requires_grad_(True)
+                ups[name] = b.weight
+    model.train()
+
+    def loss_fn(x0, noise, sigma, text, pooled, cond, mask):
+        s = sigma.view(-1, 1, 1, 1, 1)
+        x_sigma = (1.0 - s) * x0 + s * noise
+        target = noise - x0
+        x_in = torch.cat([x_sigma, cond, mask], dim=1).to(dtype)
+        pred = diffusers_forward(model, x_in, text, pooled, (1000.0 * sigma).float(), ROPE_SCALE)
+        return F.mse_loss(pred.float(), target.float())
+
+    return model, loss_fn, ups
+
+
+def worker(args) -> None:
+    """Build one variant, run the warm-up step, then one measured step per ``step`` line on stdin (one JSON line
+    each on stdout); ``quit`` saves the first-step gradients and ends."""
+    from cinetune.training.trainer import TrainConfig, gradient_checkpointing
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    build = build_ours if args.worker == "ours" else build_diffusers
+    model, loss_fn, ups = build(Path(args.weights), dtype, device)
+    if args.worker == "diffusers" and args.checkpointing:
+        model.enable_gradient_checkpointing()
+    inputs = make_inputs(args, dtype, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    cfg = TrainConfig()
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(keep_grads: bool = False):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(**inputs)
+        loss.backward()
+        grads = {name: p.grad.detach().clone().cpu() for name, p in ups.items()} if keep_grads else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()), grads
+
+    def reply(obj) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    ours_ckpt = gradient_checkpointing(model, enabled=args.worker == "ours" and args.checkpointing)
+    with torch.inference_mode(False), torch.enable_grad(), ours_ckpt:
+        loss, grads = step(keep_grads=True)  # warm-up: lazy initialisation and the AdamW state, not measured
+        sync()
+        reply({"loss": loss, "layers": len(ups), "trainable": sum(p.numel() for p in params)})
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
+            base = memory_mark(device)
+            start = time.perf_counter()
+            loss, _ = step()
+            sync()
+            elapsed = time.perf_counter() - start
+            reply({"s": elapsed, "peak_bytes": memory_peak(device) - base, "loss": loss})
+    torch.save(grads, args.out)
+
+
+class Worker:
+    """One variant in its own subprocess, driven step by step."""
+
+    def __init__(self, which: str, checkpointing: bool, args, weights: Path, out: Path) -> None:
+        cmd = [sys.executable, __file__, "--worker", which, "--weights", str(weights), "--out", str(out),
+               "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+               "--frames", str(args.frames), "--height", str(args.height), "--width", str(args.width),
+               "--text-len", str(args.text_len)] + (["--checkpointing"] if checkpointing else [])
+        self.name = f"{which} (checkpointing {'on' if checkpointing else 'off'})"
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=WORKER_ENV)
+        self.info = self._read()
+        self.steps: list[dict] = []
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"worker {self.name} failed:\n{self.proc.stderr.read()}")
+        return json.loads(line)
+
+    def step(self) -> dict:
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        self.steps.append(self._read())
+        return self.steps[-1]
+
+    def close(self) -> None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        if self.proc.wait() != 0:
+            raise SystemExit(f"worker {self.name} failed:\n{self.proc.stderr.read()}")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--runs", type=int, default=9, help="measured steps per variant (after one warm-up step)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--height", type=int, default=48, help="latent height (pixels / 8)")
+    p.add_argument("--width", type=int, default=64, help="latent width (pixels / 8)")
+    p.add_argument("--text-len", type=int, default=128)
+    p.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    tokens = args.frames * (args.height // 2) * (args.width // 2)
+    print(f"K5 LoRA training step (forward + backward + AdamW, LoRA rank {RANK} alpha {ALPHA:g} on the official "
+          f"targets), {DIMS}, {tokens} visual tokens + {args.text_len} text tokens, {args.dtype} on {args.device}, "
+          f"{args.threads} threads, {args.runs} measured steps per variant after 1 warm-up step, interleaved")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        weights = tmp / "k5_bench.safetensors"
+        make_weights(weights)
+        workers = {}
+        try:
+            for v in VARIANTS:  # started one after the other: builds and warm-ups never overlap
+                workers[v] = Worker(*v, args, weights, tmp / f"{v[0]}_{v[1]}.pt")
+            for i in range(args.runs):
+                for v in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
+                    workers[v].step()
+        finally:
+            for w in workers.values():
+                if w.proc.poll() is None:
+                    w.close()
+        grads = {v: torch.load(tmp / f"{v[0]}_{v[1]}.pt") for v in VARIANTS}
+
+    info = {v: workers[v].info for v in VARIANTS}
+    print(f"  trainable: ours {info['ours', False]['layers']} layers / {info['ours', False]['trainable']} "
+          f"parameters, diffusers+peft {info['diffusers', False]['layers']} layers / "
+          f"{info['diffusers', False]['trainable']} parameters")
+    for ckpt in (False, True):
+        o, d = ("ours", ckpt), ("diffusers", ckpt)
+        t = {v: [s["s"] for s in workers[v].steps] for v in (o, d)}
+        peak = {v: max(s["peak_bytes"] for s in workers[v].steps) for v in (o, d)}
+        ratios = [a / b for a, b in zip(t[o], t[d])]  # adjacent steps of the same cycle
+        lo, hi = _quartiles(ratios)
+        print(f"  gradient checkpointing {'on ' if ckpt else 'off'}:")
+        for v in (o, d):
+            q1, q3 = _quartiles(t[v])
+            print(f"    {LABEL[v[0]]:15s} step time median {statistics.median(t[v]) * 1000:7.1f} ms "
+                  f"(quartiles {q1 * 1000:.1f}-{q3 * 1000:.1f}, best {min(t[v]) * 1000:.1f}), "
+                  f"peak extra memory {peak[v] / 2 ** 20:6.1f} MiB")
+        print(f"    ratio ours/diffusers+peft: time {statistics.median(ratios):.3f}x (median of per-cycle ratios, "
+              f"quartiles {lo:.3f}-{hi:.3f}), {min(t[o]) / min(t[d]):.3f}x (best)   "
+              f"memory {peak[o] / max(peak[d], 1):.3f}x")
+    loss0 = {v: info[v]["loss"] for v in VARIANTS}
+    last = {v: workers[v].steps[-1]["loss"] for v in VARIANTS}
+    print("  initial loss (zero lora_up/lora_B, i.e. the base model): " + ", ".join(
+        f"{LABEL[w]} ckpt {'on' if c else 'off'} {loss0[w, c]:.7f}" for w, c in VARIANTS))
+    rel0 = abs(loss0["ours", False] / loss0["diffusers", False] - 1)
+    why = ("diffusers rounds rotated q/k to bf16 even in fp32" if args.dtype == "fp32"
+           else "bf16 rounding; diffusers keeps fp32 modulation weights, ours were cast to bf16")
+    print(f"    relative difference ours vs diffusers+peft: {rel0:.2e} ({why}); checkpointing on vs off: ours "
+          f"{abs(loss0['ours', True] / loss0['ours', False] - 1):.1e}, diffusers+peft "
+          f"{abs(loss0['diffusers', True] / loss0['diffusers', False] - 1):.1e}")
+    flat = {v: torch.cat([grads[v][k].flatten() for k in sorted(grads[v])]) for v in VARIANTS}
+    print(f"  first-step lora_up/lora_B gradients, relative difference ours vs diffusers+peft: "
+          f"{_rel(flat['ours', False], flat['diffusers', False]):.2e} (checkpointing off), "
+          f"{_rel(flat['ours', True], flat['diffusers', True]):.2e} (on)")
+    print(f"  loss after {args.runs} AdamW updates (the last measured step): " + ", ".join(
+        f"{LABEL[w]} ckpt {'on' if c else 'off'} {last[w, c]:.7f}" for w, c in VARIANTS))
+
+
+if __name__ == "__main__":
+    main()
