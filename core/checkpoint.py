@@ -11,6 +11,7 @@ import json
 import os
 import struct
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -133,19 +134,19 @@ def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> tup
     return dict(sd), ""
 
 
-def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a safetensors file atomically: a temporary file in the same folder, fsync, then rename.
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path`` to write to; on success fsync it and rename it over ``path``.
 
-    Readers never see a half-written file; an interrupted write leaves the previous file intact.
-    Tensors are made contiguous; metadata values must be strings.
+    Readers never see a half-written file and an interrupted write (any exception, Ctrl-C) leaves the previous
+    file intact and no temporary file behind. The parent folder is created.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+        yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -153,7 +154,22 @@ def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a safetensors file atomically (:func:`atomic_path`). Tensors are made contiguous; metadata values must
+    be strings."""
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
+    return Path(path)
+
+
+def write_json_atomic(data, path: str | os.PathLike, *, indent: int = 1) -> Path:
+    """Write JSON (UTF-8, sorted keys) atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=indent, sort_keys=True), encoding="utf-8")
+    return Path(path)
 
 
 def _names(names, n: int = 5) -> str:

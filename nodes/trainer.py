@@ -8,13 +8,13 @@ ComfyUI's ``loras`` folder, in the key layout native ``LoraLoaderModelOnly`` rea
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from comfy_api.latest import io, ui
 
+from ..core.checkpoint import atomic_path
 from ..core.lora import load_lora
 from ..core.media import write_video
 from ..core.offload import model_on_device
@@ -41,15 +41,9 @@ def run_directory(name: str) -> Path:
 
 def install_lora(lora_path: Path, name: str) -> Path:
     """Copy a finished LoRA atomically into the first ``loras`` folder as ``<name>.safetensors``."""
-    folder = host.model_folder("loras")
-    dest = folder / f"{name}.safetensors"
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=folder)
-    try:
-        with open(fd, "wb") as out, open(lora_path, "rb") as src:
-            shutil.copyfileobj(src, out)
-        Path(tmp).replace(dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    dest = host.model_folder("loras") / f"{name}.safetensors"
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(lora_path, tmp)
     return dest
 
 

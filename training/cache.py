@@ -61,7 +61,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +75,7 @@ from ..core.checkpoint import (
     load_state_dict,
     read_safetensors_header,
     save_file_atomic,
+    write_json_atomic,
 )
 from ..core.media import MediaError
 from .data import (
@@ -288,21 +288,6 @@ def empty_text_path(cache_dir: str | os.PathLike, encoder_id: str, template: str
 # ----------------------------------------------------------------------------------------------- file helpers
 
 
-def _write_json_atomic(data, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _is_complete(path: Path, names: Iterable[str]) -> bool:
     """The file exists, its header is valid, its data is all there and it holds ``names``."""
     try:
@@ -340,7 +325,7 @@ class _Manifest:
     def save(self) -> None:
         entries = {k: v for k, v in self.entries.items()
                    if isinstance(v, dict) and (self.folder / str(v.get("file", ""))).is_file()}
-        _write_json_atomic({"format": f"cinetune {self.kind} cache", "version": CACHE_VERSION,
+        write_json_atomic({"format": f"cinetune {self.kind} cache", "version": CACHE_VERSION,
                             "entries": entries}, self.path)
 
 
@@ -581,7 +566,7 @@ def _write_latent(vae: VAELike, folder: Path, job: _Job, path: Path, vae_id: str
         pixels = load_clip(item, job.clip.indices, job.bucket)
     except (MediaError, OSError) as exc:
         message = str(exc).removeprefix(f"{item.path}: ")
-        _write_json_atomic({"item": item.name, "error": message}, folder / f"{job.key}{_FAILED_SUFFIX}")
+        write_json_atomic({"item": item.name, "error": message}, folder / f"{job.key}{_FAILED_SUFFIX}")
         return DatasetProblem(item.path, f"cannot be decoded: {message}; re-encode the file or remove it from "
                                          "the folder")
     save_file_atomic(_encode_clip(vae, pixels, i2v), path, metadata={

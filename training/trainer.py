@@ -115,6 +115,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.attention import check_backend
+from ..core.checkpoint import atomic_path, write_json_atomic
 from ..core.flow import add_noise, logit_normal_sigmas, shift_sigmas, velocity_target
 from ..core.lora import K5_LORA_TARGETS, LoRALinear, guess_model_family, inject_lora, load_lora, remove_lora, save_lora
 from ..k5.nabla import NablaConfig, check_nabla_grid
@@ -642,33 +643,6 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 # Files
 
 
-def _torch_save_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json_atomic(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _global_rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {"torch": torch.get_rng_state(),
@@ -1045,13 +1019,14 @@ class _Run:
         try:
             save_lora(tmp / LORA_FILE, self.modules, dtype=self.config.lora_dtype,
                       metadata=self.lora_metadata(snap.step, snap.epoch, snap.step >= self.max_steps))
-            _torch_save_atomic({
-                "format": STATE_FORMAT, "step": snap.step, "epoch": snap.epoch, "position": snap.position,
-                "order": snap.order, "generator": snap.generator, "rng": snap.rng,
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "losses": self.losses[:snap.n_losses], "config": self.config.to_dict(),
-                "fingerprint": self.fingerprint(), "dataset": self.dataset_hash,
-            }, tmp / STATE_FILE)
+            with atomic_path(tmp / STATE_FILE) as state_tmp:
+                torch.save({
+                    "format": STATE_FORMAT, "step": snap.step, "epoch": snap.epoch, "position": snap.position,
+                    "order": snap.order, "generator": snap.generator, "rng": snap.rng,
+                    "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "losses": self.losses[:snap.n_losses], "config": self.config.to_dict(),
+                    "fingerprint": self.fingerprint(), "dataset": self.dataset_hash,
+                }, state_tmp)
             old = None
             if final.exists():
                 old = root / f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}"
@@ -1073,7 +1048,7 @@ class _Run:
                          metadata=self.lora_metadata(snap.step, snap.epoch, snap.step >= self.max_steps))
 
     def write_run_json(self, resumed_from: Path | None) -> None:
-        _write_json_atomic({
+        write_json_atomic({
             "format": STATE_FORMAT, "config": self.config.to_dict(), "metadata": self.user_metadata,
             "max_steps": self.max_steps, "samples": len(self.samples), "batches_per_epoch": self.batches_per_epoch,
             "steps_per_epoch": self.steps_per_epoch, "dataset_hash": self.dataset_hash,
