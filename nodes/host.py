@@ -134,3 +134,11 @@ def current_prompt_id() -> str | None:
         return None
     context = get_executing_context()
     return getattr(context, "prompt_id", None)
+
+
+def free_device_memory() -> int | None:
+    """Free bytes on the compute device as ComfyUI sees them (None on the CPU, where it is not meaningful)."""
+    device = compute_device()
+    if device.type == "cpu":
+        return None
+    return int(mm.get_free_memory(device))

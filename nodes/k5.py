@@ -11,13 +11,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..core.attention import BACKENDS, check_backend
 from ..core.lora import LoRAWeights, load_lora, loras_applied
 from ..core.offload import model_on_device
 from ..k5.config import DEFAULT_NEGATIVE_PROMPT, VARIANTS, K5Config, K5Variant, resolve_variant
 from ..k5.dit import Kandinsky5DiT, load_k5_dit
+from ..k5.memory import estimate_k5_memory, format_k5_estimate
 from ..k5.nabla import NablaConfig
 from ..k5.pipeline import prepare_start_image, sample
 from ..k5.text import TEMPLATES, load_k5_text_encoder
@@ -347,5 +348,46 @@ class K5LoRALoader(io.ComfyNode):
         return io.NodeOutput(replace(handle, loras=(*handle.loras, (lora_name, weights, strength))))
 
 
+class K5MemoryEstimate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneK5MemoryEstimate",
+            display_name="K5 Memory Estimate (Cinetune)",
+            category=CATEGORY,
+            description="Predicts peak GPU memory of sampling or LoRA training with this model and settings, before "
+                        "you run them. Queue it alone (it is instant) and adjust blocks_to_swap / weight_dtype.",
+            inputs=[
+                K5Model.Input("model", tooltip="From K5 Model Loader (its dtypes, block swap and NABLA are used)."),
+                io.Combo.Input("mode", options=["sampling", "training"], default="sampling",
+                               tooltip="One sampler step (with CFG) or one LoRA training step."),
+                io.Int.Input("width", default=768, min=16, max=MAX_SIZE, step=16, tooltip="Video width in pixels."),
+                io.Int.Input("height", default=512, min=16, max=MAX_SIZE, step=16, tooltip="Video height in pixels."),
+                io.Int.Input("frames", default=121, min=1, max=MAX_FRAMES, step=4, tooltip="Video frames, 4k+1."),
+                io.Boolean.Input("cfg", default=True, tooltip="Sampling with guidance ≠ 1 (two model calls per step)."),
+                io.Int.Input("lora_rank", default=16, min=0, max=512, tooltip="Training: LoRA rank."),
+                io.Combo.Input("optimizer", options=["adamw", "adamw8bit"], default="adamw",
+                               tooltip="Training: optimizer state size (AdamW 8 B per parameter, 8-bit 2 B)."),
+            ],
+            outputs=[io.String.Output(display_name="estimate")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, mode, width, height, frames, cfg, lora_rank, optimizer) -> io.NodeOutput:
+        handle: K5ModelHandle = model
+        device = host.compute_device()
+        training = mode == "training"
+        settings = dict(width=width, height=height, frames=frames, blocks_to_swap=handle.blocks_to_swap,
+                        training=training, device_type=device.type)
+        estimate = estimate_k5_memory(
+            handle.config, cfg=cfg and not training, weight_dtype="default", model=handle.model,
+            compute_dtype=_compute_dtype(handle.model, device), nabla=handle.nabla is not None,
+            lora_rank=lora_rank if training else 0, optimizer=optimizer, **settings)
+        text = format_k5_estimate(estimate, available_bytes=host.free_device_memory(), model=handle.path.name,
+                                  cfg=cfg and not training, lora_rank=lora_rank if training else 0, **settings)
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
 NODES = [K5ModelLoader, K5TextEncoderLoader, K5VAELoader, K5TextEncode, K5Sampler, K5VAEDecode, K5VAEEncode,
-         K5LoRALoader]
+         K5LoRALoader, K5MemoryEstimate]

@@ -35,6 +35,7 @@ FROZEN_INPUT_ORDER = {
     "CinetuneK5VAEEncode": ["vae", "image", "width", "height"],
     "CinetuneSaveVideo": ["images", "fps", "filename_prefix"],
     "CinetuneK5LoRALoader": ["model", "lora_name", "strength"],
+    "CinetuneK5MemoryEstimate": ["model", "mode", "width", "height", "frames", "cfg", "lora_rank", "optimizer"],
     "CinetuneDatasetFolder": ["folder", "repeats", "trigger_word", "default_caption"],
     "CinetuneK5CacheText": ["dataset", "text_encoder", "cache_name"],
     "CinetuneK5CacheLatents": ["text_cache", "vae", "frames", "frame_selection", "resolution", "nabla",
@@ -195,3 +196,15 @@ def test_lora_loader_changes_the_video_and_strength_zero_does_not(comfy_client, 
     assert (plain - changed).abs().mean() > 1.0
     with_lora["20"]["inputs"]["strength"] = 0.0
     assert torch.equal(_first_frames(comfy_client, comfy_layout, with_lora), plain)
+
+
+@pytest.mark.parametrize("mode", ["sampling", "training"])
+def test_memory_estimate_node_reports_before_a_run(comfy_client, mode):
+    prompt = tiny_workflow(_load("k5_text_to_video", api=True), TINY_NAMES)
+    prompt = {"1": prompt["1"], "30": {"class_type": "CinetuneK5MemoryEstimate", "inputs": {
+        "model": ["1", 0], "mode": mode, "width": 256, "height": 256, "frames": 17, "cfg": True, "lora_rank": 8,
+        "optimizer": "adamw"}}}
+    entry = comfy_client.run(prompt, timeout=300)
+    text = entry["outputs"]["30"]["text"][0]
+    assert text.startswith("Estimated peak") and "GB" in text
+    assert ("LoRA" in text) == (mode == "training")
