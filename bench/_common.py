@@ -101,3 +101,20 @@ def memory_peak(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated()
     status = _proc_status()
     return status["VmHWM"] if status else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def add_size_arguments(parser, dtypes) -> None:
+    """The command-line options both K5 benchmarks share: device, dtype, threads, latent size, text length, and
+    the hidden options of a worker subprocess."""
+    import argparse
+
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=list(dtypes), default="fp32")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--frames", type=int, default=4)
+    parser.add_argument("--height", type=int, default=48, help="latent height (pixels / 8)")
+    parser.add_argument("--width", type=int, default=64, help="latent width (pixels / 8)")
+    parser.add_argument("--text-len", type=int, default=128)
+    parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)

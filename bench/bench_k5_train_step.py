@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import (DIMS, DTYPES, WORKER_ENV, diffusers_forward, load_diffusers_k5, make_weights, memory_mark,
+from _common import (DIMS, DTYPES, WORKER_ENV, add_size_arguments, diffusers_forward, load_diffusers_k5, make_weights, memory_mark,
                      memory_peak, page_in)
 
 RANK = 16
@@ -237,18 +237,9 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    add_size_arguments(p, DTYPES)
     p.add_argument("--runs", type=int, default=9, help="measured steps per variant (after one warm-up step)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--frames", type=int, default=4)
-    p.add_argument("--height", type=int, default=48, help="latent height (pixels / 8)")
-    p.add_argument("--width", type=int, default=64, help="latent width (pixels / 8)")
-    p.add_argument("--text-len", type=int, default=128)
-    p.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--weights", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
