@@ -7,6 +7,7 @@ Widget order is frozen once released: add new inputs at the end, with defaults.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,12 +95,18 @@ class DatasetFolder(io.ComfyNode):
                                         "listed as problems."),
             ],
             outputs=[DatasetType.Output(display_name="dataset")],
-            not_idempotent=True,
         )
 
     @classmethod
-    def fingerprint_inputs(cls, **kwargs):
-        return float("nan")  # the folder's files may change between runs: always rescan (cheap)
+    def fingerprint_inputs(cls, folder, repeats, trigger_word, default_caption):
+        # Re-run (and so re-cache and re-train downstream) only when a file in the folder changed.
+        try:
+            root = resolve_dataset_folder(folder)
+        except FileNotFoundError:
+            return float("nan")  # let execute() report the missing folder
+        entries = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                         for p in root.rglob("*") if p.is_file())
+        return hashlib.sha256(repr((entries, repeats, trigger_word, default_caption)).encode()).hexdigest()
 
     @classmethod
     def execute(cls, folder, repeats, trigger_word, default_caption) -> io.NodeOutput:

@@ -78,6 +78,14 @@ def test_sampling_with_the_trained_lora_changes_the_video(trained, comfy_client,
     assert (with_lora - without).abs().mean() > 0.5
 
 
+def test_requeueing_the_unchanged_workflow_reuses_everything(trained, comfy_client):
+    entry = comfy_client.run(json.loads(json.dumps(trained[0])), timeout=600)
+    prompt_id = entry["prompt"][1]  # history entries hold [number, prompt_id, prompt, extra_data, outputs]
+    cached = [e["data"]["nodes"] for e in comfy_client.events if e.get("type") == "execution_cached"
+              and e["data"].get("prompt_id") == prompt_id]
+    assert cached and "13" in cached[0], "the trainer ran again although nothing changed"
+
+
 def test_rerunning_without_resume_refuses_to_overwrite_the_run(trained, comfy_client):
     prompt = json.loads(json.dumps(trained[0]))
     prompt["13"]["inputs"]["max_steps"] = TINY_TRAINING["max_steps"] + 1  # a changed input forces re-execution
