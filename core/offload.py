@@ -699,10 +699,15 @@ def model_on_device(model: nn.Module, blocks: Sequence[nn.Module], device: torch
                 if b is not None and id(b) not in in_blocks:
                     module._buffers[name] = b.to(dev)
 
-    swap = BlockSwap(blocks, blocks_to_swap, device=device, ring_size=ring_size, pin_memory=pin_memory)
+    # Callers may run under inference mode (ComfyUI executes nodes in it); tensors created there would become
+    # inference tensors for good and a later training run on the same model could not use them.
+    with torch.inference_mode(False):
+        swap = BlockSwap(blocks, blocks_to_swap, device=device, ring_size=ring_size, pin_memory=pin_memory)
     try:
-        move_rest(device)
+        with torch.inference_mode(False):
+            move_rest(device)
         yield swap
     finally:
-        swap.close(device=offload_device)
-        move_rest(offload_device)
+        with torch.inference_mode(False):
+            swap.close(device=offload_device)
+            move_rest(offload_device)

@@ -64,7 +64,12 @@ def _nabla_for(variant: K5Variant, mode: str) -> NablaConfig | None:
     return variant.nabla if variant.attention == "nabla" else None
 
 
-def _compute_dtype(model: torch.nn.Module, device) -> torch.dtype:
+def training_dtype(device) -> torch.dtype:
+    """Activation dtype of LoRA training: bf16 on CUDA, fp32 elsewhere (bf16 matmuls are slow on CPUs)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
     """bf16 where the weights are half precision or fp8, fp32 otherwise; fp16 weights compute in fp16."""
     dtypes = {p.dtype for p in model.parameters()}
     if torch.float16 in dtypes and torch.bfloat16 not in dtypes:
@@ -250,7 +255,7 @@ class K5Sampler(io.ComfyNode):
                 start_latent=None) -> io.NodeOutput:
         handle: K5ModelHandle = model
         device = host.compute_device()
-        dtype = _compute_dtype(handle.model, device)
+        dtype = _compute_dtype(handle.model)
         progress = host.Progress(steps)
         host.free_host_models()
         loras = [(weights, strength) for _, weights, strength in handle.loras]
@@ -382,7 +387,8 @@ class K5MemoryEstimate(io.ComfyNode):
                         training=training, device_type=device.type)
         estimate = estimate_k5_memory(
             handle.config, cfg=cfg and not training, weight_dtype="default", model=handle.model,
-            compute_dtype=_compute_dtype(handle.model, device), nabla=handle.nabla is not None,
+            compute_dtype=training_dtype(device) if training else _compute_dtype(handle.model),
+            nabla=handle.nabla is not None,
             lora_rank=lora_rank if training else 0, optimizer=optimizer, **settings)
         text = format_k5_estimate(estimate, available_bytes=host.free_device_memory(), model=handle.path.name,
                                   cfg=cfg and not training, lora_rank=lora_rank if training else 0, **settings)

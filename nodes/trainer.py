@@ -7,6 +7,7 @@ ComfyUI's ``loras`` folder, in the key layout native ``LoraLoaderModelOnly`` rea
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io, ui
 
-from ..core.checkpoint import atomic_path
+from ..core.checkpoint import atomic_path, read_safetensors_header
 from ..core.lora import load_lora
 from ..core.media import write_video
 from ..core.offload import model_on_device
@@ -22,9 +23,9 @@ from ..k5.pipeline import sample
 from ..training.cache import load_cached_dataset
 from ..training.data import dataset_fingerprint
 from ..training.schedules import LR_SCHEDULES, OPTIMIZERS
-from ..training.trainer import TrainConfig, TrainEvent, empty_texts_from_cache, samples_from_cache, train_lora
+from ..training.trainer import LORA_FILE, TrainConfig, TrainEvent, TrainResult, empty_texts_from_cache, samples_from_cache, train_lora
 from . import host
-from .k5 import K5ModelHandle
+from .k5 import K5ModelHandle, training_dtype
 from .training import TrainingDataType
 from .types import K5VAE, K5Conditioning, K5Model
 
@@ -42,9 +43,27 @@ def run_directory(name: str) -> Path:
 def install_lora(lora_path: Path, name: str) -> Path:
     """Copy a finished LoRA atomically into the first ``loras`` folder as ``<name>.safetensors``."""
     dest = host.model_folder("loras") / f"{name}.safetensors"
+    if dest.exists() and read_safetensors_header(dest)[1].get("cinetune.run") != name:
+        raise FileExistsError(f"{dest} exists and was not written by the run '{name}'; it is left untouched. Pick "
+                              f"another output_name; this run's LoRA is in {lora_path}.")
     with atomic_path(dest) as tmp:
         shutil.copyfile(lora_path, tmp)
     return dest
+
+
+def finished_run(run_dir: Path, config: TrainConfig, metadata: dict) -> TrainResult | None:
+    """The result of a complete run in ``run_dir`` trained with exactly ``config`` on the same dataset, else None.
+
+    Lets an unchanged workflow be queued again (after ComfyUI evicted the trainer's cached output) without
+    retraining or refusing; any difference still goes through the normal new-run / resume rules.
+    """
+    lora = run_dir / LORA_FILE
+    if not lora.is_file():
+        return None
+    meta = read_safetensors_header(lora)[1]
+    same = (meta.get("cinetune.complete") == "true" and meta.get("dataset_hash") == metadata["dataset_hash"]
+            and meta.get("cinetune.training") == json.dumps(config.to_dict(), sort_keys=True))
+    return TrainResult(lora, int(meta.get("cinetune.steps", 0))) if same else None
 
 
 class K5TrainLoRA(io.ComfyNode):
@@ -64,9 +83,9 @@ class K5TrainLoRA(io.ComfyNode):
                                 tooltip="Name of the run folder (output/cinetune/runs/<name>) and of the LoRA file "
                                         "models/loras/<name>.safetensors."),
                 io.Int.Input("rank", default=16, min=1, max=512, tooltip="LoRA rank (dimension)."),
-                io.Float.Input("alpha", default=16.0, min=0.0, max=1024.0, step=1.0,
+                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=1.0,
                                tooltip="LoRA alpha; the update is scaled by alpha/rank."),
-                io.Float.Input("learning_rate", default=1e-4, min=0.0, max=1.0, step=1e-5, round=1e-7,
+                io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-5, round=1e-7,
                                tooltip="Peak learning rate."),
                 io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw",
                                tooltip="adamw (torch), adamw8bit (needs bitsandbytes, less memory), adafactor."),
@@ -124,6 +143,10 @@ class K5TrainLoRA(io.ComfyNode):
                 gradient_checkpointing, image_to_video, caption_dropout, seed, save_every, resume, validate_every,
                 validation_conditioning=None, vae=None, blocks_to_swap=-1, use_pinned_memory=True) -> io.NodeOutput:
         handle: K5ModelHandle = model
+        base_handle = handle
+        if handle.loras:
+            raise ValueError("the model has LoRAs applied (K5 LoRA Loader); training starts from the base model, so "
+                             "connect the K5 Model Loader directly to K5 Train LoRA.")
         if blocks_to_swap >= 0:
             total = len(handle.blocks)
             if blocks_to_swap > total:
@@ -153,7 +176,7 @@ class K5TrainLoRA(io.ComfyNode):
             gradient_checkpointing=gradient_checkpointing or handle.blocks_to_swap > 0, nabla=handle.nabla,
             rope_scale=handle.variant.rope_scale, attention_backend=handle.attention_backend, i2v=image_to_video,
             caption_dropout=caption_dropout, seed=seed, save_every=save_every,
-            compute_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+            compute_dtype=training_dtype(device))
         run_dir = run_directory(output_name)
         node_id = str(cls.hidden.unique_id)
         progress = host.Progress(max_steps)
@@ -180,25 +203,29 @@ class K5TrainLoRA(io.ComfyNode):
             path = write_video(frames, validation_dir / f"step_{step:06d}.mp4")
             status("validation", step, str(path))
 
-        metadata = {"base_model": handle.path.name, "variant": handle.variant.id,
+        metadata = {"cinetune.run": output_name, "base_model": handle.path.name, "variant": handle.variant.id,
                     "dataset_hash": dataset_fingerprint(data.dataset), "trigger_word": data.dataset.trigger_word}
         host.free_host_models()
         status("started", 0, f"{len(samples)} samples, {max_steps} steps")
         placement = dict(blocks_to_swap=handle.blocks_to_swap, pin_memory=handle.use_pinned_memory,
                          offload_device=host.offload_device())
+        finished = finished_run(run_dir, config, metadata)
         try:
-            with torch.inference_mode(False), model_on_device(handle.model, handle.blocks, device, **placement):
-                result = train_lora(handle.model, samples, empty, config, run_dir, device=device, resume=resume,
-                                    on_event=on_event, check_interrupt=host.check_interrupt,
-                                    validate=validate if validate_every else None, validate_every=validate_every,
-                                    metadata=metadata)
+            if finished is not None:  # the same finished run (ComfyUI dropped its cached output): reuse it
+                result = finished
+            else:
+                with torch.inference_mode(False), model_on_device(handle.model, handle.blocks, device, **placement):
+                    result = train_lora(handle.model, samples, empty, config, run_dir, device=device, resume=resume,
+                                        on_event=on_event, check_interrupt=host.check_interrupt,
+                                        validate=validate if validate_every else None,
+                                        validate_every=validate_every, metadata=metadata)
         except BaseException as e:
             status("interrupted", 0, f"{type(e).__name__}: {e}; the last checkpoint is in {run_dir}")
             raise
         installed = install_lora(result.lora_path, output_name)
         status("finished", result.steps, str(installed))
         names = [name for name, _ in handle.model.named_modules()]
-        trained = replace(handle, loras=(*handle.loras, (installed.name, load_lora(installed, module_names=names), 1.0)))
+        trained = replace(base_handle, loras=((installed.name, load_lora(installed, module_names=names), 1.0),))
         videos = sorted(validation_dir.glob("*.mp4"))
         preview = None
         if videos:

@@ -18,7 +18,7 @@ class SaveVideoMP4(io.ComfyNode):
             description="Saves frames as an H.264 mp4 (yuv420p) in the ComfyUI output folder.",
             inputs=[
                 io.Image.Input("images", tooltip="Video frames as an IMAGE batch [frames, height, width, 3]."),
-                io.Float.Input("fps", default=24.0, min=1.0, max=240.0, step=1.0,
+                io.Float.Input("fps", default=24.0, min=1.0, max=240.0, step=0.001,
                                tooltip="Frames per second. Kandinsky 5 generates 24 fps video."),
                 io.String.Input("filename_prefix", default="Cinetune/k5",
                                 tooltip="Output name prefix; may contain a subfolder. A counter is appended."),

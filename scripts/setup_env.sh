@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# A venv made without ensurepip (Debian without python3-venv) has no pip: make it again.
+.venv/bin/python -m pip --version >/dev/null 2>&1 || { rm -rf .venv && "$PY" -m venv .venv; }
 VPY=.venv/bin/python
 $VPY -m pip install -q --upgrade pip
 # ComfyUI imports torchvision at start-up; this pair loads together on CPU and CUDA machines.

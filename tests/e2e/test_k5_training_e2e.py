@@ -78,12 +78,16 @@ def test_sampling_with_the_trained_lora_changes_the_video(trained, comfy_client,
     assert (with_lora - without).abs().mean() > 0.5
 
 
-def test_requeueing_the_unchanged_workflow_reuses_everything(trained, comfy_client):
+def test_requeueing_the_unchanged_workflow_does_not_train_again(trained, comfy_client, comfy_layout):
+    lora = Path(comfy_layout.models) / "loras" / "e2e_lora.safetensors"
+    before = lora.read_bytes()
+    progress = lambda: sum(1 for e in comfy_client.events  # noqa: E731
+                           if e.get("type") == "cinetune.train.progress" and e["data"]["run"] == "e2e_lora")
+    steps_before = progress()
     entry = comfy_client.run(json.loads(json.dumps(trained[0])), timeout=600)
-    prompt_id = entry["prompt"][1]  # history entries hold [number, prompt_id, prompt, extra_data, outputs]
-    cached = [e["data"]["nodes"] for e in comfy_client.events if e.get("type") == "execution_cached"
-              and e["data"].get("prompt_id") == prompt_id]
-    assert cached and "13" in cached[0], "the trainer ran again although nothing changed"
+    assert progress() == steps_before, "the unchanged run was trained again"
+    assert lora.read_bytes() == before
+    assert [p for p in comfy_client.output_files(entry, comfy_layout.output) if p.suffix == ".mp4"]
 
 
 def test_rerunning_without_resume_refuses_to_overwrite_the_run(trained, comfy_client):
@@ -131,3 +135,19 @@ def test_live_loss_chart_draws_the_real_training_run(comfy_server, comfy_client,
     # 22 widget values + the seed's control_after_generate value; the chart itself is never saved
     assert len(watch.widgets_values) == 23 and watch.widgets_values[0] == "chart_lora"
     comfy_client.wait(watch.prompt_id, timeout=600)
+
+
+def test_training_refuses_a_model_with_loras_and_never_overwrites_a_foreign_lora(trained, comfy_client, comfy_layout):
+    prompt = _training_prompt("e2e_with_lora")
+    prompt["21"] = {"class_type": "CinetuneK5LoRALoader",
+                    "inputs": {"model": ["1", 0], "lora_name": "e2e_lora.safetensors", "strength": 1.0}}
+    prompt["13"]["inputs"]["model"] = ["21", 0]
+    with pytest.raises(Exception, match="K5 Model Loader directly"):
+        comfy_client.run(prompt, timeout=600)
+
+    foreign = Path(comfy_layout.models) / "loras" / "someone_elses.safetensors"
+    save_file({"x": torch.zeros(1)}, foreign)
+    before = foreign.read_bytes()
+    with pytest.raises(Exception, match="left untouched"):
+        comfy_client.run(_training_prompt("someone_elses"), timeout=600)
+    assert foreign.read_bytes() == before

@@ -471,3 +471,16 @@ def test_model_on_device_streams_k5_blocks_and_restores():
     with pytest.raises(ValueError, match=f"maximum {len(blocks)}"):
         with model_on_device(model, blocks, "cpu", blocks_to_swap=len(blocks) + 1):
             pass
+
+
+def test_model_on_device_under_inference_mode_leaves_trainable_tensors():
+    from cinetune.core.offload import model_on_device
+    from cinetune.k5.config import K5Config
+    from cinetune.k5.dit import Kandinsky5DiT
+    from cinetune.k5.tiny import TINY_DIT_DIMS
+
+    model = Kandinsky5DiT(K5Config(**TINY_DIT_DIMS))
+    blocks = [*model.text_transformer_blocks, *model.visual_transformer_blocks]
+    with torch.inference_mode(), model_on_device(model, blocks, "cpu", blocks_to_swap=2):
+        pass
+    assert not any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
