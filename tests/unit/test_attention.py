@@ -174,18 +174,23 @@ def _token_mask(block_mask, bs):
     return block_mask.repeat_interleave(bs, -2).repeat_interleave(bs, -1)
 
 
-@pytest.mark.parametrize("mask_batch, mask_heads", [(2, 3), (1, 3), (2, 1), (1, 1)])
-def test_block_sparse_matches_dense_with_minus_inf_mask(mask_batch, mask_heads):
-    bs, nb = 16, 6
-    q, k, v = _qkv(2, 3, bs * nb, 16, seed=1, grad=True)
-    block_mask = _random_block_mask((mask_batch, mask_heads, nb, nb), 0.4, seed=2)
-    assert not block_mask.all()
+
+def _assert_sparse_matches_dense(q, k, v, block_mask, bs):
+    """block_sparse_attention equals dense attention with the expanded -inf mask, forward and q/k/v gradients."""
     out = block_sparse_attention(q, k, v, block_mask, block_size=bs)
     ref = _manual_attention(q, k, v, _token_mask(block_mask, bs))
     assert _rel_err(out, ref) < 1e-5
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         assert _rel_err(a, b) < 1e-5
+
+@pytest.mark.parametrize("mask_batch, mask_heads", [(2, 3), (1, 3), (2, 1), (1, 1)])
+def test_block_sparse_matches_dense_with_minus_inf_mask(mask_batch, mask_heads):
+    bs, nb = 16, 6
+    q, k, v = _qkv(2, 3, bs * nb, 16, seed=1, grad=True)
+    block_mask = _random_block_mask((mask_batch, mask_heads, nb, nb), 0.4, seed=2)
+    assert not block_mask.all()
+    _assert_sparse_matches_dense(q, k, v, block_mask, bs)
 
 
 def test_block_sparse_in_row_slices_with_recompute_matches_dense(monkeypatch):
@@ -194,12 +199,7 @@ def test_block_sparse_in_row_slices_with_recompute_matches_dense(monkeypatch):
     bs, nb = 8, 5
     q, k, v = _qkv(1, 2, bs * nb, 8, seed=3, grad=True)
     block_mask = _random_block_mask((1, 2, nb, nb), 0.5, seed=4)
-    out = block_sparse_attention(q, k, v, block_mask, block_size=bs)
-    ref = _manual_attention(q, k, v, _token_mask(block_mask, bs))
-    assert _rel_err(out, ref) < 1e-5
-    g = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
-        assert _rel_err(a, b) < 1e-5
+    _assert_sparse_matches_dense(q, k, v, block_mask, bs)
 
 
 def test_block_sparse_backward_keeps_no_expanded_token_mask(monkeypatch):
