@@ -27,6 +27,7 @@ CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 INSTALL_HINT = "apt-get install -y chromium && pip install playwright (no `playwright install` needed)"
 APP_READY_TIMEOUT_S = 60.0
 CHART_TIMEOUT_S = 15.0
+STARTUP_GRAPH_TIMEOUT_S = 10.0
 VIEWPORT = {"width": 1280, "height": 860}
 
 
@@ -191,6 +192,14 @@ def _wait_for_app(page, node_types: list[str], timeout_s: float) -> None:
             return {missing: types.filter((t) => !(t in registered)), chart: !!window.cinetune?.lossChart};
         }""", node_types)
         raise RuntimeError(f"The ComfyUI frontend was not ready within {timeout_s:.0f} s: {missing}") from err
+    # Newer frontends (1.4x) restore or load their start-up workflow after the app reports ready; a workflow loaded
+    # before that is replaced by it. Its nodes appearing marks the end of start-up. A frontend that starts empty
+    # never shows any, so the wait is bounded and not an error.
+    try:
+        page.wait_for_function("() => window.comfyAPI.app.app.graph.nodes.length > 0",
+                               timeout=STARTUP_GRAPH_TIMEOUT_S * 1000)
+    except Exception:  # noqa: BLE001 - an empty start-up graph is fine
+        pass
 
 
 def watch_loss_chart(page_url: str, workflow_ui: dict, node_id: int | str, min_points: int, timeout: float, *,

@@ -12,6 +12,7 @@ Every test in this folder is marked ``e2e`` (deselect with ``-m "not e2e"``).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -34,7 +35,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def comfy_host_dir() -> Path:
-    """The ComfyUI 0.3.75 tree (holds ``main.py``)."""
+    """The ComfyUI tree (holds ``main.py``): the provisioned 0.3.75 host, or the tree named by the environment
+    variable ``CINETUNE_COMFYUI_DIR`` (e.g. a newer ComfyUI checkout whose requirements are installed in this
+    interpreter), to check the pack against another host version."""
+    override = os.environ.get("CINETUNE_COMFYUI_DIR")
+    if override:
+        tree = Path(override).expanduser().resolve()
+        if not (tree / "main.py").is_file():
+            raise pytest.UsageError(f"CINETUNE_COMFYUI_DIR={override!r} is not a ComfyUI tree (no main.py there)")
+        return tree
     return provision_host()
 
 
