@@ -85,11 +85,17 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); a no-op elsewhere. Call around every timed region."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def memory_mark(device: torch.device) -> int:
     """Reset the peak counter; return the memory in use now (bytes)."""
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
     if _reset_peak_rss() and (status := _proc_status()):
         return status["VmRSS"]
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no reset possible: peak since start
@@ -98,7 +104,7 @@ def memory_mark(device: torch.device) -> int:
 def memory_peak(device: torch.device) -> int:
     """The peak memory (bytes) since the last :func:`memory_mark`."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_allocated(device)
     status = _proc_status()
     return status["VmHWM"] if status else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from _common import (DIMS, DTYPES, WORKER_ENV, add_size_arguments, diffusers_forward, load_diffusers_k5, make_weights, memory_mark,
-                     memory_peak, page_in)
+                     memory_peak, page_in, synchronize)
 
 
 def make_inputs(args, dtype, device):
@@ -70,19 +70,15 @@ def worker(args) -> None:
     call = build(args.worker, Path(args.weights), dtype, device)
     x, text, pooled, t = make_inputs(args, dtype, device)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     with torch.inference_mode():
         out = call(x, text, pooled, t)  # warm-up: one-time lazy initialisation is not part of the measurement
-        sync()
+        synchronize(device)
         times, peaks = [], []
         for _ in range(args.runs):
             base = memory_mark(device)
             start = time.perf_counter()
             out = call(x, text, pooled, t)
-            sync()
+            synchronize(device)
             times.append(time.perf_counter() - start)
             peaks.append(memory_peak(device) - base)
     peak = max(peaks)

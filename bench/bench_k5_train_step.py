@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import (DIMS, DTYPES, WORKER_ENV, add_size_arguments, diffusers_forward, load_diffusers_k5, make_weights, memory_mark,
-                     memory_peak, page_in)
+                     memory_peak, page_in, synchronize)
 
 RANK = 16
 ALPHA = 16.0
@@ -159,10 +159,6 @@ def worker(args) -> None:
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.eps,
                                   weight_decay=cfg.weight_decay)
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def step(keep_grads: bool = False):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(**inputs)
@@ -179,7 +175,7 @@ def worker(args) -> None:
     ours_ckpt = gradient_checkpointing(model, enabled=args.worker == "ours" and args.checkpointing)
     with torch.inference_mode(False), torch.enable_grad(), ours_ckpt:
         loss, grads = step(keep_grads=True)  # warm-up: lazy initialisation and the AdamW state, not measured
-        sync()
+        synchronize(device)
         reply({"loss": loss, "layers": len(ups), "trainable": sum(p.numel() for p in params)})
         for line in sys.stdin:
             if line.strip() != "step":
@@ -187,7 +183,7 @@ def worker(args) -> None:
             base = memory_mark(device)
             start = time.perf_counter()
             loss, _ = step()
-            sync()
+            synchronize(device)
             elapsed = time.perf_counter() - start
             reply({"s": elapsed, "peak_bytes": memory_peak(device) - base, "loss": loss})
     torch.save(grads, args.out)

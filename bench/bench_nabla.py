@@ -48,21 +48,21 @@ def make_qkv(grid, heads, dim, inputs, device, dtype, seed=0):
 
 def timed(fn, device):
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     fn()
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 
 def peak_bytes(fn, device):
     if device.type != "cuda":
         return None
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     fn()
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device)
 
 

@@ -280,7 +280,8 @@ def _compiled_flex() -> Callable:
     if "compiled" not in _flex_state:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _flex_state["compiled"] = torch.compile(flex_attention)
+        # dynamic=True as official K5 (kandinsky/models/nn.py): one kernel for every bucket's sequence length.
+        _flex_state["compiled"] = torch.compile(flex_attention, dynamic=True)
     return _flex_state["compiled"]  # type: ignore[return-value]
 
 
@@ -356,11 +357,18 @@ def block_sparse_attention(
             return _compiled_flex()(q, k, v, block_mask=flex_block_mask(block_mask, block_size))
         except torch.OutOfMemoryError:
             raise
-        except Exception as e:  # compile failures come as several exception types (BackendCompilerFailed, ...)
-            _flex_state["broken"] = True
+        except Exception as e:
+            # A compile failure (Dynamo/Inductor exceptions) recurs on every call: stop trying in this process. Any
+            # other failure falls back for this call only.
+            from torch._dynamo.exc import TorchDynamoException
+
+            compile_failed = isinstance(e, TorchDynamoException)
+            if compile_failed:
+                _flex_state["broken"] = True
             _warn_once(
-                "flex",
-                f"Compiled FlexAttention failed ({type(e).__name__}: {e}); block-sparse attention now uses the "
-                f"masked dense path, which is exact but not faster than dense attention.",
+                f"flex:{type(e).__name__}",
+                f"Compiled FlexAttention failed ({type(e).__name__}: {e}); block-sparse attention "
+                f"{'now uses' if compile_failed else 'used'} the masked dense path, which is exact but not faster "
+                f"than dense attention.",
             )
     return _masked_dense(q, k, v, block_mask, block_size)

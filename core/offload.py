@@ -236,16 +236,33 @@ def _pinned_empty(nbytes: int) -> torch.Tensor:
     buf = torch.empty(nbytes, dtype=torch.uint8)
     err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 1))  # 1 = cudaHostRegisterPortable
     if err != 0:
+        _clear_cuda_error()
         raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {err}")
     return buf
 
 
-def _unpin(data_ptr: int) -> None:
-    """Undo :func:`_pinned_empty`'s registration; errors are ignored (the memory is being released anyway)."""
+def _clear_cuda_error() -> None:
+    """Consume the CUDA runtime's per-thread *last error* left by a failed runtime call.
+
+    ``torch.cuda.cudart()`` returns the raw status of ``cudaHostRegister``/``cudaHostUnregister`` without resetting
+    that error (torch ``c10/cuda/CUDAException.h``: ``C10_CUDA_ERROR_HANDLED``), so the next kernel launch would
+    report it as its own failure. A kernel launch here runs torch's launch check (``cudaGetLastError``, which resets
+    the error) and the exception it raises is dropped. Never raises.
+    """
     try:
-        torch.cuda.cudart().cudaHostUnregister(data_ptr)
-    except Exception:  # noqa: BLE001 - teardown must not raise
+        torch.zeros(1, device="cuda").add_(1)
+    except Exception:  # noqa: BLE001 - the stale error surfaces here on purpose
         pass
+
+
+def _unpin(data_ptr: int) -> None:
+    """Undo :func:`_pinned_empty`'s registration; a failure is dropped (the memory is being released anyway)."""
+    try:
+        err = int(torch.cuda.cudart().cudaHostUnregister(data_ptr))
+    except Exception:  # noqa: BLE001 - teardown must not raise
+        return
+    if err != 0:
+        _clear_cuda_error()
 
 
 def _pageable_empty(nbytes: int) -> torch.Tensor:
@@ -272,7 +289,7 @@ class _SwappedBlock:
     index: int
     packed: list[_Packed]
     nbytes: int
-    master: torch.Tensor
+    master: torch.Tensor | None  # None once closed
     master_views: list[torch.Tensor]
     slot_views: list[list[torch.Tensor]]  # [slot][tensor]
     unpin: Callable[[], None] | None = None  # unregisters a pinned master (also run if the master is collected)
@@ -345,7 +362,9 @@ class BlockSwap:
         TypeError: a block is not an ``nn.Module``; a swapped tensor is a subclass or not strided.
         ValueError: blocks_to_swap or ring_size out of range (the message gives the allowed range); a tensor
             shared by two blocks; a swapped tensor on the meta device; ``transfer.device`` differs from ``device``.
-            Nothing is changed when attaching fails.
+            Nothing is changed when validation fails.
+        Any error while moving, packing or allocating (e.g. the device is out of memory) leaves every block as an
+        ordinary module on the CPU, then propagates.
         RuntimeError (at a block call): a swapped block runs with autograd recording but without gradient
             checkpointing while ``N > ring_size``; or a packed tensor has been set to require grad since attach.
     """
@@ -400,6 +419,17 @@ class BlockSwap:
         want_pin = self.device.type == "cuda" if pin_memory is None else bool(pin_memory)
 
         self._check_tensors(blocks)
+        try:
+            self._attach(blocks, want_pin)
+        except BaseException:
+            # Typically the device ran out of memory for the resident blocks or the ring: put everything back on
+            # the CPU as ordinary modules rather than leave half the model on the device.
+            self.close(device="cpu")
+            raise
+
+    # -- attach ---------------------------------------------------------------------------------------------
+
+    def _attach(self, blocks: Sequence[nn.Module], want_pin: bool) -> None:
         for i, block in enumerate(blocks):
             if i not in self.swapped:
                 block.to(self.device)
@@ -408,14 +438,12 @@ class BlockSwap:
             self._pack(i, blocks[i], want_pin)
         self.host_bytes = sum(s.master.numel() for s in self._swapped.values())
         self.slot_bytes = max(s.nbytes for s in self._swapped.values())
-        self._slots = transfer.allocate_slots(self.num_slots, max(self.slot_bytes, 1))
+        self._slots = self.transfer.allocate_slots(self.num_slots, max(self.slot_bytes, 1))
         self._occupant = [None] * self.num_slots
         for s in self._swapped.values():
             s.slot_views = [[_typed_view(slot, p) for p in s.packed] for slot in self._slots]
         for i, block in enumerate(blocks):
             self._hooks.append(block.register_forward_pre_hook(self._make_hook(i), with_kwargs=True))
-
-    # -- attach ---------------------------------------------------------------------------------------------
 
     def _check_tensors(self, blocks: Sequence[nn.Module]) -> None:
         """Validate everything before changing anything, so a refused attach leaves the modules untouched."""
@@ -607,9 +635,10 @@ class BlockSwap:
                 p.tensor.data = p.tensor.data.to(device, copy=True)
             sb.packed.clear()
             sb.master_views.clear()
+            sb.slot_views.clear()
             if sb.unpin is not None:
                 sb.unpin()
-            sb.slot_views.clear()
+            sb.master = None  # freed block by block: host memory never holds two copies of every swapped block
         self._swapped.clear()
         self._slots.clear()
         self._slot_of.clear()
@@ -669,12 +698,13 @@ def model_on_device(model: nn.Module, blocks: Sequence[nn.Module], device: torch
     """Run ``model`` on ``device`` with its last ``blocks_to_swap`` blocks streamed by a :class:`BlockSwap`.
 
     Everything outside ``blocks`` (embeddings, norms, output layer) moves to ``device`` as is; the blocks are
-    placed by :class:`BlockSwap`. On exit every tensor is back on ``offload_device`` and the swap is closed, also
+    placed by :class:`BlockSwap`. On exit the swap is closed and the model is back on ``offload_device``, also
     when the body raises (an interrupt, an out-of-memory error).
 
     Args:
         model: the whole network. blocks: its blocks in execution order (each also inside ``model``).
         blocks_to_swap, pin_memory, ring_size: as :class:`BlockSwap`.
+        offload_device: where the model is left on exit; blocks go to the CPU instead when ``blocks_to_swap > 0``.
 
     Yields:
         The :class:`BlockSwap`.
@@ -709,5 +739,7 @@ def model_on_device(model: nn.Module, blocks: Sequence[nn.Module], device: torch
         yield swap
     finally:
         with torch.inference_mode(False):
-            swap.close(device=offload_device)
+            # Swapped blocks go back to the CPU even when the host parks idle models on the GPU (ComfyUI
+            # --highvram): a model that needed block swap does not fit there.
+            swap.close(device=offload_device if blocks_to_swap == 0 else "cpu")
             move_rest(offload_device)

@@ -229,7 +229,9 @@ def _nabla_terms(config: K5Config, s: int, *, device_type: str, batch: int, toke
     per_token = 2 * FP32 * D / _NABLA_BLOCK
     topcdf = 31 * min(_MAP_ELEMENTS, pairs) + pairs
     if device_type == "cuda":
-        return per_token, topcdf + 32 * pairs, (9 * pairs if grad else 0.0)
+        # kept for the backward: FlexAttention's int32 block lists, key-major (kv_indices) and the two query-major
+        # tables from_kv_blocks derives (q_indices, full_q_indices): 12 bytes per block pair
+        return per_token, topcdf + 32 * pairs, (12 * pairs if grad else 0.0)
     row = batch * H * _NABLA_BLOCK * tokens
     dense = s * row * min(nb, max(1, _DENSE_MASK_ELEMENTS // row))
     return per_token + s * D, topcdf + dense, (dense + pairs if grad else 0.0)

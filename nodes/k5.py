@@ -55,6 +55,13 @@ class K5ModelHandle:
         """Transformer blocks in execution order (text blocks, then visual blocks)."""
         return [*self.model.text_transformer_blocks, *self.model.visual_transformer_blocks]
 
+    def placement(self) -> dict:
+        """Keyword arguments of :func:`~cinetune.core.offload.model_on_device` for this model: its block swap,
+        pinned host memory only where it helps (a CUDA device; ``None`` lets the swap decide), ComfyUI's offload
+        device."""
+        return dict(blocks_to_swap=self.blocks_to_swap, pin_memory=None if self.use_pinned_memory else False,
+                    offload_device=host.offload_device())
+
 
 def _nabla_for(variant: K5Variant, mode: str) -> NablaConfig | None:
     if mode == "off":
@@ -259,10 +266,8 @@ class K5Sampler(io.ComfyNode):
         progress = host.Progress(steps)
         host.free_host_models()
         loras = [(weights, strength) for _, weights, strength in handle.loras]
-        placement = dict(blocks_to_swap=handle.blocks_to_swap, pin_memory=handle.use_pinned_memory,
-                         offload_device=host.offload_device())
         with (torch.inference_mode(), loras_applied(handle.model, loras),
-              model_on_device(handle.model, handle.blocks, device, **placement)):
+              model_on_device(handle.model, handle.blocks, device, **handle.placement())):
             latent = sample(
                 handle.model, conditioning["positive"], conditioning["negative"],
                 width=width, height=height, frames=frames, seed=seed, steps=steps, guidance=guidance,

@@ -207,14 +207,13 @@ class K5TrainLoRA(io.ComfyNode):
                     "dataset_hash": dataset_fingerprint(data.dataset), "trigger_word": data.dataset.trigger_word}
         host.free_host_models()
         status("started", 0, f"{len(samples)} samples, {max_steps} steps")
-        placement = dict(blocks_to_swap=handle.blocks_to_swap, pin_memory=handle.use_pinned_memory,
-                         offload_device=host.offload_device())
         finished = finished_run(run_dir, config, metadata)
         try:
             if finished is not None:  # the same finished run (ComfyUI dropped its cached output): reuse it
                 result = finished
             else:
-                with torch.inference_mode(False), model_on_device(handle.model, handle.blocks, device, **placement):
+                with (torch.inference_mode(False),
+                      model_on_device(handle.model, handle.blocks, device, **handle.placement())):
                     result = train_lora(handle.model, samples, empty, config, run_dir, device=device, resume=resume,
                                         on_event=on_event, check_interrupt=host.check_interrupt,
                                         validate=validate if validate_every else None,

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from torch._dynamo.exc import TorchDynamoException
 
 import cinetune.core.attention as att
 from cinetune.core.attention import (
@@ -278,6 +279,23 @@ def test_flex_block_mask_lists_exactly_the_selected_blocks(full_blocks):
     # the transposed (key-major) lists used by the backward pass agree with the mask too
     q_counts = bm.full_q_num_blocks if full_blocks else bm.q_num_blocks
     assert torch.equal(q_counts, block_mask.sum(dim=-2, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("failure, stays_broken", [
+    (TorchDynamoException("inductor could not compile"), True),
+    (RuntimeError("kernel launch failed"), False),
+])
+def test_failing_flex_kernel_falls_back_to_the_exact_path(monkeypatch, failure, stays_broken):
+    # The compiled kernel only runs on a GPU; here the flex path is forced and its kernel made to fail.
+    monkeypatch.setattr(att, "_flex_state", {"flex": True})
+    monkeypatch.setattr(att, "block_sparse_path", lambda device: "flex compiled")
+    monkeypatch.setattr(att, "_compiled_flex", lambda: (_ for _ in ()).throw(failure))
+    bs, nb = 8, 4
+    q, k, v = _qkv(1, 2, bs * nb, 8, seed=11, grad=True)
+    block_mask = _random_block_mask((1, 2, nb, nb), 0.5, seed=12)
+    with pytest.warns(RuntimeWarning, match=f"{type(failure).__name__}.*masked dense path"):
+        _assert_sparse_matches_dense(q, k, v, block_mask, bs)
+    assert att._flex_state.get("broken", False) is stays_broken
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's sparse kernel needs CUDA")

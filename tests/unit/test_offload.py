@@ -484,3 +484,81 @@ def test_model_on_device_under_inference_mode_leaves_trainable_tensors():
     with torch.inference_mode(), model_on_device(model, blocks, "cpu", blocks_to_swap=2):
         pass
     assert not any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
+
+
+class OutOfMemoryTransfer(SyncTransfer):
+    """The device has no room for the ring (what a too-small blocks_to_swap gives on a GPU)."""
+
+    def allocate_slots(self, count, nbytes):
+        raise torch.OutOfMemoryError(f"cannot allocate {count} slots of {nbytes} bytes")
+
+
+def test_failed_attach_leaves_ordinary_modules_on_the_cpu():
+    blocks = make_stack(5, lora=True)
+    reference = copy.deepcopy(blocks)
+    params_before = [id(p) for p in blocks.parameters()]
+    with pytest.raises(torch.OutOfMemoryError, match="cannot allocate"):
+        BlockSwap(blocks, 3, device="cpu", transfer=OutOfMemoryTransfer("cpu"))
+    assert all(not b._forward_pre_hooks for b in blocks)
+    assert [id(p) for p in blocks.parameters()] == params_before
+    for t in blocks.state_dict().values():
+        assert t.device.type == "cpu"
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), "a tensor still points into a master"
+    x = torch.randn(2, 3, D)
+    with torch.no_grad():
+        assert torch.equal(run(blocks, x), run(reference, x))
+    swap = BlockSwap(blocks, 3, device="cpu")  # the same blocks attach again afterwards
+    swap.close()
+
+
+class FakeCudart:
+    """``torch.cuda.cudart()`` of a driver that refuses to lock or unlock host memory (the GPU is simulated)."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        self.calls: list[str] = []
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        self.calls.append("register")
+        return self.status
+
+    def cudaHostUnregister(self, ptr):
+        self.calls.append("unregister")
+        return self.status
+
+
+def test_refused_pinning_clears_the_cuda_error_it_leaves(monkeypatch):
+    # The runtime keeps the failed call's status as its "last error" and torch's binding does not reset it, so the
+    # next kernel launch would fail with it; the swap must consume it before going on with pageable memory.
+    cudart = FakeCudart(status=2)  # cudaErrorMemoryAllocation
+    cleared: list[bool] = []
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    monkeypatch.setattr(offload, "_clear_cuda_error", lambda: cleared.append(True))
+    with pytest.raises(RuntimeError, match="cudaHostRegister of 64 bytes failed with CUDA error 2"):
+        offload._pinned_empty(64)
+    assert cleared == [True]
+    offload._unpin(1234)
+    assert cudart.calls == ["register", "unregister"] and cleared == [True, True]
+    cudart.status = 0
+    offload._pinned_empty(64)
+    offload._unpin(1234)
+    assert cleared == [True, True]
+
+
+def test_swapped_model_is_left_on_the_cpu_whatever_the_offload_device(monkeypatch):
+    # ComfyUI --highvram parks idle models on the GPU; a model that needed block swap must not be moved there whole.
+    # Without a GPU the host's offload device is stood in for by "cpu:0" and the device given to close() is recorded.
+    from cinetune.core.offload import model_on_device
+
+    closed_to: list[torch.device] = []
+    close = BlockSwap.close
+    monkeypatch.setattr(BlockSwap, "close", lambda self, device="cpu": closed_to.append(torch.device(device))
+                        or close(self, device))
+    model = nn.Sequential(nn.Linear(D, D), *make_stack(4))
+    blocks = list(model)[1:]
+    host_park = torch.device("cpu", 0)
+    with torch.no_grad(), model_on_device(model, blocks, "cpu", blocks_to_swap=2, offload_device=host_park):
+        model(torch.randn(1, D))
+    with torch.no_grad(), model_on_device(model, blocks, "cpu", blocks_to_swap=0, offload_device=host_park):
+        model(torch.randn(1, D))
+    assert closed_to == [torch.device("cpu"), host_park]
