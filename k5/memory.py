@@ -652,11 +652,44 @@ def estimate_k5_memory(config: K5Config, *, width: int, height: int, frames: int
 # Text for users
 
 
+def smallest_fitting_swap(config: K5Config, available_bytes: int, *, blocks_to_swap: int = 0,
+                          **settings) -> tuple[int, MemoryEstimate] | None:
+    """The least ``blocks_to_swap`` (at least the given one) whose estimated peak fits ``available_bytes``.
+
+    Scans N upwards with :func:`estimate_k5_memory` (formulas only, no allocation). The peak is not strictly
+    monotone in N: swapping the first blocks adds ring slots as it removes resident blocks (ring of 2), so the scan
+    does not stop early.
+
+    Args:
+        config: the DiT. available_bytes: free device memory (bytes, ≥ 0).
+        blocks_to_swap: where the scan starts (the current setting).
+        settings: every other keyword of :func:`estimate_k5_memory` (size, dtypes, training, model, ...).
+
+    Returns:
+        ``(N, estimate at N)``, or ``None`` when even every block swapped does not fit.
+
+    Raises:
+        As :func:`estimate_k5_memory` (evaluated at the starting N first).
+    """
+    if isinstance(available_bytes, bool) or not isinstance(available_bytes, int) or available_bytes < 0:
+        raise ValueError(f"available_bytes must be an int ≥ 0, got {available_bytes!r}")
+    n_blocks = config.num_text_blocks + config.num_visual_blocks
+    for n in range(blocks_to_swap, n_blocks + 1):
+        est = estimate_k5_memory(config, blocks_to_swap=n, **settings)
+        if est.total <= available_bytes:
+            return n, est
+    return None
+
+
+_NOT_SCANNED = object()  # format_k5_estimate without a block-swap search
+
+
 def _gb(n: float) -> str:
     return f"{n / GB:.1f} GB"
 
 
-def format_k5_estimate(est: MemoryEstimate, *, available_bytes: int | None = None, **settings) -> str:
+def format_k5_estimate(est: MemoryEstimate, *, available_bytes: int | None = None,
+                       fitting_swap: tuple[int, MemoryEstimate] | None | object = _NOT_SCANNED, **settings) -> str:
     """Short text for users: the peak and its parts on the first line, then what block swap keeps in CPU memory,
     the settings, and whether it fits ``available_bytes``, e.g.::
 
@@ -668,6 +701,8 @@ def format_k5_estimate(est: MemoryEstimate, *, available_bytes: int | None = Non
     Args:
         est: from :func:`estimate_k5_memory`.
         available_bytes: free device memory (e.g. ``torch.cuda.mem_get_info()[0]``); adds a fits / does not fit line.
+        fitting_swap: the result of :func:`smallest_fitting_swap` when the estimate does not fit: the line then
+            names the ``blocks_to_swap`` that would fit, or (None) says that no block swap is enough.
         settings: shown on the settings line: ``model`` (a name), ``width``, ``height``, ``frames``, ``tokens``,
             ``weight_dtype``, ``training``, ``cfg``, ``blocks_to_swap``, ``lora_rank``, ``device_type``; other keys
             as ``key=value``.
@@ -721,9 +756,16 @@ def format_k5_estimate(est: MemoryEstimate, *, available_bytes: int | None = Non
         if est.total <= available_bytes:
             lines.append(f"Fits in the {_gb(available_bytes)} available.")
         else:
-            lines.append(f"Does not fit in the {_gb(available_bytes)} available (short by "
-                         f"{_gb(est.total - available_bytes)}): swap more blocks, load fp8 weights, or lower the "
-                         "resolution or frame count.")
+            short = f"Does not fit in the {_gb(available_bytes)} available (short by {_gb(est.total - available_bytes)})"
+            if isinstance(fitting_swap, tuple):
+                n, fitting = fitting_swap
+                lines.append(f"{short}: set blocks_to_swap to {n} or more on the model loader (estimated peak "
+                             f"{_gb(fitting.total)}, {_gb(fitting.host_bytes)} of weights in CPU memory).")
+            elif fitting_swap is None:
+                lines.append(f"{short}, even with every block swapped: load fp8 weights, or lower the resolution or "
+                             "frame count.")
+            else:
+                lines.append(f"{short}: swap more blocks, load fp8 weights, or lower the resolution or frame count.")
     if not cpu and not est.overhead:
         lines.append("Add about 0.5 GB for the CUDA context and kernel workspaces.")
     return "\n".join(lines)

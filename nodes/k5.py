@@ -18,7 +18,7 @@ from ..core.lora import LoRAWeights, load_lora, loras_applied
 from ..core.offload import model_on_device
 from ..k5.config import DEFAULT_NEGATIVE_PROMPT, VARIANTS, K5Config, K5Variant, resolve_variant
 from ..k5.dit import Kandinsky5DiT, load_k5_dit
-from ..k5.memory import estimate_k5_memory, format_k5_estimate
+from ..k5.memory import estimate_k5_memory, format_k5_estimate, smallest_fitting_swap
 from ..k5.nabla import NablaConfig
 from ..k5.pipeline import prepare_start_image, sample
 from ..k5.text import TEMPLATES, load_k5_text_encoder
@@ -388,15 +388,19 @@ class K5MemoryEstimate(io.ComfyNode):
         handle: K5ModelHandle = model
         device = host.compute_device()
         training = mode == "training"
-        settings = dict(width=width, height=height, frames=frames, blocks_to_swap=handle.blocks_to_swap,
-                        training=training, device_type=device.type)
-        estimate = estimate_k5_memory(
-            handle.config, cfg=cfg and not training, weight_dtype="default", model=handle.model,
-            compute_dtype=training_dtype(device) if training else _compute_dtype(handle.model),
-            nabla=handle.nabla is not None,
-            lora_rank=lora_rank if training else 0, optimizer=optimizer, **settings)
-        text = format_k5_estimate(estimate, available_bytes=host.free_device_memory(), model=handle.path.name,
-                                  cfg=cfg and not training, lora_rank=lora_rank if training else 0, **settings)
+        settings = dict(width=width, height=height, frames=frames, training=training, device_type=device.type,
+                        cfg=cfg and not training, lora_rank=lora_rank if training else 0)
+        model_settings = dict(settings, weight_dtype="default", model=handle.model, optimizer=optimizer,
+                              compute_dtype=training_dtype(device) if training else _compute_dtype(handle.model),
+                              nabla=handle.nabla is not None)
+        estimate = estimate_k5_memory(handle.config, blocks_to_swap=handle.blocks_to_swap, **model_settings)
+        available = host.free_device_memory()
+        hint = {}
+        if available is not None and estimate.total > available:
+            hint["fitting_swap"] = smallest_fitting_swap(handle.config, available,
+                                                         blocks_to_swap=handle.blocks_to_swap, **model_settings)
+        text = format_k5_estimate(estimate, available_bytes=available, model=handle.path.name,
+                                  blocks_to_swap=handle.blocks_to_swap, **settings, **hint)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 

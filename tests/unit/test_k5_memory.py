@@ -28,6 +28,7 @@ from cinetune.k5.memory import (
     format_k5_estimate,
     k5_block_activations,
     k5_tokens,
+    smallest_fitting_swap,
 )
 from cinetune.k5.nabla import NablaConfig
 from cinetune.k5.pipeline import SizeError, latent_shape, sample
@@ -438,3 +439,23 @@ def test_format_for_users():
                                     f"{inference.resident_weights / 1e9:.1f} GB resident, activations "
                                     f"{inference.activations / 1e9:.1f} GB)")
     assert "inference with CFG (two forwards in turn)" in text
+
+
+def test_smallest_fitting_swap_names_the_least_blocks_to_swap_that_fits():
+    kw = dict(width=512, height=512, frames=49, training=True, lora_rank=16, weight_dtype="fp8_e4m3fn")
+    at = {n: estimate_k5_memory(PRO_CONFIG, blocks_to_swap=n, **kw).total for n in range(0, 65)}
+    budget = int(at[30]) + 1
+    n, est = smallest_fitting_swap(PRO_CONFIG, budget, **kw)
+    assert est.total <= budget and est.total == at[n] and n <= 30
+    assert all(at[m] > budget for m in range(n))  # nothing smaller fits
+    assert smallest_fitting_swap(PRO_CONFIG, budget, blocks_to_swap=40, **kw)[0] == 40  # starts at the setting
+    assert smallest_fitting_swap(PRO_CONFIG, int(min(at.values())) - 1, **kw) is None
+    with pytest.raises(ValueError, match="available_bytes must be an int"):
+        smallest_fitting_swap(PRO_CONFIG, -1, **kw)
+
+    now = estimate_k5_memory(PRO_CONFIG, **kw)
+    text = format_k5_estimate(now, available_bytes=budget, fitting_swap=(n, est), training=True)
+    assert (f"set blocks_to_swap to {n} or more on the model loader (estimated peak {est.total / 1e9:.1f} GB, "
+            f"{est.host_bytes / 1e9:.1f} GB of weights in CPU memory)") in text
+    text = format_k5_estimate(now, available_bytes=int(1e9), fitting_swap=None, training=True)
+    assert "even with every block swapped: load fp8 weights" in text
