@@ -68,11 +68,16 @@ Decisions:
   :func:`split_blocks_to_swap` reproduces musubi-tuner's per-list split (k5.md §8) for callers that want its
   numbers with one BlockSwap per list.
 - **Pinned memory**: pinned by default on CUDA (asynchronous copies need it), by registering ordinary memory with
-  the driver (``cudaHostRegister``) so each master takes exactly its size and is unregistered and freed on
-  :meth:`BlockSwap.close` (torch's pinned allocator, ``CachingHostAllocator`` in torch 2.14, rounds each buffer up
-  to a power of two and keeps freed buffers cached in the process); if pinning fails (the OS refuses to lock that
-  much memory) or is disallowed, masters are pageable and a warning says so. Pageable copies are
-  synchronous for the host; a staged copier (musubi-tuner's ``_StagedCopier``) would hide that and is not done.
+  the driver (``cudaHostRegister``) so each master takes exactly its size and is unregistered when it is freed
+  (torch's pinned allocator, ``CachingHostAllocator`` in torch 2.14, rounds each buffer up to a power of two and
+  keeps freed buffers cached in the process); if pinning fails (the OS refuses to lock that much memory) or is
+  disallowed, masters are pageable and a warning says so. Pageable copies are synchronous for the host; a staged
+  copier (musubi-tuner's ``_StagedCopier``) would hide that and is not done.
+- **Masters outlive the swap.** :meth:`BlockSwap.close` to the CPU leaves each swapped block's tensors as views
+  into its master (no copy, still pinned) and remembers the master for that block; the next attach finds the
+  tensors where it left them and reuses it without copying or registering again. For a 19B model that saves two
+  host copies of tens of GB and a re-registration per sampler or trainer run. A tensor replaced in between (a
+  merged LoRA, a new dtype) makes its block pack afresh; the master is freed with its block.
 - ``torch.compile`` is not supported on swapped blocks (tensors are re-pointed between calls).
 
 Sources: kohya-ss/musubi-tuner ``modules/custom_offloading_utils.py`` (``LoRAStreamOffloader``: flat per-block
@@ -295,6 +300,35 @@ class _SwappedBlock:
     unpin: Callable[[], None] | None = None  # unregisters a pinned master (also run if the master is collected)
 
 
+@dataclass
+class _HostCopy:
+    """A closed swap's master left as the CPU storage of one block's frozen tensors, for the next attach to reuse."""
+
+    master: torch.Tensor
+    pointers: list[tuple[weakref.ref, int]]  # (tensor, its data_ptr inside the master) in packing order
+    pinned: bool
+    unpin: Callable[[], None] | None
+
+    def fits(self, packed: list[_Packed]) -> bool:
+        """Whether the tensors to pack still live exactly where this master holds them (same objects, offsets)."""
+        base = self.master.data_ptr()
+        return len(packed) == len(self.pointers) and all(
+            ref() is p.tensor and p.tensor.device.type == "cpu" and p.tensor.data_ptr() == ptr == base + p.offset
+            for (ref, ptr), p in zip(self.pointers, packed))
+
+
+# Block → its master after a close to the CPU. Weak keys: the entry goes with the block (and the master with it,
+# unregistering pinned memory through its finalizer once the tensors are gone too).
+_HOST_COPIES: "weakref.WeakKeyDictionary[nn.Module, _HostCopy]" = weakref.WeakKeyDictionary()
+
+
+def _make_resident(block: nn.Module, device: torch.device) -> None:
+    """Move an unswapped block to ``device``; a master a previous close left for it is no longer kept (its tensors
+    may still use the storage, which then lives exactly as long as they do)."""
+    _HOST_COPIES.pop(block, None)
+    block.to(device)
+
+
 def _typed_view(buf: torch.Tensor, p: _Packed) -> torch.Tensor:
     return buf[p.offset:p.offset + p.nbytes].view(p.dtype).view(p.shape)
 
@@ -356,7 +390,8 @@ class BlockSwap:
         host_bytes: bytes of all masters.
         pinned: whether every master is pinned.
         stats: counters — ``copies`` (blocks copied in), ``bytes_copied``, ``on_demand`` (copies issued at the
-            moment of use, i.e. not prefetched: cold start or an unexpected order).
+            moment of use, i.e. not prefetched: cold start or an unexpected order), ``masters_reused`` (blocks whose
+            master a previous close left in place).
 
     Raises:
         TypeError: a block is not an ``nn.Module``; a swapped tensor is a subclass or not strided.
@@ -394,7 +429,7 @@ class BlockSwap:
         self.slot_bytes = 0
         self.host_bytes = 0
         self.pinned = False
-        self.stats = {"copies": 0, "bytes_copied": 0, "on_demand": 0}
+        self.stats = {"copies": 0, "bytes_copied": 0, "on_demand": 0, "masters_reused": 0}
         self._closed = False
         self._hooks: list = []
         self._swapped: dict[int, _SwappedBlock] = {}
@@ -407,7 +442,7 @@ class BlockSwap:
         self._trainable: dict[int, bool] = {}
         if blocks_to_swap == 0:
             for b in blocks:
-                b.to(self.device)
+                _make_resident(b, self.device)
             self.transfer: Transfer | None = None
             return
 
@@ -432,10 +467,11 @@ class BlockSwap:
     def _attach(self, blocks: Sequence[nn.Module], want_pin: bool) -> None:
         for i, block in enumerate(blocks):
             if i not in self.swapped:
-                block.to(self.device)
+                _make_resident(block, self.device)
         self.pinned = want_pin
         for i in self.swapped:
             self._pack(i, blocks[i], want_pin)
+        self.pinned = all(sb.unpin is not None for sb in self._swapped.values())
         self.host_bytes = sum(s.master.numel() for s in self._swapped.values())
         self.slot_bytes = max(s.nbytes for s in self._swapped.values())
         self._slots = self.transfer.allocate_slots(self.num_slots, max(self.slot_bytes, 1))
@@ -485,6 +521,13 @@ class BlockSwap:
             packed.append(_Packed(t, offset, nbytes, t.dtype, t.shape))
             offset = _round_up(offset + nbytes)
         total = max(offset, 1)
+        host = _HOST_COPIES.pop(block, None)
+        if host is not None and host.fits(packed) and (host.pinned or not want_pin):
+            # The last close left these tensors in this master: nothing to copy or register again.
+            views = [_typed_view(host.master, p) for p in packed]
+            self._swapped[i] = _SwappedBlock(i, packed, offset, host.master, views, [], host.unpin)
+            self.stats["masters_reused"] += 1
+            return
         master = unpin = None
         if want_pin and self.pinned:
             try:
@@ -614,9 +657,10 @@ class BlockSwap:
         return self.num_slots * self.slot_bytes
 
     def close(self, device: torch.device | str = "cpu") -> None:
-        """Detach: remove the hooks, finish pending copies, free the ring and the masters, and leave every block
-        as an ordinary module on ``device`` (each swapped tensor gets its own contiguous storage there; the Parameter
-        and buffer objects keep their identity). Idempotent.
+        """Detach: remove the hooks, finish pending copies, free the ring and leave every block as an ordinary
+        module on ``device`` (the Parameter and buffer objects keep their identity). On the CPU each swapped
+        tensor stays a view into its block's master, which the next attach of the block reuses; on another device
+        each gets its own storage and the masters are freed block by block. Idempotent.
 
         Args:
             device: where all blocks end up, e.g. ``"cpu"`` to unload or the compute device to stop swapping.
@@ -631,8 +675,18 @@ class BlockSwap:
         if self.transfer is not None:
             self.transfer.close()
         for sb in self._swapped.values():
-            for p in sb.packed:
-                p.tensor.data = p.tensor.data.to(device, copy=True)
+            if device.type == "cpu":
+                # The master becomes the tensors' storage (no copy; pinned memory stays registered) and is kept
+                # for the next attach of this block.
+                for p, view in zip(sb.packed, sb.master_views):
+                    p.tensor.data = view
+                _HOST_COPIES[self.blocks[sb.index]] = _HostCopy(
+                    sb.master, [(weakref.ref(p.tensor), p.tensor.data_ptr()) for p in sb.packed],
+                    sb.unpin is not None, sb.unpin)
+                sb.unpin = None
+            else:
+                for p in sb.packed:
+                    p.tensor.data = p.tensor.data.to(device, copy=True)
             sb.packed.clear()
             sb.master_views.clear()
             sb.slot_views.clear()
