@@ -35,6 +35,28 @@ def model_path(folder: str, name: str) -> Path:
     return Path(path)
 
 
+def model_names_any(folders) -> list[str]:
+    """File names listed in any of several model folders (first folder first, duplicates once)."""
+    names: list[str] = []
+    for folder in folders:
+        names += [n for n in model_names(folder) if n not in names]
+    return names
+
+
+def model_path_any(folders, name: str) -> Path:
+    """Absolute path of ``name`` in the first of ``folders`` that holds it.
+
+    Raises:
+        FileNotFoundError: no folder holds it; the message lists the folders.
+    """
+    for folder in folders:
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return Path(path)
+    raise FileNotFoundError(f"'{name}' is not in the ComfyUI folders {', '.join(folders)}. Put the file in one of them "
+                            "or pick another.")
+
+
 def output_directory() -> Path:
     return Path(folder_paths.get_output_directory())
 

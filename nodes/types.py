@@ -13,3 +13,18 @@ K5VAE = io.Custom("CINETUNE_K5_VAE")
 
 K5Conditioning = io.Custom("CINETUNE_K5_CONDITIONING")
 """Encoded prompt and negative prompt: ``{"positive": K5TextEmbeds, "negative": K5TextEmbeds}``."""
+
+LTX2Model = io.Custom("CINETUNE_LTX2_MODEL")
+"""A loaded LTX-2 DiT with its variant, attention, block swap and LoRAs (:class:`nodes.ltx2.LTX2ModelHandle`)."""
+
+LTX2TextEncoder = io.Custom("CINETUNE_LTX2_TEXT_ENCODER")
+"""Gemma 3 + the LTX-2 text projection and embeddings connectors (:class:`cinetune.ltx2.text.LTX2TextEncoder`)."""
+
+LTX2VAE = io.Custom("CINETUNE_LTX2_VAE")
+"""The LTX-2 video VAE, audio VAE and vocoder (:class:`cinetune.ltx2.loader.LTX2VAEs`)."""
+
+LTX2Upsampler = io.Custom("CINETUNE_LTX2_UPSAMPLER")
+"""The LTX-2 ×2 spatial latent upsampler (:class:`cinetune.ltx2.upsampler.LTX2LatentUpsampler`)."""
+
+LTX2Conditioning = io.Custom("CINETUNE_LTX2_CONDITIONING")
+"""Encoded prompt and negative prompt (:class:`cinetune.ltx2.pipeline.LTX2Conditioning`)."""

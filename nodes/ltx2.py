@@ -1,0 +1,426 @@
+"""LTX-2 nodes: loaders, text encode, sampler (text/image-to-video with audio, distilled, stage 2), latent
+upsample, decode, LoRA loader, memory estimate.
+
+Nodes only translate widgets into library calls (``cinetune.ltx2``) and results into ComfyUI types. Video and
+audio latents leave the sampler as two native ``LATENT``s in ComfyUI's own LTX-2 layouts (video
+``[B,128,F',H',W']``, audio ``[B,8,T,16]`` with ``"type": "audio"``), normalised as ComfyUI's LTX-2 VAEs produce
+them. Widget order is frozen once released: add new inputs at the end, with defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from comfy_api.latest import io, ui
+
+from ..core.attention import BACKENDS, check_backend
+from ..core.lora import LoRAWeights, loras_applied
+from ..core.lora_formats import load_lora
+from ..core.offload import model_on_device
+from ..ltx2 import pipeline
+from ..ltx2.config import LTX2TransformerConfig
+from ..ltx2.dit import LTX2DiT
+from ..ltx2.loader import LTX2Variant, load_ltx2_dit, load_ltx2_text_encoder, load_ltx2_vae
+from ..ltx2.memory import estimate_ltx2_memory, format_ltx2_estimate
+from ..ltx2.text import DEFAULT_NEGATIVE_PROMPT
+from ..ltx2.upsampler import load_ltx2_upsampler
+from . import host
+from .types import LTX2VAE, LTX2Conditioning, LTX2Model, LTX2TextEncoder, LTX2Upsampler
+
+CATEGORY = "Cinetune/LTX-2"
+WEIGHT_DTYPES = ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODES = ["dev", "distilled", "stage 2"]
+SCHEDULERS = ["official", "token count"]
+MAX_SIZE = 4096
+MAX_FRAMES = 1025
+CHECKPOINT_FOLDERS = ("checkpoints", "diffusion_models")
+
+
+@dataclass
+class LTX2ModelHandle:
+    """A loaded LTX-2 DiT and what the sampler needs: its variant, attention kernel, block swap, LoRAs."""
+
+    model: LTX2DiT
+    config: LTX2TransformerConfig
+    variant: LTX2Variant
+    attention_backend: str
+    path: Path
+    blocks_to_swap: int = 0
+    use_pinned_memory: bool = True
+    loras: tuple[tuple[str, LoRAWeights, float], ...] = ()
+    """``(name, weights, strength)`` applied unmerged while sampling; the shared base weights never change."""
+
+    @property
+    def blocks(self) -> list[torch.nn.Module]:
+        return list(self.model.blocks)
+
+    def placement(self) -> dict:
+        """Keyword arguments of :func:`~cinetune.core.offload.model_on_device` (as the K5 handle)."""
+        return dict(blocks_to_swap=self.blocks_to_swap, pin_memory=None if self.use_pinned_memory else False,
+                    offload_device=host.offload_device())
+
+
+def _file(folders: tuple[str, ...], name: str) -> Path:
+    return host.model_path_any(folders, name)
+
+
+class LTX2ModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneLTX2ModelLoader",
+            display_name="LTX-2 Model Loader (Cinetune)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads the LTX-2 19B audio+video DiT from the official combined .safetensors (dev, distilled, "
+                        "fp8), ComfyUI's split DiT file or a diffusers snapshot's transformer file.",
+            inputs=[
+                io.Combo.Input("ckpt_name", options=host.model_names_any(CHECKPOINT_FOLDERS),
+                               tooltip="ltx-2-19b-dev.safetensors (or -distilled, -fp8) in models/checkpoints, or a split "
+                                       "LTX-2 DiT file in models/diffusion_models."),
+                io.Combo.Input("weight_dtype", options=WEIGHT_DTYPES, default="default",
+                               tooltip="'default' keeps each tensor's stored dtype (fp8 files stay fp8). fp8_e4m3fn "
+                                       "stores Linear weights in 8 bits, keeping block 0, blocks 43-47 and the non-block "
+                                       "layers in high precision (the official fp8 policy)."),
+                io.Combo.Input("attention", options=list(BACKENDS), default="sdpa",
+                               tooltip="Attention kernel: sdpa (PyTorch), sageattention or flash-attn (must be installed)."),
+                io.Int.Input("blocks_to_swap", default=0, min=0, max=200,
+                             tooltip="Block swap: keep this many transformer blocks (the last ones; 48 in all) in CPU "
+                                     "memory and stream each to the GPU just before it runs. 0 keeps all on the GPU."),
+                io.Boolean.Input("use_pinned_memory", default=True,
+                                 tooltip="Pin the CPU copies of swapped blocks for fast asynchronous transfers."),
+            ],
+            outputs=[LTX2Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name, weight_dtype, attention, blocks_to_swap=0, use_pinned_memory=True) -> io.NodeOutput:
+        check_backend(attention)
+        path = _file(CHECKPOINT_FOLDERS, ckpt_name)
+        with torch.inference_mode(False):
+            loaded = load_ltx2_dit(path, weight_dtype=weight_dtype, device="cpu")
+        total = len(loaded.model.blocks)
+        if blocks_to_swap > total:
+            raise ValueError(f"blocks_to_swap={blocks_to_swap} is more than the {total} transformer blocks of "
+                             f"{path.name}: use at most {total}.")
+        handle = LTX2ModelHandle(loaded.model.eval(), loaded.config, loaded.variant, attention, path, blocks_to_swap,
+                                 use_pinned_memory and host.pinned_memory_allowed())
+        return io.NodeOutput(handle)
+
+
+class LTX2TextEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneLTX2TextEncoderLoader",
+            display_name="LTX-2 Text Encoder Loader (Cinetune)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads Gemma 3 12B and the LTX-2 text projection and embeddings connectors (taken from the "
+                        "LTX-2 checkpoint, which must be the same file as the DiT's).",
+            inputs=[
+                io.Combo.Input("gemma_name", options=host.model_names("text_encoders"),
+                               tooltip="gemma_3_12B_it.safetensors or gemma_3_12B_it_fp8_scaled.safetensors (ComfyUI), or "
+                                       "a file inside a google/gemma-3-12b-it-qat-q4_0-unquantized snapshot folder."),
+                io.Combo.Input("ckpt_name", options=host.model_names_any(("checkpoints", "text_encoders")),
+                               tooltip="The LTX-2 checkpoint the DiT comes from (its connectors are read from it), or "
+                                       "ComfyUI's split embeddings-connector file."),
+                io.Combo.Input("dtype", options=["bf16", "fp16", "fp32"], default="bf16",
+                               tooltip="Compute dtype of Gemma and the connectors (fp8 Gemma files stay fp8)."),
+            ],
+            outputs=[LTX2TextEncoder.Output(display_name="text_encoder")],
+        )
+
+    @classmethod
+    def execute(cls, gemma_name, ckpt_name, dtype) -> io.NodeOutput:
+        gemma_path = host.model_path("text_encoders", gemma_name)
+        ckpt_path = _file(("checkpoints", "text_encoders"), ckpt_name)
+        encoder = load_ltx2_text_encoder(gemma_path, ckpt_path, dtype=DTYPES[dtype])
+        return io.NodeOutput(encoder)
+
+
+class LTX2VAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneLTX2VAELoader",
+            display_name="LTX-2 VAE Loader (Cinetune)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads the LTX-2 video VAE, and the audio VAE with its vocoder, from the combined checkpoint or "
+                        "from split files.",
+            inputs=[
+                io.Combo.Input("vae_name", options=host.model_names_any(("checkpoints", "vae")),
+                               tooltip="The LTX-2 checkpoint (its vae.* part) or a split video VAE file in models/vae."),
+                io.Combo.Input("audio_vae_name", options=["(same file)", *host.model_names_any(("checkpoints", "vae"))],
+                               default="(same file)",
+                               tooltip="Where the audio VAE and vocoder are: '(same file)' reads them from vae_name "
+                                       "(the combined checkpoint), or a split audio VAE + vocoder file."),
+                io.Combo.Input("dtype", options=["fp32", "bf16", "fp16"], default="fp32",
+                               tooltip="VAE compute dtype; fp32 is safest, bf16 halves memory on GPUs."),
+            ],
+            outputs=[LTX2VAE.Output(display_name="vae")],
+        )
+
+    @classmethod
+    def execute(cls, vae_name, audio_vae_name, dtype) -> io.NodeOutput:
+        folders = ("checkpoints", "vae")
+        video_path = _file(folders, vae_name)
+        audio_path = video_path if audio_vae_name == "(same file)" else _file(folders, audio_vae_name)
+        return io.NodeOutput(load_ltx2_vae(video_path, audio_path, dtype=DTYPES[dtype]))
+
+
+class LTX2UpsamplerLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneLTX2UpsamplerLoader",
+            display_name="LTX-2 Latent Upsampler Loader (Cinetune)",
+            category=f"{CATEGORY}/loaders",
+            description="Loads the LTX-2 ×2 spatial latent upsampler used between the two stages.",
+            inputs=[
+                io.Combo.Input("upsampler_name", options=host.model_names("latent_upscale_models"),
+                               tooltip="ltx-2-spatial-upscaler-x2-1.0.safetensors in models/latent_upscale_models."),
+            ],
+            outputs=[LTX2Upsampler.Output(display_name="upsampler")],
+        )
+
+    @classmethod
+    def execute(cls, upsampler_name) -> io.NodeOutput:
+        return io.NodeOutput(load_ltx2_upsampler(host.model_path("latent_upscale_models", upsampler_name)))
+
+
+class LTX2TextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneLTX2TextEncode",
+            display_name="LTX-2 Text Encode (Cinetune)",
+            category=CATEGORY,
+            description="Encodes a prompt and a negative prompt with Gemma 3 and the LTX-2 connectors (1024 tokens, "
+                        "left padded, no chat template, as official inference).",
+            inputs=[
+                LTX2TextEncoder.Input("text_encoder", tooltip="From LTX-2 Text Encoder Loader."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="What the video shows and sounds like: one detailed, chronological paragraph "
+                                        "(the official guide suggests up to 200 words), speech and sounds included."),
+                io.String.Input("negative_prompt", multiline=True, default=DEFAULT_NEGATIVE_PROMPT,
+                                tooltip="Used by guidance (dev mode). Default: the official one."),
+            ],
+            outputs=[LTX2Conditioning.Output(display_name="conditioning")],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder, prompt, negative_prompt) -> io.NodeOutput:
+        with host.on_compute_device(text_encoder), torch.inference_mode():
+            positive = text_encoder.encode(prompt).to("cpu")
+            negative = text_encoder.encode(negative_prompt).to("cpu")
+        return io.NodeOutput(pipeline.LTX2Conditioning(positive, negative))
+
+
+class LTX2Sampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneLTX2Sampler",
+            display_name="LTX-2 Sampler (Cinetune)",
+            category=CATEGORY,
+            description="Generates an LTX-2 video latent and its audio latent together (Euler, multimodal guidance). "
+                        "mode 'dev': official LTX-2 schedule and guidance; 'distilled': the 8-step guidance-free "
+                        "schedule; 'stage 2': refines an upsampled latent (3 steps from sigma 0.909375).",
+            inputs=[
+                LTX2Model.Input("model", tooltip="From LTX-2 Model Loader (or an LTX-2 LoRA Loader)."),
+                LTX2Conditioning.Input("conditioning", tooltip="From LTX-2 Text Encode."),
+                io.Int.Input("width", default=768, min=32, max=MAX_SIZE, step=32,
+                             tooltip="Video width in pixels, a multiple of 32 (of 64 for the two-stage pipeline)."),
+                io.Int.Input("height", default=512, min=32, max=MAX_SIZE, step=32,
+                             tooltip="Video height in pixels, a multiple of 32 (of 64 for the two-stage pipeline)."),
+                io.Int.Input("frames", default=121, min=1, max=MAX_FRAMES, step=8,
+                             tooltip="Number of video frames, 8k+1 (121 = 5 s at 24 fps)."),
+                io.Float.Input("fps", default=24.0, min=1.0, max=120.0, step=0.001,
+                               tooltip="Frame rate the video is generated for (RoPE positions are in seconds; the "
+                                       "audio length follows frames / fps). Official: 24."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed. Noise is drawn on the CPU, so a seed gives the same result on any device."),
+                io.Int.Input("steps", default=40, min=1, max=1000,
+                             tooltip="Sampling steps in 'dev' mode (official: 40). 'distilled' and 'stage 2' use their "
+                                     "fixed official sigma lists."),
+                io.Combo.Input("mode", options=MODES, default="dev",
+                               tooltip="'dev' for the dev checkpoint, 'distilled' for the distilled checkpoint (or dev + "
+                                       "distilled LoRA), 'stage 2' to refine the upsampled latent of a first stage."),
+                io.Float.Input("video_cfg", default=3.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Text guidance for video (official 3.0; 1.0 switches it off)."),
+                io.Float.Input("audio_cfg", default=7.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Text guidance for audio (official 7.0)."),
+                io.Float.Input("stg", default=1.0, min=0.0, max=10.0, step=0.1,
+                               tooltip="Spatio-temporal guidance scale (self-attention of block 29 skipped in the "
+                                       "perturbed pass; official 1.0, 0 switches it off)."),
+                io.Float.Input("modality_guidance", default=3.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="Audio-video sync guidance: contrast with a pass whose A↔V attention is skipped "
+                                       "(official 3.0; 1.0 switches it off)."),
+                io.Float.Input("rescale", default=0.7, min=0.0, max=1.0, step=0.05,
+                               tooltip="Guidance rescale towards the conditional prediction's std (official 0.7)."),
+                io.Combo.Input("scheduler", options=SCHEDULERS, default="official",
+                               tooltip="'official': LTX2Scheduler as the official pipelines call it (shift 2.05); "
+                                       "'token count': ComfyUI LTXVScheduler's shift from the latent's token count."),
+                io.Boolean.Input("audio", default=True, tooltip="Generate the audio track with the video."),
+                LTX2VAE.Input("vae", optional=True, tooltip="Needed for a start image (encodes it)."),
+                io.Image.Input("start_image", optional=True,
+                               tooltip="Image-to-video: the first frame (resized to cover and centre-cropped)."),
+                io.Float.Input("image_strength", default=1.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="1.0 keeps the start image exactly; lower values let the model change it."),
+                io.Latent.Input("video_latent", optional=True,
+                                tooltip="'stage 2': the upsampled video latent from LTX-2 Latent Upsample."),
+                io.Latent.Input("audio_latent", optional=True,
+                                tooltip="'stage 2': the first stage's audio latent (re-noised and refined as well)."),
+            ],
+            outputs=[io.Latent.Output(display_name="video_latent"), io.Latent.Output(display_name="audio_latent")],
+        )
+
+    @classmethod
+    def execute(cls, model, conditioning, width, height, frames, fps, seed, steps, mode, video_cfg, audio_cfg, stg,
+                modality_guidance, rescale, scheduler, audio, vae=None, start_image=None, image_strength=1.0,
+                video_latent=None, audio_latent=None) -> io.NodeOutput:
+        handle: LTX2ModelHandle = model
+        request = pipeline.SamplingRequest(
+            width=width, height=height, frames=frames, fps=fps, seed=seed, steps=steps, mode=mode,
+            video_cfg=video_cfg, audio_cfg=audio_cfg, stg=stg, modality=modality_guidance, rescale=rescale,
+            token_count_shift=scheduler == "token count", audio=audio)
+        request.check()
+        keyframes = []
+        if start_image is not None:
+            if vae is None:
+                raise ValueError("A start image needs the LTX-2 VAE: connect LTX-2 VAE Loader to the sampler's 'vae'.")
+            with host.on_compute_device(vae) as device, torch.inference_mode():
+                keyframes.append(pipeline.encode_keyframe(vae, start_image[:1], width, height, frame_index=0,
+                                                          strength=image_strength, device=device))
+        device = host.compute_device()
+        progress = host.Progress(request.num_steps)
+        host.free_host_models()
+        loras = [(weights, strength) for _, weights, strength in handle.loras]
+        with (torch.inference_mode(), loras_applied(handle.model, loras),
+              model_on_device(handle.model, handle.blocks, device, **handle.placement())):
+            video, audio_out = pipeline.generate(
+                handle.model, conditioning, request, keyframes=keyframes,
+                video_latent=None if video_latent is None else video_latent["samples"],
+                audio_latent=None if audio_latent is None else audio_latent["samples"],
+                attention_backend=handle.attention_backend, device=device,
+                dtype=pipeline.compute_dtype(handle.model), progress=progress.update,
+                check_interrupt=host.check_interrupt)
+        audio_dict = {"samples": audio_out if audio_out is not None else torch.zeros(video.shape[0], 8, 0, 16),
+                      "type": "audio"}
+        return io.NodeOutput({"samples": video}, audio_dict)
+
+
+class LTX2LatentUpsample(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneLTX2LatentUpsample",
+            display_name="LTX-2 Latent Upsample (Cinetune)",
+            category=CATEGORY,
+            description="Doubles the width and height of an LTX-2 video latent with the spatial latent upsampler "
+                        "(between stage 1 and stage 2 of the two-stage pipeline).",
+            inputs=[
+                LTX2Upsampler.Input("upsampler", tooltip="From LTX-2 Latent Upsampler Loader."),
+                LTX2VAE.Input("vae", tooltip="The LTX-2 VAE (its latent statistics are used around the upsampler)."),
+                io.Latent.Input("video_latent", tooltip="Stage-1 video latent."),
+            ],
+            outputs=[io.Latent.Output(display_name="video_latent")],
+        )
+
+    @classmethod
+    def execute(cls, upsampler, vae, video_latent) -> io.NodeOutput:
+        with host.on_compute_device(upsampler) as device, torch.inference_mode():
+            out = upsampler(video_latent["samples"].to(device), vae.video)
+        return io.NodeOutput({"samples": out.float().cpu()})
+
+
+class LTX2Decode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneLTX2Decode",
+            display_name="LTX-2 Decode (Cinetune)",
+            category=CATEGORY,
+            description="Decodes the video latent into frames (IMAGE) and the audio latent into a 24 kHz stereo "
+                        "waveform (AUDIO) with the audio VAE and vocoder.",
+            inputs=[
+                LTX2VAE.Input("vae", tooltip="From LTX-2 VAE Loader."),
+                io.Latent.Input("video_latent", tooltip="From LTX-2 Sampler (or stage 2)."),
+                io.Latent.Input("audio_latent", optional=True, tooltip="From LTX-2 Sampler; leave empty for silence."),
+                io.Boolean.Input("tiling", default=True,
+                                 tooltip="Decode the video in overlapping tiles so memory stays bounded."),
+            ],
+            outputs=[io.Image.Output(display_name="images"), io.Audio.Output(display_name="audio")],
+        )
+
+    @classmethod
+    def execute(cls, vae, video_latent, tiling, audio_latent=None) -> io.NodeOutput:
+        with host.on_compute_device(vae) as device, torch.inference_mode():
+            frames = pipeline.decode_video(vae, video_latent["samples"].to(device), tiling=tiling)
+            audio = pipeline.decode_audio(vae, None if audio_latent is None else audio_latent["samples"].to(device),
+                                          frames=frames.shape[0], fps=None)
+        return io.NodeOutput(frames.cpu().contiguous(), audio)
+
+
+class LTX2LoRALoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneLTX2LoRALoader",
+            display_name="LTX-2 LoRA Loader (Cinetune)",
+            category=f"{CATEGORY}/loaders",
+            description="Applies an LTX-2 LoRA for sampling (official ltx-trainer, ComfyUI, kohya or Cinetune files; "
+                        "e.g. the distilled LoRA for stage 2). Chain several for several LoRAs.",
+            inputs=[
+                LTX2Model.Input("model", tooltip="From LTX-2 Model Loader (or another LTX-2 LoRA Loader)."),
+                io.Combo.Input("lora_name", options=host.model_names("loras"), tooltip="LoRA file in models/loras."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="LoRA strength: 1.0 as trained (official stage-2 distilled LoRA: 0.6-1.0)."),
+            ],
+            outputs=[LTX2Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_name, strength) -> io.NodeOutput:
+        handle: LTX2ModelHandle = model
+        names = [name for name, _ in handle.model.named_modules()]
+        weights = load_lora(host.model_path("loras", lora_name), module_names=names)
+        pipeline.check_lora_fits(handle.model, weights, lora_name)
+        return io.NodeOutput(replace(handle, loras=(*handle.loras, (lora_name, weights, strength))))
+
+
+class LTX2MemoryEstimate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneLTX2MemoryEstimate",
+            display_name="LTX-2 Memory Estimate (Cinetune)",
+            category=CATEGORY,
+            description="Predicts peak GPU memory of one LTX-2 sampling step (weights, block swap, activations of the "
+                        "video and audio tokens) before you run it. Queue it alone; it is instant.",
+            inputs=[
+                LTX2Model.Input("model", tooltip="From LTX-2 Model Loader (its dtypes and block swap are used)."),
+                io.Int.Input("width", default=768, min=32, max=MAX_SIZE, step=32, tooltip="Video width in pixels."),
+                io.Int.Input("height", default=512, min=32, max=MAX_SIZE, step=32, tooltip="Video height in pixels."),
+                io.Int.Input("frames", default=121, min=1, max=MAX_FRAMES, step=8, tooltip="Video frames, 8k+1."),
+                io.Float.Input("fps", default=24.0, min=1.0, max=120.0, step=0.001, tooltip="Frame rate (audio length)."),
+            ],
+            outputs=[io.String.Output(display_name="estimate")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, width, height, frames, fps) -> io.NodeOutput:
+        handle: LTX2ModelHandle = model
+        device = host.compute_device()
+        estimate = estimate_ltx2_memory(handle.model, width=width, height=height, frames=frames, fps=fps,
+                                        blocks_to_swap=handle.blocks_to_swap, device_type=device.type,
+                                        compute_dtype=pipeline.compute_dtype(handle.model))
+        text = format_ltx2_estimate(estimate, available_bytes=host.free_device_memory(), model=handle.path.name)
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+NODES = [LTX2ModelLoader, LTX2TextEncoderLoader, LTX2VAELoader, LTX2UpsamplerLoader, LTX2TextEncode, LTX2Sampler,
+         LTX2LatentUpsample, LTX2Decode, LTX2LoRALoader, LTX2MemoryEstimate]
