@@ -81,6 +81,43 @@ def training_nodes():
             text, train_sampler, *DECODE_AND_SAVE, save("Cinetune/k5_lora_sample")]
 
 
+LTX2_CKPT = "ltx-2-19b-dev.safetensors"
+LTX2_NEGATIVE = None  # filled from the library's official default negative prompt in main()
+LTX2_LOADERS = [
+    (1, "CinetuneLTX2ModelLoader", [("ckpt_name", LTX2_CKPT), ("weight_dtype", "default"), ("attention", "sdpa"),
+                                    ("blocks_to_swap", 0), ("use_pinned_memory", True)], {},
+     [("model", "CINETUNE_LTX2_MODEL")]),
+    (2, "CinetuneLTX2TextEncoderLoader", [("gemma_name", "gemma_3_12B_it.safetensors"), ("ckpt_name", LTX2_CKPT),
+                                          ("dtype", "bf16")], {}, [("text_encoder", "CINETUNE_LTX2_TEXT_ENCODER")]),
+    (3, "CinetuneLTX2VAELoader", [("vae_name", LTX2_CKPT), ("audio_vae_name", "(same file)"), ("dtype", "fp32")], {},
+     [("vae", "CINETUNE_LTX2_VAE")]),
+]
+
+
+def ltx2_text_encode(prompt: str):
+    return (4, "CinetuneLTX2TextEncode", [("prompt", prompt), ("negative_prompt", "<official>")],
+            {"text_encoder": (2, 0, "CINETUNE_LTX2_TEXT_ENCODER")}, [("conditioning", "CINETUNE_LTX2_CONDITIONING")])
+
+
+def ltx2_sampler(nid: int, *, width: int, height: int, mode: str, links: dict):
+    widgets = [("width", width), ("height", height), ("frames", 121), ("fps", 24.0), ("seed", 42), ("steps", 40),
+               ("mode", mode), ("video_cfg", 3.0), ("audio_cfg", 7.0), ("stg", 1.0), ("modality_guidance", 3.0),
+               ("rescale", 0.7), ("scheduler", "official"), ("audio", True), ("image_strength", 1.0)]
+    links = {"model": (1, 0, "CINETUNE_LTX2_MODEL"), "conditioning": (4, 0, "CINETUNE_LTX2_CONDITIONING"), **links}
+    return (nid, "CinetuneLTX2Sampler", widgets, links, [("video_latent", "LATENT"), ("audio_latent", "LATENT")])
+
+
+def ltx2_decode_and_save(src: int, prefix: str):
+    return [(6, "CinetuneLTX2Decode", [("tiling", True)],
+             {"vae": (3, 0, "CINETUNE_LTX2_VAE"), "video_latent": (src, 0, "LATENT"), "audio_latent": (src, 1, "LATENT")},
+             [("images", "IMAGE"), ("audio", "AUDIO")]),
+            (7, "CinetuneSaveVideo", [("fps", 24.0), ("filename_prefix", prefix)],
+             {"images": (6, 0, "IMAGE"), "audio": (6, 1, "AUDIO")}, [])]
+
+
+LTX2_PROMPT = ("A red fox trots through fresh snow in a birch forest at sunrise, the camera tracks it from the side. "
+               "Snow crunches under its paws, a light wind rustles the branches and a crow calls in the distance.")
+
 WORKFLOWS = {
     "k5_text_to_video": {
         "dit": "kandinsky5lite_t2v_sft_5s.safetensors",
@@ -100,14 +137,53 @@ WORKFLOWS = {
                   sampler(10.0, start=True), *DECODE_AND_SAVE, save("Cinetune/k5_i2v")],
     },
     "k5_lora_training": {"dit": "kandinsky5lite_t2v_sft_5s.safetensors", "nodes": training_nodes()},
+    "ltx2_text_to_video": {
+        "nodes": [*LTX2_LOADERS, ltx2_text_encode(LTX2_PROMPT),
+                  ltx2_sampler(5, width=768, height=512, mode="dev", links={}),
+                  *ltx2_decode_and_save(5, "Cinetune/ltx2_t2v")],
+    },
+    "ltx2_image_to_video": {
+        "nodes": [*LTX2_LOADERS,
+                  ltx2_text_encode("The astronaut smiles and slowly turns her head towards the camera while the flag "
+                                   "behind her moves gently. She says: \"Hello from the station.\" A soft hum of "
+                                   "air conditioning fills the room."),
+                  (8, "LoadImage", [("image", "astronaut.png"), ("upload", "image")], {},
+                   [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+                  ltx2_sampler(5, width=768, height=512, mode="dev",
+                               links={"vae": (3, 0, "CINETUNE_LTX2_VAE"), "start_image": (8, 0, "IMAGE")}),
+                  *ltx2_decode_and_save(5, "Cinetune/ltx2_i2v")],
+    },
+    "ltx2_two_stage": {
+        "nodes": [*LTX2_LOADERS, ltx2_text_encode(LTX2_PROMPT),
+                  ltx2_sampler(5, width=384, height=256, mode="dev", links={}),
+                  (10, "CinetuneLTX2UpsamplerLoader", [("upsampler_name", "ltx-2-spatial-upscaler-x2-1.0.safetensors")],
+                   {}, [("upsampler", "CINETUNE_LTX2_UPSAMPLER")]),
+                  (11, "CinetuneLTX2LoRALoader", [("lora_name", "ltx-2-19b-distilled-lora-384.safetensors"),
+                                                  ("strength", 0.6)],
+                   {"model": (1, 0, "CINETUNE_LTX2_MODEL")}, [("model", "CINETUNE_LTX2_MODEL")]),
+                  (12, "CinetuneLTX2LatentUpsample", [],
+                   {"upsampler": (10, 0, "CINETUNE_LTX2_UPSAMPLER"), "vae": (3, 0, "CINETUNE_LTX2_VAE"),
+                    "video_latent": (5, 0, "LATENT")}, [("video_latent", "LATENT")]),
+                  ltx2_sampler(13, width=768, height=512, mode="stage 2",
+                               links={"model": (11, 0, "CINETUNE_LTX2_MODEL"), "video_latent": (12, 0, "LATENT"),
+                                      "audio_latent": (5, 1, "LATENT")}),
+                  *ltx2_decode_and_save(13, "Cinetune/ltx2_two_stage")],
+    },
 }
 
 
-def resolve_nodes(nodes, dit):
-    """The node descriptions with the workflow's DiT file name filled in."""
+def _ltx2_negative() -> str:
+    from cinetune.ltx2.text import DEFAULT_NEGATIVE_PROMPT
+
+    return DEFAULT_NEGATIVE_PROMPT
+
+
+def resolve_nodes(nodes, dit=None):
+    """The node descriptions with the workflow's DiT file name and the LTX-2 default negative prompt filled in."""
     out = []
     for nid, ctype, widgets, links, outputs in nodes:
         widgets = [(n, dit if (ctype == "CinetuneK5ModelLoader" and n == "dit_name") else v) for n, v in widgets]
+        widgets = [(n, _ltx2_negative() if v == "<official>" else v) for n, v in widgets]
         out.append((nid, ctype, widgets, links, outputs))
     return out
 
@@ -168,7 +244,7 @@ def to_ui(nodes) -> dict:
 
 def main() -> None:
     for name, wf in WORKFLOWS.items():
-        nodes = resolve_nodes(wf["nodes"], wf["dit"])
+        nodes = resolve_nodes(wf["nodes"], wf.get("dit"))
         (ROOT / "example_workflows" / f"{name}.json").write_text(json.dumps(to_ui(nodes), indent=2) + "\n")
         (ROOT / "example_workflows" / "api" / f"{name}.json").write_text(json.dumps(to_api(nodes), indent=2) + "\n")
 

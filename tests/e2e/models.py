@@ -13,8 +13,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import provision_test_data  # noqa: E402
 from cinetune.k5.tiny import write_tiny_defaults  # noqa: E402
+from cinetune.ltx2.tiny import write_tiny_ltx2_defaults  # noqa: E402
 
 TINY_SIZE = {"width": 128, "height": 64, "frames": 9, "steps": 4}
+TINY_LTX2 = {"width": 128, "height": 64, "frames": 9, "steps": 3, "fps": 24.0}
 TINY_TRAINING = {"frames": 17, "resolution": 128, "max_steps": 30, "save_every": 10}
 DATASET_FOLDER = "k5_lora_dataset"  # inside the host's input folder, as the example workflow expects
 
@@ -35,12 +37,15 @@ def populate_dataset(layout) -> Path:
 
 
 def populate_models(layout) -> dict[str, str]:
-    """Write the tiny DiT, VAE, Qwen2.5-VL and CLIP into ``layout.models`` and the small training dataset into the
-    input folder; returns the models' ComfyUI names."""
+    """Write the tiny Kandinsky 5 models (DiT, VAE, Qwen2.5-VL, CLIP) and LTX-2 models (combined checkpoint, Gemma 3,
+    latent upsampler, distilled LoRA) into ``layout.models`` and the small training dataset into the input folder;
+    returns the models' ComfyUI names."""
     data = provision_test_data.provision()
     populate_dataset(layout)
-    return write_tiny_defaults(layout.models, qwen_tokenizer_dir=data["qwen_tokenizer"],
-                               clip_tokenizer_dir=data["clip_tokenizer"])
+    names = write_tiny_defaults(layout.models, qwen_tokenizer_dir=data["qwen_tokenizer"],
+                                clip_tokenizer_dir=data["clip_tokenizer"])
+    names.update(write_tiny_ltx2_defaults(layout.models, gemma_tokenizer_dir=data["gemma_tokenizer"]))
+    return names
 
 
 def tiny_workflow(api: dict, names: dict[str, str], *, output_name: str = "tiny_lora",
@@ -49,6 +54,7 @@ def tiny_workflow(api: dict, names: dict[str, str], *, output_name: str = "tiny_
     training workflows, a small clip size, 30 steps and the given run/LoRA name."""
     api = copy.deepcopy(api)
     size = {**TINY_SIZE, **sizes}
+    _tiny_ltx2(api, names)
     for node in api.values():
         inputs, ctype = node["inputs"], node["class_type"]
         if ctype == "CinetuneK5ModelLoader":
@@ -69,13 +75,36 @@ def tiny_workflow(api: dict, names: dict[str, str], *, output_name: str = "tiny_
     return api
 
 
+def _tiny_ltx2(api: dict, names: dict[str, str]) -> None:
+    """Point the LTX-2 nodes of an API workflow at the tiny LTX-2 models, a small size and few steps (a two-stage
+    workflow's first stage at half the size)."""
+    two_stage = any(n["class_type"] == "CinetuneLTX2Sampler" and n["inputs"].get("mode") == "stage 2"
+                    for n in api.values())
+    for node in api.values():
+        inputs, ctype = node["inputs"], node["class_type"]
+        if ctype == "CinetuneLTX2ModelLoader":
+            inputs["ckpt_name"] = names["ltx2"]
+        elif ctype == "CinetuneLTX2TextEncoderLoader":
+            inputs.update(gemma_name=names["gemma"], ckpt_name=names["ltx2"], dtype="fp32")
+        elif ctype == "CinetuneLTX2VAELoader":
+            inputs["vae_name"] = names["ltx2"]
+        elif ctype == "CinetuneLTX2UpsamplerLoader":
+            inputs["upsampler_name"] = names["ltx2_upsampler"]
+        elif ctype == "CinetuneLTX2LoRALoader":
+            inputs["lora_name"] = names["ltx2_distilled_lora"]
+        elif ctype == "CinetuneLTX2Sampler":
+            inputs.update(TINY_LTX2)
+            if two_stage and inputs["mode"] != "stage 2":
+                inputs.update(width=TINY_LTX2["width"] // 2, height=TINY_LTX2["height"] // 2)
+
+
 def tiny_ui_workflow(name: str, names: dict[str, str], **overrides) -> dict:
     """The UI-format example workflow ``name`` with the same tiny settings as :func:`tiny_workflow`, built from the
     workflow description in scripts/make_workflows.py (for tests that drive the real frontend)."""
     import make_workflows
 
     spec = make_workflows.WORKFLOWS[name]
-    nodes = make_workflows.resolve_nodes(spec["nodes"], spec["dit"])
+    nodes = make_workflows.resolve_nodes(spec["nodes"], spec.get("dit"))
     tiny = tiny_workflow(make_workflows.to_api(nodes), names, **overrides)
     nodes = [(nid, ctype, [(n, tiny[str(nid)]["inputs"].get(n, v)) for n, v in widgets], links, outputs)
              for nid, ctype, widgets, links, outputs in nodes]

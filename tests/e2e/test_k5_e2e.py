@@ -33,7 +33,7 @@ FROZEN_INPUT_ORDER = {
                           "scheduler_scale", "start_latent"],
     "CinetuneK5VAEDecode": ["vae", "latent", "tiling"],
     "CinetuneK5VAEEncode": ["vae", "image", "width", "height"],
-    "CinetuneSaveVideo": ["images", "fps", "filename_prefix"],
+    "CinetuneSaveVideo": ["images", "fps", "filename_prefix", "audio"],
     "CinetuneK5LoRALoader": ["model", "lora_name", "strength"],
     "CinetuneK5MemoryEstimate": ["model", "mode", "width", "height", "frames", "cfg", "lora_rank", "optimizer"],
     "CinetuneDatasetFolder": ["folder", "repeats", "trigger_word", "default_caption"],
@@ -45,6 +45,18 @@ FROZEN_INPUT_ORDER = {
                             "timestep_sampling", "flow_shift", "gradient_checkpointing", "image_to_video",
                             "caption_dropout", "seed", "save_every", "resume", "validate_every",
                             "blocks_to_swap", "use_pinned_memory", "validation_conditioning", "vae"],
+    "CinetuneLTX2ModelLoader": ["ckpt_name", "weight_dtype", "attention", "blocks_to_swap", "use_pinned_memory"],
+    "CinetuneLTX2TextEncoderLoader": ["gemma_name", "ckpt_name", "dtype"],
+    "CinetuneLTX2VAELoader": ["vae_name", "audio_vae_name", "dtype"],
+    "CinetuneLTX2UpsamplerLoader": ["upsampler_name"],
+    "CinetuneLTX2TextEncode": ["text_encoder", "prompt", "negative_prompt"],
+    "CinetuneLTX2Sampler": ["model", "conditioning", "width", "height", "frames", "fps", "seed", "steps", "mode",
+                            "video_cfg", "audio_cfg", "stg", "modality_guidance", "rescale", "scheduler", "audio",
+                            "vae", "start_image", "image_strength", "video_latent", "audio_latent"],
+    "CinetuneLTX2LatentUpsample": ["upsampler", "vae", "video_latent"],
+    "CinetuneLTX2Decode": ["vae", "video_latent", "tiling", "audio_latent"],
+    "CinetuneLTX2LoRALoader": ["model", "lora_name", "strength"],
+    "CinetuneLTX2MemoryEstimate": ["model", "width", "height", "frames", "fps"],
 }
 
 
@@ -71,7 +83,8 @@ def test_object_info_lists_every_node_with_frozen_widget_order_and_tooltips(comf
     assert ours == set(FROZEN_INPUT_ORDER), "every registered node needs a frozen widget order here"
 
 
-@pytest.mark.parametrize("name", ["k5_text_to_video", "k5_image_to_video", "k5_lora_training"])
+@pytest.mark.parametrize("name", ["k5_text_to_video", "k5_image_to_video", "k5_lora_training", "ltx2_text_to_video",
+                                  "ltx2_image_to_video", "ltx2_two_stage"])
 def test_ui_workflow_converts_to_the_committed_api_workflow(comfy_client, name):
     converted = ui_to_api(_load(name), comfy_client.object_info())
     committed = _load(name, api=True)
