@@ -1,4 +1,5 @@
-"""Flow-matching math: shift, schedule, Euler, CFG, noising, training sigmas."""
+"""Flow-matching math: shift, schedules (incl. token-count shift), Euler, x0/velocity, CFG, noising,
+training sigmas."""
 
 from __future__ import annotations
 
@@ -11,10 +12,16 @@ from cinetune.core.flow import (
     add_noise,
     apply_cfg,
     euler_step,
+    exponential_time_shift,
     logit_normal_sigmas,
     shift_sigmas,
     sigma_schedule,
+    stretch_to_terminal,
+    token_count_shift,
+    token_shift_sigmas,
+    velocity_from_x0,
     velocity_target,
+    x0_from_velocity,
 )
 
 
@@ -149,3 +156,124 @@ def test_logit_normal_sigmas_distribution_and_shift():
         logit_normal_sigmas(0)
     with pytest.raises(ValueError, match="std"):
         logit_normal_sigmas(4, std=0.0)
+
+
+# --- token-count shift schedule (LTX-2 LTX2Scheduler / ComfyUI LTXVScheduler) ---------------------------------
+
+
+def _diffusers_ltx2_sigmas(steps: int, mu: float) -> torch.Tensor:
+    """Sigmas of diffusers' LTX-2 pipeline: its scheduler config, fed ``linspace(1, 1/steps, steps)`` and ``mu``."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return scheduler.sigmas
+
+
+@pytest.mark.parametrize("steps", [2, 8, 20, 40])
+def test_token_shift_sigmas_match_diffusers_at_the_official_fixed_shift(steps):
+    # diffusers evaluates only the nonzero grid points (linspace(1, 1/steps, steps)) and appends the final 0
+    # itself, so both grids are linspace(1, 0, steps + 1); diffusers computes in float32, we in float64.
+    ref = _diffusers_ltx2_sigmas(steps, mu=2.05)
+    ours = token_shift_sigmas(steps)
+    assert ours.shape == ref.shape == (steps + 1,) and ours.dtype == torch.float32
+    assert ours[-1].item() == ref[-1].item() == 0.0
+    rel = ((ours[:-1].double() - ref[:-1].double()).abs() / ref[:-1].double()).max().item()
+    assert rel < 1e-5
+
+
+@pytest.mark.parametrize("tokens", [256, 1024, 3570, 6144])
+def test_token_shift_sigmas_with_tokens_match_diffusers_dynamic_shift(tokens):
+    from diffusers.pipelines.ltx2.pipeline_ltx2 import calculate_shift
+
+    mu = calculate_shift(tokens, 1024, 4096, 0.95, 2.05)
+    assert token_count_shift(tokens) == pytest.approx(mu, rel=1e-12)
+    ref = _diffusers_ltx2_sigmas(12, mu=mu)
+    ours = token_shift_sigmas(12, tokens=tokens)
+    assert ((ours[:-1].double() - ref[:-1].double()).abs() / ref[:-1].double()).max().item() < 1e-5
+
+
+@pytest.mark.parametrize("tokens, steps, terminal", [(1, 5, 0.1), (2000, 9, 0.1), (24576, 16, 0.25)])
+def test_token_shift_sigmas_equal_formula_computed_independently(tokens, steps, terminal):
+    slope = (2.05 - 0.95) / (4096 - 1024)
+    mu = tokens * slope + 0.95 - slope * 1024
+    shifted = [0.0 if t == 0 else math.exp(mu) / (math.exp(mu) + (1 / t - 1)) for t in
+               (1 - i / steps for i in range(steps + 1))]
+    last = shifted[-2]
+    expected = [0.0 if s == 0 else 1 - (1 - s) / ((1 - last) / (1 - terminal)) for s in shifted]
+    ours = token_shift_sigmas(steps, tokens=tokens, terminal=terminal)
+    torch.testing.assert_close(ours, torch.tensor(expected, dtype=torch.float32), rtol=1e-6, atol=1e-7)
+    assert ours[-2].item() == pytest.approx(terminal, abs=1e-7)
+    unstretched = token_shift_sigmas(steps, tokens=tokens, stretch=False)
+    torch.testing.assert_close(unstretched, torch.tensor(shifted, dtype=torch.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_token_shift_sigmas_quoted_official_values():
+    # values quoted for LTX2Scheduler.execute(40) / execute(20) with no latent (fixed shift 2.05)
+    s40 = token_shift_sigmas(40).tolist()
+    assert s40[:3] == pytest.approx([1.0, 0.9964, 0.9927], abs=1e-4)
+    assert s40[-6:] == pytest.approx([0.4884, 0.4207, 0.3378, 0.2339, 0.1, 0.0], abs=1e-4)
+    s20 = token_shift_sigmas(20).tolist()
+    assert s20[:2] == pytest.approx([1.0, 0.9915], abs=1e-4)
+    assert s20[-5:] == pytest.approx([0.5690, 0.4652, 0.3194, 0.1, 0.0], abs=1e-4)
+    assert s40[0] == 1.0 and s40[-1] == 0.0 and all(a > b for a, b in zip(s40, s40[1:]))
+
+
+def test_token_count_shift_line_and_none_means_max_tokens():
+    assert token_count_shift(1024) == pytest.approx(0.95)
+    assert token_count_shift(4096) == pytest.approx(2.05)
+    assert token_count_shift(2560) == pytest.approx(1.5)
+    assert token_count_shift(10, base_tokens=0, max_tokens=20, base_shift=1.0, max_shift=3.0) == pytest.approx(2.0)
+    assert torch.equal(token_shift_sigmas(10), token_shift_sigmas(10, tokens=4096))
+    assert not torch.equal(token_shift_sigmas(10), token_shift_sigmas(10, tokens=1024))
+
+
+def test_exponential_time_shift_is_the_flow_shift_with_k_exp_mu():
+    sigmas = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.float64)
+    out = exponential_time_shift(sigmas, 1.3)
+    expected = [0.0] + [math.exp(1.3) / (math.exp(1.3) + 1 / s - 1) for s in (0.1, 0.5, 0.9, 1.0)]
+    assert out.tolist() == pytest.approx(expected, abs=1e-12)
+    torch.testing.assert_close(exponential_time_shift(sigmas, 0.0), sigmas)
+    with pytest.raises(ValueError, match="mu"):
+        exponential_time_shift(sigmas, math.nan)
+
+
+def test_stretch_to_terminal_keeps_one_and_zeros():
+    sigmas = torch.tensor([1.0, 0.8, 0.6, 0.0, 0.0], dtype=torch.float64)
+    out = stretch_to_terminal(sigmas, 0.2)
+    # 1 − σ scaled by (1 − 0.2)/(1 − 0.6) = 2: 0.8 → 0.6, 0.6 → 0.2
+    assert out.tolist() == pytest.approx([1.0, 0.6, 0.2, 0.0, 0.0], abs=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=1), "2 steps"),
+    (dict(steps=4, terminal=0.0), "terminal"),
+    (dict(steps=4, terminal=1.0), "terminal"),
+    (dict(steps=4, tokens=0), "tokens"),
+    (dict(steps=4, base_tokens=7, max_tokens=7), "differ"),
+    (dict(steps=0), "steps"),
+])
+def test_token_shift_sigmas_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        token_shift_sigmas(**kwargs)
+
+
+def test_token_shift_sigmas_one_step_without_stretch():
+    assert token_shift_sigmas(1, stretch=False).tolist() == [1.0, 0.0]
+
+
+def test_x0_velocity_round_trip_with_per_token_sigma():
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    noise = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    sigma = torch.rand(2, 5, 1, generator=gen, dtype=torch.float64) * 0.9 + 0.05
+    x = (1 - sigma) * x0 + sigma * noise
+    torch.testing.assert_close(x0_from_velocity(x, noise - x0, sigma), x0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(velocity_from_x0(x, x0, sigma), noise - x0, rtol=0, atol=1e-12)
+    torch.testing.assert_close(x0_from_velocity(x, noise - x0, 0.0), x)
+    with pytest.raises(ValueError, match="nonzero"):
+        velocity_from_x0(x, x0, 0.0)
+    with pytest.raises(ValueError, match="same shape"):
+        x0_from_velocity(x, noise[:, :4], sigma)
