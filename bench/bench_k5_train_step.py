@@ -88,11 +88,13 @@ def lora_down_init(name: str, in_features: int) -> torch.Tensor:
 def build_ours(weights: Path, dtype, device):
     from cinetune.core.lora import inject_lora
     from cinetune.k5.dit import load_k5_dit
+    from cinetune.k5.family import K5_FAMILY
     from cinetune.training.trainer import flow_matching_loss
 
     model = load_k5_dit(weights, weight_dtype=[k for k, v in DTYPES.items() if v == dtype][0], device=device).model
     page_in(model)
-    layers = inject_lora(model, rank=RANK, alpha=ALPHA, dtype=torch.float32)
+    layers = inject_lora(model, rank=RANK, alpha=ALPHA, targets=K5_FAMILY.lora_targets, within=K5_FAMILY.lora_within,
+                         dtype=torch.float32)
     with torch.no_grad():
         for name, m in layers.items():
             m.lora_down.copy_(lora_down_init(name, m.in_features))
@@ -110,7 +112,7 @@ def build_diffusers(weights: Path, dtype, device):
     from peft import LoraConfig, inject_adapter_in_model
     from peft.tuners.lora import LoraLayer
 
-    from cinetune.core.lora import K5_LORA_TARGETS
+    from cinetune.k5.family import K5_LORA_TARGETS
 
     model = load_diffusers_k5(weights, dtype, device)
     page_in(model)

@@ -10,7 +10,7 @@ Inputs:
   LoRA); :func:`describe_module` derives it from an ``nn.Module``. Describe the base model, before LoRA injection.
 - :class:`BlockActivations` — a block's activation bytes per token, either from :func:`transformer_block_activations`
   (formulas for a reference pre-norm block) or measured on the real block with :func:`measure_block_activations`.
-- tokens per sample (K5: T·H/2·W/2 visual tokens for the visual blocks, text tokens for the text blocks; pass one
+- tokens per sample (e.g. latent voxels after patchify for video blocks, text tokens for text blocks; pass one
   count per block when they differ), batch, ``blocks_to_swap`` / ring size, weight dtype, inference or training
   (with or without per-block gradient checkpointing), LoRA rank/targets and optimizer.
 
@@ -37,11 +37,9 @@ Formulas (b = batch, t_i = tokens of block i, A_i = its :class:`BlockActivations
 - ``extra_activation_bytes``: activations outside the blocks (embeddings, text states, the latent, the loss) — the
   caller's number, added as is.
 
-Kandinsky 5: ``k5.dit.VisualBlock`` (F = 4D, as Lite and Pro), measured with :func:`measure_block_activations` in
-bf16 on CPU without LoRA: hidden 1, forward 10, saved 22.2, backward 9 (units of D·2 bytes per token; in fp32:
-1, 10, 15.1, 8). Its float32 norm/RoPE/modulation copies make it save 2.5× what the reference block saves, so
-measure K5 (and LTX-2) blocks rather than use :func:`transformer_block_activations`; re-measure when the block
-code changes.
+Real DiT blocks (modulated, with float32 norm/RoPE copies and cross-attention) save several times what the reference
+block saves: measure them with :func:`measure_block_activations` or give them their own formulas in the family's
+package, rather than use :func:`transformer_block_activations`; re-measure when the block code changes.
 
 Assumptions: the blocks run one after the other on one device; no activation offload; weights frozen except LoRA;
 the allocator reuses freed memory exactly (no fragmentation). CPU validation (tests/unit/test_memory.py): the estimate
@@ -138,8 +136,8 @@ def describe_module(model: nn.Module, blocks: Sequence[nn.Module]) -> ModelDescr
 
     Args:
         model: the whole model (parameters and buffers of any dtype, any device, meta included).
-        blocks: its blocks in execution order, e.g. ``[*dit.text_transformer_blocks,
-            *dit.visual_transformer_blocks]``; every other tensor of ``model`` counts as non-block.
+        blocks: its blocks in execution order, e.g. ``[*dit.text_blocks, *dit.video_blocks]``; every other tensor
+            of ``model`` counts as non-block.
 
     Returns:
         :class:`ModelDescription`. Tensors shared between places are counted once, in the first block holding them.
@@ -229,7 +227,7 @@ def transformer_block_activations(hidden: int, ff_hidden: int, heads: int, *, co
     - quadratic: 0 for ``attention="flash"``; ``"math"`` materialises scores and probabilities, H·s per token² in a
       forward (the estimate doubles it in a backward).
 
-    Other blocks (modulated blocks with float32 norms, cross-attention, RoPE copies — Kandinsky 5, LTX-2) hold more;
+    Other blocks (modulated blocks with float32 norms, cross-attention, RoPE copies — real DiT blocks) hold more;
     measure them with :func:`measure_block_activations`.
 
     Args:
@@ -471,17 +469,17 @@ def estimate_peak_memory(model: ModelDescription, activations: BlockActivations 
     Args:
         model: :class:`ModelDescription` (:func:`describe_module`).
         activations: one :class:`BlockActivations` for every block, or one per block.
-        tokens: tokens per sample, one count or one per block (K5: visual tokens T·H·W after patchify for the
-            visual blocks, text tokens for the text blocks).
+        tokens: tokens per sample, one count or one per block (e.g. latent voxels after patchify for video
+            blocks, text tokens for text blocks).
         batch: samples per step (CFG doubles it when both branches run in one batch).
         blocks_to_swap, ring_size: as :class:`~cinetune.core.offload.BlockSwap` (the last N blocks are swapped).
         weight_dtype: None keeps the stored dtypes; "bf16"/"fp16"/"fp32" recast every float tensor; "fp8" stores
-            the block Linear weights in 1 byte + a 4-byte scale each (except those ``fp8_keep(name)`` keeps, e.g.
-            :func:`~cinetune.core.quant.k5_fp8_keep_high_precision`) and keeps everything else as stored.
+            the block Linear weights in 1 byte + a 4-byte scale each (except those ``fp8_keep(name)`` keeps: the
+            family's keep-in-high-precision rule) and keeps everything else as stored.
         training: a training step (LoRA gradients and optimizer state; backward activations).
         gradient_checkpointing: per-block checkpointing in training (required with block swap, see offload.py).
         lora_rank: r ≥ 0; LoRA on ``lora_targets`` (None = every block Linear; names or suffixes such as
-            ``"self_attention.to_query"``; or a predicate on the qualified name).
+            ``"attn.to_q"``; or a predicate on the qualified name).
         lora_dtype: dtype of LoRA parameters and gradients. optimizer: "adamw" (8 B/param), "adamw8bit" (2 B/param),
             "sgd"/"none" (0).
         extra_activation_bytes: activations outside the blocks (embeddings, latent, text states, loss).

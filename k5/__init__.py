@@ -1,1 +1,3 @@
-"""k5 library: plain PyTorch, never imports ComfyUI."""
+"""k5 library: plain PyTorch, never imports ComfyUI. Importing it registers Kandinsky 5 (:mod:`.family`)."""
+
+from . import family  # noqa: F401  (registers the family with core.family)

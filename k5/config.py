@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ..core.checkpoint import CheckpointError, TensorInfo
+from .family import K5_LATENT_FORMAT
 from .nabla import NablaConfig
 
-LATENT_CHANNELS = 16
+LATENT_CHANNELS = K5_LATENT_FORMAT.channels
 EXPECTED_FILE = "a Kandinsky 5 DiT .safetensors (e.g. kandinsky5lite_t2v_sft_5s.safetensors) in models/diffusion_models"
 DEFAULT_NEGATIVE_PROMPT = (
     "Static, 2D cartoon, cartoon, 2d animation, paintings, images, worst quality, low quality, ugly, deformed, "

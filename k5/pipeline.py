@@ -5,7 +5,8 @@ Follows official inference, kandinskylab/kandinsky-5 ``kandinsky/generation_util
 deliberate differences and decisions:
 
 - **Latent convention.** :func:`sample` takes and returns *raw* HunyuanVideo VAE latents (ComfyUI's
-  ``LATENT`` convention); the model works on ``raw × SCALING_FACTOR`` (0.476986, ``k5/vae.py``).
+  ``LATENT`` convention); the model works on ``raw × scaling_factor`` (0.476986, ``K5_LATENT_FORMAT`` in
+  ``k5/family.py``).
 - **Noise.** Drawn on the CPU from ``torch.Generator("cpu").manual_seed(seed)`` in float32, shape
   ``[1, 16, T, H/8, W/8]``, then moved to the device, so one seed gives the same video on every
   device. Official code draws bf16 noise channels-last on a CUDA generator; the same seed therefore
@@ -39,6 +40,7 @@ from torch import Tensor
 
 from ..core.flow import apply_cfg, euler_step, sigma_schedule
 from .conditioning import K5TextEmbeds
+from .family import K5_LATENT_FORMAT, NABLA_SIZE_MULTIPLE
 
 if TYPE_CHECKING:
     from .nabla import NablaConfig
@@ -51,13 +53,6 @@ __all__ = [
     "normalize_first_frames",
     "sample",
 ]
-
-LATENT_CHANNELS = 16
-SPATIAL_COMPRESSION = 8
-TEMPORAL_COMPRESSION = 4
-# Multiple of 16 px: VAE ×8 and DiT 2×2 patches. NABLA needs 8×8-token tiles, i.e. 128 px.
-SIZE_MULTIPLE = 16
-NABLA_SIZE_MULTIPLE = 128
 
 # Official normalize_first_frame clamps (kandinsky/generation_utils.py, adaptive_mean_std_normalization):
 # the reference mean may move the frame's mean by −0.05..+0.10, the reference std its std by −0.10..+0.25.
@@ -80,12 +75,6 @@ def _as_int(value, name: str) -> int:
         raise SizeError(f"{name} must be an integer, got {value!r}") from None
 
 
-def _nearest_multiples(value: int, multiple: int) -> str:
-    lower = value // multiple * multiple
-    upper = lower + multiple
-    return f"use {upper}" if lower < multiple else f"use {lower} or {upper}"
-
-
 def validate_video_size(width: int, height: int, frames: int, *, nabla: bool) -> None:
     """Check a pixel size and frame count for Kandinsky 5 video generation.
 
@@ -100,23 +89,10 @@ def validate_video_size(width: int, height: int, frames: int, *, nabla: bool) ->
     Source: kandinskylab/kandinsky-5 ``kandinsky/t2v_pipeline.py`` (resolution sets, all multiples of
     128; ``seconds·24//4 + 1`` latent frames) and ``kandinsky/models/utils.py`` (NABLA 8×8-token tiles).
     """
-    width = _as_int(width, "width")
-    height = _as_int(height, "height")
-    frames = _as_int(frames, "frames")
-    multiple = NABLA_SIZE_MULTIPLE if nabla else SIZE_MULTIPLE
-    why = " (NABLA attention needs multiples of 128)" if nabla else ""
-    problems = []
-    for name, value in (("width", width), ("height", height)):
-        if value < multiple:
-            problems.append(f"{name} {value} is too small: use {multiple} or more{why}")
-        elif value % multiple:
-            problems.append(f"{name} {value} is not a multiple of {multiple}{why}: "
-                            f"{_nearest_multiples(value, multiple)}")
-    if frames < 1:
-        problems.append(f"frames {frames} is too small: use 1 (an image) or 4k+1 such as 5, 9, 121")
-    elif (frames - 1) % TEMPORAL_COMPRESSION:
-        lower = (frames - 1) // TEMPORAL_COMPRESSION * TEMPORAL_COMPRESSION + 1
-        problems.append(f"frames {frames} is not of the form 4k+1: use {lower} or {lower + TEMPORAL_COMPRESSION}")
+    nabla_reason = f"NABLA attention needs multiples of {NABLA_SIZE_MULTIPLE}"
+    problems = K5_LATENT_FORMAT.size_problems(width, height, frames,
+                                              size_multiple=NABLA_SIZE_MULTIPLE if nabla else None,
+                                              reason=nabla_reason if nabla else "")
     if problems:
         raise SizeError("; ".join(problems))
 
@@ -131,8 +107,7 @@ def latent_shape(width: int, height: int, frames: int) -> tuple[int, int, int, i
     diffusers ``AutoencoderKLHunyuanVideo``; kandinskylab/kandinsky-5 ``kandinsky/t2v_pipeline.py``.
     """
     validate_video_size(width, height, frames, nabla=False)
-    return (LATENT_CHANNELS, (frames - 1) // TEMPORAL_COMPRESSION + 1,
-            height // SPATIAL_COMPRESSION, width // SPATIAL_COMPRESSION)
+    return K5_LATENT_FORMAT.latent_shape(width, height, frames)
 
 
 def prepare_start_image(image: Tensor, width: int, height: int) -> Tensor:
@@ -196,7 +171,7 @@ def normalize_first_frames(latent: Tensor, *, first: int = 4, reference: int = 5
     A frame with zero std becomes the constant M_f (official code would divide by zero).
 
     Args:
-        latent: ``[B, 16, T, H, W]`` model-space latent (raw × SCALING_FACTOR), floating.
+        latent: ``[B, 16, T, H, W]`` model-space latent (raw × scaling_factor), floating.
         first: number of leading frames to re-normalize (≥ 1).
         reference: number of following frames giving the target statistics (≥ 1); fewer are used
             when the video is shorter.
@@ -250,7 +225,7 @@ def _check_embeds(embeds: K5TextEmbeds, name: str) -> None:
 
 def _visual_embed_dim(model) -> int:
     config = getattr(model, "config", None)
-    return int(getattr(config, "visual_embed_dim", 2 * LATENT_CHANNELS + 1))
+    return int(getattr(config, "visual_embed_dim", 2 * K5_LATENT_FORMAT.channels + 1))
 
 
 def sample(
@@ -306,7 +281,7 @@ def sample(
 
     Returns:
         Raw VAE latent ``[1, 16, (frames−1)//4+1, height/8, width/8]`` float32 on CPU
-        (= model-space latent / SCALING_FACTOR).
+        (= model-space latent / scaling_factor).
 
     Raises:
         SizeError: invalid size or frame count (message names the nearest valid values).
@@ -314,8 +289,6 @@ def sample(
             scheduler_scale, model output of the wrong shape.
         Whatever ``check_interrupt`` raises.
     """
-    from .vae import SCALING_FACTOR
-
     validate_video_size(width, height, frames, nabla=nabla is not None)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer ≥ 1, got {steps!r}")
@@ -350,7 +323,7 @@ def sample(
             got = tuple(start_latent.shape) if isinstance(start_latent, Tensor) else type(start_latent).__name__
             raise ValueError(f"start_latent must be a raw VAE latent [1, {channels}, ≥1, {h_lat}, {w_lat}] for a "
                              f"{width}×{height} video, got {got}; encode the start image at the sampler's size")
-        clean = start_latent[:, :, :1].to(device=device, dtype=torch.float32) * SCALING_FACTOR
+        clean = K5_LATENT_FORMAT.to_model(start_latent[:, :, :1].to(device=device, dtype=torch.float32))
 
     generator = torch.Generator("cpu").manual_seed(seed)
     x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
@@ -392,4 +365,4 @@ def sample(
     if clean is not None:
         x[:, :, :1] = clean
         x = normalize_first_frames(x)
-    return (x / SCALING_FACTOR).float().cpu()
+    return K5_LATENT_FORMAT.from_model(x).float().cpu()

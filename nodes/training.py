@@ -13,6 +13,7 @@ from pathlib import Path
 
 from comfy_api.latest import io, ui
 
+from ..k5.family import K5_LATENT_FORMAT, NABLA_SIZE_MULTIPLE
 from ..training.cache import cache_latents, cache_text
 from ..training.data import Dataset, FrameSpec, scan_folder
 from . import host
@@ -179,8 +180,8 @@ class K5CacheLatents(io.ComfyNode):
     @classmethod
     def execute(cls, text_cache, vae, frames, frame_selection, resolution, nabla, image_to_video,
                 allow_upscale) -> io.NodeOutput:
-        spec = FrameSpec(target_frames=frames, mode=frame_selection)
-        step = 128 if nabla else 16
+        spec = FrameSpec(target_frames=frames, mode=frame_selection, latent_format=K5_LATENT_FORMAT)
+        step = NABLA_SIZE_MULTIPLE if nabla else K5_LATENT_FORMAT.size_multiple
         progress = host.Progress(1)
         with host.on_compute_device(vae):
             report = cache_latents(text_cache.dataset, vae, text_cache.cache_dir, vae_id=vae.identity,

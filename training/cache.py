@@ -1,41 +1,51 @@
-"""Text-encoder and latent caches on disk for Kandinsky 5 LoRA training.
+"""Text-encoder and latent caches on disk for LoRA training.
 
 A cache folder holds two sub-folders, each written by one cacher and read by the trainer::
 
     <cache_dir>/text/<key>.safetensors      "text" [L, D] float32 (valid tokens only), "pooled" [D2] float32
     <cache_dir>/text/manifest.json          what the entries are (caption, template, encoder id)
-    <cache_dir>/latents/<key>.safetensors   "latent" [16, T, h, w] float32 RAW VAE latent,
-                                            with i2v also "first" and "last" [16, 1, h, w]
+    <cache_dir>/latents/<key>.safetensors   "latent" [C, F', H', W'] float32 VAE latent as the VAE returns it,
+                                            with i2v also "first" and "last" [C, 1, H', W']
     <cache_dir>/latents/<key>.failed.json   a clip whose frames could not be decoded (see below)
     <cache_dir>/latents/manifest.json       what the entries are (item, frame indices, bucket, VAE id)
 
 Typical use (the cacher nodes and the trainer node are thin wrappers around this)::
 
     ds = scan_folder("dataset/")
-    te_id = encoder_identity(qwen_path, clip_path, dtype=torch.bfloat16)
+    te_id = encoder_identity(*text_encoder_paths, dtype=torch.bfloat16)
     cache_text(ds, text_encoder, "cache/", encoder_id=te_id)
     vae_id = encoder_identity(vae_path, dtype=torch.float32)
-    cache_latents(ds, vae, "cache/", vae_id=vae_id, frame_spec=FrameSpec(17))
-    samples = load_cached_dataset(ds, "cache/", encoder_id=te_id, vae_id=vae_id, frame_spec=FrameSpec(17))
+    spec = FrameSpec(17, latent_format=fmt)       # fmt: the model family's LatentFormat
+    cache_latents(ds, vae, "cache/", vae_id=vae_id, frame_spec=spec)
+    samples = load_cached_dataset(ds, "cache/", encoder_id=te_id, vae_id=vae_id, frame_spec=spec)
 
-Decisions (sources: reference k5.md §5 and §8, musubi-tuner's K5 cache scripts, official K5 training code):
+The latent geometry (channels, down-scaling, frame rule, size multiple) comes from ``frame_spec.latent_format``
+(:class:`~cinetune.core.family.LatentFormat`); nothing here is specific to one model.
+
+Decisions (sources: reference k5.md §5 and §8, musubi-tuner's cache scripts, the official Kandinsky 5 training
+code):
 
 - **Keys are content hashes of every input**, so a cache folder can be shared by runs with different settings
-  and stale entries are never read. Text key = SHA-256 of (format version, caption, template, encoder id).
-  Latent key = SHA-256 of (format version, item identity, source frame indices, bucket, VAE id, i2v flag), where
-  the item identity is the absolute path + size + ``mtime_ns`` of its file, or the SHA-256 of the pixel values
-  for in-memory items. Frame indices stand for the whole frame selection (count, fps resampling, mode). Moving
-  the dataset folder therefore re-encodes its latents; moving model files does not (see
-  :func:`encoder_identity`). ``CACHE_VERSION`` is bumped when decoding/resizing or the file layout changes.
-- **Raw latents, float32.** Latents are stored as the VAE returns them, unscaled (the official trainer caches
-  unscaled latents and multiplies by ``scaling_factor`` 0.476986 in the loop; musubi stores scaled ones — we do
-  not), so they equal ComfyUI ``LATENT`` samples. float32 keeps exactly what the VAE produced whatever dtype it
-  ran in; the cost is small (a 121-frame 512×512 clip is 8 MB).
+  and stale entries are never read. A key is the SHA-256 hex digest of the UTF-8 JSON text of a payload, written
+  with ``json.dumps(payload, ensure_ascii=False, separators=(",", ":"), sort_keys=True)``. Text payload
+  ``{"v": CACHE_VERSION, "caption": caption, "template": template, "encoder": encoder_id}``. Latent payload
+  ``{"v": CACHE_VERSION, "item": identity, "indices": [source frame indices], "bucket": [width, height],
+  "vae": vae_id, "i2v": true|false}``, where ``identity`` is ``["file", absolute path, size, mtime_ns]`` for a
+  file, or ``["pixels", [F, H, W, 3], SHA-256 hex of the float32 C-order pixel bytes]`` for in-memory items.
+  Frame indices stand for the whole frame selection (count, fps resampling, mode). Moving the dataset folder
+  therefore re-encodes its latents; moving model files does not (see :func:`encoder_identity`). The latent format
+  is not part of the key: the VAE id already tells VAEs apart. ``CACHE_VERSION`` is bumped when
+  decoding/resizing or the file layout changes.
+- **Latents as the VAE returns them, float32.** A latent format with a scaling factor is stored unscaled (the
+  official Kandinsky 5 trainer caches unscaled latents and scales them in the loop; musubi stores scaled ones —
+  we do not); the trainer applies ``LatentFormat.to_model``. So entries equal ComfyUI ``LATENT`` samples.
+  float32 keeps exactly what the VAE produced whatever dtype it ran in; the cost is small (a 121-frame 512×512
+  clip is 8 MB with 16 channels). Every encoded latent is checked against ``LatentFormat.latent_shape``.
 - **I2V**: "first" / "last" are the first / last frame of the clip encoded ALONE as one-frame videos, as the
   official I2V pipeline encodes its conditioning image (not latent frames sliced out of the clip, whose last
-  latent frame mixes 4 frames). For a one-frame clip both equal "latent". (musubi's ``latents_image`` also
+  latent frame mixes several frames). For a one-frame clip both equal "latent". (musubi's ``latents_image`` also
   holds first and last frame latents.)
-- **Templates**: video items use the Qwen template ``"video"``, one-frame items (images) ``"image"``; pass
+- **Templates**: video items use the prompt template ``"video"``, one-frame items (images) ``"image"``; pass
   ``template_for`` to choose otherwise (musubi-tuner picks one template per dataset: ``"video"`` if any item has
   more than one frame). The empty caption ``""`` is cached for every template in use, for caption dropout
   (:func:`empty_text_path`).
@@ -77,6 +87,7 @@ from ..core.checkpoint import (
     save_file_atomic,
     write_json_atomic,
 )
+from ..core.family import LatentFormat
 from ..core.media import MediaError
 from .data import (
     Bucket,
@@ -112,14 +123,14 @@ TemplateFn = Callable[[DatasetItem], str]
 
 class TextEncoderLike(Protocol):
     """What :func:`cache_text` needs: ``encode(prompts, template)`` → object with ``text``, ``text_mask``,
-    ``pooled`` (like :class:`~cinetune.k5.text.K5TextEncoder`)."""
+    ``pooled`` (the text encoder wrapper of a model family)."""
 
     def encode(self, prompts: list[str], template: str = "video"): ...
 
 
 class VAELike(Protocol):
-    """What :func:`cache_latents` needs: ``encode(video [B, 3, F, H, W] in [-1, 1])`` → raw latent
-    ``[B, 16, T, h, w]`` (like :class:`~cinetune.k5.vae.K5VAE`)."""
+    """What :func:`cache_latents` needs: ``encode(video [B, 3, F, H, W] in [-1, 1])`` → latent
+    ``[B, C, F', H', W']`` of the frame spec's latent format (the VAE wrapper of a model family)."""
 
     def encode(self, video: Tensor) -> Tensor: ...
 
@@ -134,18 +145,18 @@ class CachedSample:
 
     Attributes:
         key: latent key (64 hex chars, see the module notes).
-        latent_path: safetensors file with "latent" ``[16, T, h, w]`` float32 raw VAE latent,
-            ``T = (frames−1)/4 + 1``, ``h, w = bucket height/8, width/8``; with i2v also "first" and "last"
-            ``[16, 1, h, w]`` (read with :func:`read_latent`).
+        latent_path: safetensors file with "latent" ``[C, F', H', W']`` float32 VAE latent
+            (``LatentFormat.latent_shape(bucket width, bucket height, frames)``); with i2v also "first" and "last"
+            ``[C, 1, H', W']`` (read with :func:`read_latent`).
         text_key: text key of (caption, template, encoder id).
         text_path: safetensors file with "text" ``[L, D]`` and "pooled" ``[D2]`` float32 (read with :func:`read_text`).
         caption: the caption as encoded.
         item_id: the item's ``source_id``.
         bucket: ``(width, height)`` in pixels.
-        frames: video frames in the clip (4k+1; 1 for images).
+        frames: video frames in the clip (valid for the latent format; 1 for images).
         kind: ``"video"`` or ``"image"`` (the item's kind).
         repeats: how many times the sample counts per epoch.
-        template: the Qwen template the caption was encoded with; caption dropout uses
+        template: the prompt template the caption was encoded with; caption dropout uses
             ``empty_text_path(cache_dir, encoder_id, template)``.
     """
 
@@ -247,7 +258,7 @@ def encoder_identity(*paths_or_strings: str | os.PathLike, dtype: torch.dtype | 
 
 
 def default_template(item: DatasetItem) -> str:
-    """Qwen template for an item: ``"video"`` for video items, ``"image"`` for images (see the module notes)."""
+    """Prompt template for an item: ``"video"`` for video items, ``"image"`` for images (see the module notes)."""
     return "video" if item.kind == "video" else "image"
 
 
@@ -375,8 +386,7 @@ def cache_text(dataset: Dataset, encoder: TextEncoderLike, cache_dir: str | os.P
 
     Args:
         dataset: from :func:`~cinetune.training.data.scan_folder` or ``from_tensors``.
-        encoder: a loaded :class:`~cinetune.k5.text.K5TextEncoder` (or anything with the same ``encode``), on any
-            device; it is not moved.
+        encoder: a loaded text encoder wrapper (:class:`TextEncoderLike`), on any device; it is not moved.
         cache_dir: cache folder (created if missing); entries go to its ``text/`` sub-folder.
         encoder_id: from :func:`encoder_identity` for the text-encoder files and dtype.
         template_for: ``item → template name``; None = :func:`default_template`.
@@ -444,11 +454,15 @@ class _Job:
     key: str
 
 
+def _bucket_step(frame_spec: FrameSpec, bucket_step: int | None) -> int:
+    return frame_spec.latent_format.size_multiple if bucket_step is None else bucket_step
+
+
 def _plan_latents(dataset: Dataset, vae_id: str, frame_spec: FrameSpec, base_resolution: int, bucket_step: int,
                   allow_upscale: bool, i2v: bool) -> tuple[list[_Job], list[DatasetProblem]]:
     """Clips with bucket and key (no decoding); problems for too-short, bucketless and vanished items."""
     clips, problems = plan_clips(dataset, frame_spec)
-    buckets = make_buckets(base_resolution, step=bucket_step)
+    buckets = make_buckets(base_resolution, frame_spec.latent_format, step=bucket_step)
     jobs, memo = [], {}
     for clip in clips:
         item = clip.item
@@ -474,10 +488,21 @@ def _nothing_usable(problems: list[DatasetProblem]) -> DatasetError:
                         + _listed([str(p) for p in problems]))
 
 
-def _encode_clip(vae: VAELike, pixels: Tensor, i2v: bool) -> dict[str, Tensor]:
-    """``pixels`` [3, F, H, W] → {"latent" [16, T, h, w], and with i2v "first"/"last" [16, 1, h, w]}, CPU float32."""
+def _encode_clip(vae: VAELike, pixels: Tensor, i2v: bool, latent_format: LatentFormat) -> dict[str, Tensor]:
+    """``pixels`` [3, F, H, W] → {"latent" [C, F', H', W'], and with i2v "first"/"last" [C, 1, H', W']}, CPU float32.
+
+    Raises:
+        ValueError: the VAE returned another shape than ``latent_format.latent_shape`` (a VAE of another family).
+    """
     def encode(video: Tensor) -> Tensor:
-        return vae.encode(video[None])[0].detach().to("cpu", torch.float32)
+        _, frames, height, width = video.shape
+        expected = latent_format.latent_shape(width, height, frames)
+        latent = vae.encode(video[None])[0].detach().to("cpu", torch.float32)
+        if tuple(latent.shape) != expected:
+            raise ValueError(f"the VAE encoded a {width}x{height} clip of {frames} frames to a latent of shape "
+                             f"{list(latent.shape)}, but latent format {latent_format.name!r} gives "
+                             f"{list(expected)} [C, F', H', W']; use the VAE of the model family the cache is for")
+        return latent
 
     out = {"latent": encode(pixels)}
     if i2v:
@@ -490,28 +515,30 @@ def _encode_clip(vae: VAELike, pixels: Tensor, i2v: bool) -> dict[str, Tensor]:
 
 
 def cache_latents(dataset: Dataset, vae: VAELike, cache_dir: str | os.PathLike, *, vae_id: str,
-                  frame_spec: FrameSpec, base_resolution: int = 512, bucket_step: int = 16,
+                  frame_spec: FrameSpec, base_resolution: int = 512, bucket_step: int | None = None,
                   allow_upscale: bool = False, i2v: bool = False, progress: ProgressFn | None = None,
                   check_interrupt: InterruptFn | None = None) -> CacheReport:
     """Encode every training clip of a dataset with the VAE and store the raw latents.
 
     Clips come from :func:`~cinetune.training.data.plan_clips` with ``frame_spec`` (images give one one-frame
-    clip), buckets from ``make_buckets(base_resolution, step=bucket_step)`` and ``assign_bucket``. Each clip is
-    decoded with ``load_clip`` (centre crop + resize to its bucket), encoded as one video, and written atomically
-    to ``<cache_dir>/latents/<key>.safetensors`` as "latent" ``[16, (F−1)/4+1, H/8, W/8]`` float32 raw (unscaled)
-    latent; with ``i2v`` the clip's first and last frames are also encoded alone into "first" / "last"
-    ``[16, 1, H/8, W/8]``. Clips already cached (same key, complete file) are skipped without decoding.
+    clip), buckets from ``make_buckets(base_resolution, frame_spec.latent_format, step=bucket_step)`` and
+    ``assign_bucket``. Each clip is decoded with ``load_clip`` (centre crop + resize to its bucket), encoded as one
+    video, and written atomically to ``<cache_dir>/latents/<key>.safetensors`` as "latent" ``[C, F', H', W']``
+    (``frame_spec.latent_format.latent_shape(W, H, F)``) float32, as the VAE returns it; with ``i2v`` the clip's
+    first and last frames are also encoded alone into "first" / "last" ``[C, 1, H', W']``. Clips already cached
+    (same key, complete file) are skipped without decoding.
 
     Args:
         dataset: from ``scan_folder`` or ``from_tensors``.
-        vae: a loaded :class:`~cinetune.k5.vae.K5VAE` (or anything with ``encode(video [B,3,F,H,W]) → [B,16,T,h,w]``),
-            on any device; pixels are handed over on CPU and it moves them.
+        vae: a loaded VAE wrapper of the model family (:class:`VAELike`: ``encode(video [B, 3, F, H, W]) →
+            [B, C, F', H', W']``), on any device; pixels are handed over on CPU and it moves them.
         cache_dir: cache folder (created if missing); entries go to its ``latents/`` sub-folder.
         vae_id: from :func:`encoder_identity` for the VAE file, dtype and any setting that changes latents
             (tiling).
-        frame_spec: frames per clip, selection mode and fps (``FrameSpec``).
+        frame_spec: frames per clip, selection mode, fps and the latent format (``FrameSpec``).
         base_resolution: bucket area ≈ ``base_resolution²`` pixels.
-        bucket_step: bucket sides are multiples of this: 16, or 128 with NABLA.
+        bucket_step: bucket sides are multiples of this; None = the latent format's ``size_multiple`` (a coarser
+            grid, e.g. for sparse attention, must be a multiple of it).
         allow_upscale: enlarge items smaller than their bucket (otherwise a smaller bucket of the same aspect).
         i2v: also cache the first/last frame latents for image-to-video training.
         progress: called as ``progress(done, total)`` after each clip (total = clips with a bucket).
@@ -523,9 +550,11 @@ def cache_latents(dataset: Dataset, vae: VAELike, cache_dir: str | os.PathLike, 
 
     Raises:
         DatasetError: no clip could be cached (the message lists every problem).
-        ValueError: bad ``base_resolution`` / ``bucket_step``, or the VAE rejects a clip shape.
+        ValueError: bad ``base_resolution`` / ``bucket_step``, the VAE rejects a clip shape, or it returns a latent
+            whose shape differs from the latent format's.
         NotADirectoryError: ``cache_dir`` is a file.
     """
+    bucket_step = _bucket_step(frame_spec, bucket_step)
     try:
         jobs, problems = _plan_latents(dataset, vae_id, frame_spec, base_resolution, bucket_step, allow_upscale, i2v)
     except DatasetError as exc:  # no clip at all: list the scan problems too
@@ -543,7 +572,7 @@ def cache_latents(dataset: Dataset, vae: VAELike, cache_dir: str | os.PathLike, 
                 skipped += 1
                 _record_latent(manifest, folder, job, path, vae_id, i2v)
             else:
-                error = _write_latent(vae, folder, job, path, vae_id, i2v)
+                error = _write_latent(vae, folder, job, path, vae_id, i2v, frame_spec.latent_format)
                 if error is None:
                     written += 1
                     _record_latent(manifest, folder, job, path, vae_id, i2v)
@@ -559,7 +588,8 @@ def cache_latents(dataset: Dataset, vae: VAELike, cache_dir: str | os.PathLike, 
     return CacheReport(written, skipped, problems, Path(cache_dir))
 
 
-def _write_latent(vae: VAELike, folder: Path, job: _Job, path: Path, vae_id: str, i2v: bool) -> DatasetProblem | None:
+def _write_latent(vae: VAELike, folder: Path, job: _Job, path: Path, vae_id: str, i2v: bool,
+                  latent_format: LatentFormat) -> DatasetProblem | None:
     """Decode and encode one clip and write its entry; a clip that fails to decode gets a failure marker."""
     item = job.clip.item
     try:
@@ -569,10 +599,10 @@ def _write_latent(vae: VAELike, folder: Path, job: _Job, path: Path, vae_id: str
         write_json_atomic({"item": item.name, "error": message}, folder / f"{job.key}{_FAILED_SUFFIX}")
         return DatasetProblem(item.path, f"cannot be decoded: {message}; re-encode the file or remove it from "
                                          "the folder")
-    save_file_atomic(_encode_clip(vae, pixels, i2v), path, metadata={
+    save_file_atomic(_encode_clip(vae, pixels, i2v, latent_format), path, metadata={
         "format": "cinetune latent cache", "version": str(CACHE_VERSION), "item": item.source_id,
         "bucket": str(job.bucket), "frames": str(len(job.clip.indices)), "vae_id": vae_id,
-        "i2v": str(bool(i2v)).lower(), "latent": "raw (unscaled) VAE latent"})
+        "i2v": str(bool(i2v)).lower(), "latent": "VAE latent as encoded (unscaled)"})
     return None
 
 
@@ -590,7 +620,7 @@ def _record_latent(manifest: _Manifest, folder: Path, job: _Job, path: Path, vae
 
 
 def load_cached_dataset(dataset: Dataset, cache_dir: str | os.PathLike, *, encoder_id: str, vae_id: str,
-                        frame_spec: FrameSpec, base_resolution: int = 512, bucket_step: int = 16,
+                        frame_spec: FrameSpec, base_resolution: int = 512, bucket_step: int | None = None,
                         allow_upscale: bool = False, i2v: bool = False,
                         template_for: TemplateFn | None = None) -> list[CachedSample]:
     """The cached training samples of a dataset, found by recomputing the keys (nothing is decoded or encoded).
@@ -608,6 +638,7 @@ def load_cached_dataset(dataset: Dataset, cache_dir: str | os.PathLike, *, encod
     """
     template_for = template_for or default_template
     cache_dir = Path(cache_dir)
+    bucket_step = _bucket_step(frame_spec, bucket_step)
     try:
         jobs, _ = _plan_latents(dataset, vae_id, frame_spec, base_resolution, bucket_step, allow_upscale, i2v)
     except DatasetError as exc:
@@ -671,8 +702,8 @@ def read_latent(sample: CachedSample) -> dict[str, Tensor]:
     """Load a sample's latents.
 
     Returns:
-        ``{"latent": [16, T, h, w]}`` plus ``"first"`` and ``"last"`` ``[16, 1, h, w]`` when cached with i2v; float32,
-        CPU, raw (unscaled: multiply by ``k5.vae.SCALING_FACTOR`` for the DiT).
+        ``{"latent": [C, F', H', W']}`` plus ``"first"`` and ``"last"`` ``[C, 1, H', W']`` when cached with i2v;
+        float32, CPU, as the VAE returned them (``LatentFormat.to_model`` gives what the DiT works on).
 
     Raises:
         CacheError: file missing, truncated, or without a 4-D "latent" (the message says to run the latent cacher).
@@ -689,7 +720,7 @@ def read_text(path: str | os.PathLike) -> tuple[Tensor, Tensor]:
     """Load a cached caption embedding.
 
     Returns:
-        ``(text [L, D], pooled [D2])``, float32, CPU: Qwen hidden states of the L valid tokens and the CLIP pooled
+        ``(text [L, D], pooled [D2])``, float32, CPU: the encoder's hidden states of the L valid tokens and its pooled
         vector. For a batch, pad ``text`` on the right and build the mask from the lengths.
 
     Raises:

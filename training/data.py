@@ -1,14 +1,16 @@
 """Training data: folder scanning with captions, frame selection with fps resampling, aspect buckets.
 
-The pieces, in the order a latent cacher uses them::
+The pieces, in the order a latent cacher uses them (``fmt`` is the model family's
+:class:`~cinetune.core.family.LatentFormat`)::
 
-    ds = scan_folder("dataset/", trigger_word="ohwx")         # items + per-file problems
-    clips, problems = plan_clips(ds, FrameSpec(17, "head"))   # frame indices per item
-    buckets = make_buckets(512)                               # equal-area sizes, sides % 16 == 0
+    ds = scan_folder("dataset/", trigger_word="ohwx")                   # items + per-file problems
+    clips, problems = plan_clips(ds, FrameSpec(17, latent_format=fmt))  # frame indices per item
+    buckets = make_buckets(512, fmt)                                    # equal-area sizes, sides % size_multiple == 0
     bucket = assign_bucket(item.width, item.height, buckets)
-    pixels = load_clip(item, indices, bucket)                 # [3, F, H, W] float in [-1, 1]
+    pixels = load_clip(item, indices, bucket)                           # [3, F, H, W] float in [-1, 1]
 
-Decisions (K5 training facts: frames 4k+1, 24 fps, sides multiples of 16 px, 128 px with NABLA):
+Decisions (the model's facts — frame rule ``temporal_factor·k + 1``, default frame rate, pixel size multiple —
+come from its latent format; nothing here is specific to one model):
 
 - **Captions** come from a same-name text file next to the media (``clip.mp4`` → ``clip.txt``).
   The file is read as UTF-8 (a BOM is ignored); its non-empty lines, stripped, are joined with one
@@ -63,6 +65,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from ..core.family import LatentFormat
 from ..core.media import MediaError, count_decodable_frames, decode_frames, probe_video
 
 __all__ = [
@@ -89,7 +92,8 @@ class TooShortError(DatasetError):
     Attributes:
         needed: frames the clip needs (``FrameSpec.target_frames``).
         available: frames available after resampling to the target fps.
-        largest_valid: the largest 4k+1 count ≤ ``available`` (the longest clip this video can give).
+        largest_valid: the largest valid frame count (the latent format's frame rule) ≤ ``available``: the longest
+            clip this video can give.
     """
 
     def __init__(self, message: str, *, needed: int, available: int, largest_valid: int):
@@ -325,7 +329,7 @@ def _tensor_digest(pixels: Tensor) -> str:
     return hashlib.sha256(data.data).hexdigest()[:16]
 
 
-def from_tensors(frames_list: Sequence[Tensor], captions: str | Sequence[str], *, fps: float | None = 24.0,
+def from_tensors(frames_list: Sequence[Tensor], captions: str | Sequence[str], *, fps: float | None = None,
                  repeats: int = 1, trigger_word: str = "", names: Sequence[str] | None = None) -> Dataset:
     """Build a dataset from frames held in memory (IMAGE batches coming from other ComfyUI nodes).
 
@@ -333,7 +337,7 @@ def from_tensors(frames_list: Sequence[Tensor], captions: str | Sequence[str], *
         frames_list: one tensor per item, ``[F, H, W, 3]`` (or ``[H, W, 3]``) float in 0..1. ``F == 1``
             makes an image item, ``F > 1`` a video item at ``fps``. Kept by reference on CPU.
         captions: one caption per item, or one string for all items.
-        fps: frame rate of the video items; None = no fps resampling for them.
+        fps: frame rate of the video items; None = unknown, they are not resampled.
         repeats: times each item counts per epoch, ≥ 1.
         trigger_word: applied as in :func:`scan_folder`.
         names: optional names used in ``source_id`` (``<name>-<content hash>``) and messages.
@@ -415,43 +419,50 @@ def dataset_fingerprint(items: Dataset | Iterable[DatasetItem]) -> str:
 # --------------------------------------------------------------------------------------------- frames
 
 
-def _nearest_4k1(n: int) -> tuple[int, int]:
-    below = 4 * ((n - 1) // 4) + 1
-    return below, below + 4
-
-
 @dataclass(frozen=True)
 class FrameSpec:
     """Which frames make a training clip.
 
     Attributes:
-        target_frames: frames per clip, 4k+1 (1, 5, 9, ... 17, ... 121); the K5 VAE compresses time 4×
-            with a causal first frame.
+        target_frames: frames per clip, valid for the latent format (``temporal_factor·k + 1``: the VAE packs
+            ``temporal_factor`` frames per latent frame after the first).
         mode: ``"head"`` | ``"uniform"`` | ``"chunks"`` (see :func:`frame_indices`).
-        target_fps: frame rate the clip plays at (K5 trains at 24); None = keep the source rate.
+        target_fps: frame rate the clip plays at; ``"format"`` (default) = the latent format's ``default_fps``
+            (stored resolved); None = keep the source rate.
         chunk_stride: ``chunks`` mode only: start-to-start distance in resampled frames (≥ 1);
             None = ``target_frames`` (no overlap).
+        latent_format: the model family's :class:`~cinetune.core.family.LatentFormat` (keyword only).
 
     Raises:
-        ValueError: a count that is not 4k+1 (the message names the nearest valid ones), an unknown
+        ValueError: a frame count the format cannot encode (the message names the nearest valid ones), an unknown
             mode, a non-positive fps or stride, or a stride outside ``chunks`` mode.
+        TypeError: ``latent_format`` is not a LatentFormat.
     """
 
     target_frames: int
     mode: Literal["head", "uniform", "chunks"] = "head"
-    target_fps: float | None = 24.0
+    target_fps: float | None | Literal["format"] = "format"
     chunk_stride: int | None = None
+    latent_format: LatentFormat = field(kw_only=True)
 
     def __post_init__(self):
+        fmt = self.latent_format
+        if not isinstance(fmt, LatentFormat):
+            raise TypeError(f"latent_format must be the model family's LatentFormat, got {type(fmt).__name__}")
         n = self.target_frames
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"target_frames must be an integer 4k+1 ≥ 1 (1, 5, 9, 13, 17, ...), got {n!r}")
-        if (n - 1) % 4:
-            below, above = _nearest_4k1(n)
-            raise ValueError(f"target_frames must be 4k+1 (the VAE packs 4 frames per latent after the first); "
-                             f"{n} is not: use {below} or {above}")
+            raise ValueError(f"target_frames must be an integer {fmt.frame_rule} ≥ 1 "
+                             f"({', '.join(str(fmt.pixel_frames(k)) for k in range(1, 5))}, ...), got {n!r}")
+        if not fmt.valid_frames(n):
+            below, above = fmt.nearest_frames(n)
+            raise ValueError(f"target_frames must be {fmt.frame_rule} (the VAE packs {fmt.temporal_factor} frames per "
+                             f"latent after the first); {n} is not: use {below} or {above}")
         if self.mode not in ("head", "uniform", "chunks"):
             raise ValueError(f"mode must be 'head', 'uniform' or 'chunks', got {self.mode!r}")
+        if isinstance(self.target_fps, str):
+            if self.target_fps != "format":
+                raise ValueError(f"target_fps must be a number, None or 'format', got {self.target_fps!r}")
+            object.__setattr__(self, "target_fps", fmt.default_fps)
         if self.target_fps is not None and not (math.isfinite(self.target_fps) and self.target_fps > 0):
             raise ValueError(f"target_fps must be a finite number > 0 or None, got {self.target_fps!r}")
         if self.chunk_stride is not None:
@@ -497,7 +508,7 @@ def frame_indices(source_frames: int, source_fps: float | None, spec: FrameSpec)
 
     Raises:
         TooShortError: fewer resampled frames than ``target_frames``; the message gives the frames
-            available and the largest valid 4k+1 count.
+            available and the largest valid count.
         ValueError: ``source_frames`` < 1 or a non-positive ``source_fps``.
     """
     if isinstance(source_frames, bool) or not isinstance(source_frames, int) or source_frames < 1:
@@ -507,7 +518,7 @@ def frame_indices(source_frames: int, source_fps: float | None, spec: FrameSpec)
     timeline = _resampled(source_frames, source_fps, spec.target_fps)
     n, t = len(timeline), spec.target_frames
     if n < t:
-        largest = _nearest_4k1(n)[0]
+        largest = spec.latent_format.nearest_frames(n)[0]
         rate = ""
         if source_fps is not None and spec.target_fps is not None:
             rate = (f" at {spec.target_fps:g} fps ({source_frames} source frames at {source_fps:g} fps, "
@@ -589,14 +600,16 @@ def _positive_int(name: str, value) -> int:
     return value
 
 
-def make_buckets(base_resolution: int | tuple[int, int], *, step: int = 16, min_side: int | None = None,
-                 max_side: int | None = None, max_aspect: float = 4.0) -> list[Bucket]:
+def make_buckets(base_resolution: int | tuple[int, int], latent_format: LatentFormat, *, step: int | None = None,
+                 min_side: int | None = None, max_side: int | None = None, max_aspect: float = 4.0) -> list[Bucket]:
     """Equal-area aspect buckets around a base resolution.
 
     Args:
         base_resolution: ``R`` (target area ``R·R``) or ``(width, height)`` (target area ``width·height``;
             that exact size is a bucket when both sides are multiples of ``step``).
-        step: every side is a multiple of this: 16 for K5 (8× VAE, 2× patch), 128 with NABLA.
+        latent_format: the model family's :class:`~cinetune.core.family.LatentFormat`.
+        step: every side is a multiple of this; None = the format's ``size_multiple``. A coarser grid a mode of the
+            family needs (e.g. sparse-attention tiles) must be a multiple of ``size_multiple``.
         min_side: shortest allowed side (rounded up to ``step``); None = half the square side.
         max_side: longest allowed side (rounded down to ``step``); None = twice the square side.
         max_aspect: largest long/short side ratio (≥ 1).
@@ -607,10 +620,11 @@ def make_buckets(base_resolution: int | tuple[int, int], *, step: int = 16, min_
         short side (within about ``step / short side`` of the target).
 
     Raises:
-        ValueError: non-positive sizes, ``max_aspect`` < 1, or limits that leave no bucket (the message
-            gives the limits).
+        ValueError: non-positive sizes, a ``step`` that is not a multiple of the format's size multiple,
+            ``max_aspect`` < 1, or limits that leave no bucket (the message gives the limits).
+        TypeError: ``latent_format`` is not a LatentFormat.
     """
-    step = _positive_int("step", step)
+    step = _bucket_step(latent_format, step)
     if isinstance(base_resolution, (tuple, list)):
         if len(base_resolution) != 2:
             raise ValueError(f"base_resolution must be an int or (width, height), got {base_resolution!r}")
@@ -657,6 +671,19 @@ def make_buckets(base_resolution: int | tuple[int, int], *, step: int = 16, min_
     return sorted(found.values(), key=lambda b: (b.aspect, b.area))
 
 
+def _bucket_step(latent_format: LatentFormat, step: int | None) -> int:
+    """``step``, or the format's size multiple when None; checked against the format."""
+    if not isinstance(latent_format, LatentFormat):
+        raise TypeError(f"latent_format must be the model family's LatentFormat, got {type(latent_format).__name__}")
+    if step is None:
+        return latent_format.size_multiple
+    step = _positive_int("step", step)
+    if step % latent_format.size_multiple:
+        raise ValueError(f"bucket step {step} px is not a multiple of {latent_format.size_multiple} px, the size "
+                         f"multiple of latent format {latent_format.name!r}; use a multiple of it")
+    return step
+
+
 def _fitting_bucket(width: int, height: int, aspect: float, step: int) -> Bucket | None:
     """Largest bucket with sides multiples of ``step``, aspect ≈ ``aspect``, fitting inside width×height."""
     sizes = [(max(step, round(h * aspect / step) * step), h) for h in range(step, height + 1, step)]
@@ -681,7 +708,7 @@ def assign_bucket(width: int, height: int, buckets: Sequence[Bucket], *, allow_u
         buckets: from :func:`make_buckets`.
         allow_upscale: True = always return the nearest-aspect bucket, upscaling small items.
         step: side multiple for the no-upscale fallback; None = the largest power of two dividing
-            every listed side, capped at 128 (16 for :func:`make_buckets` defaults).
+            every listed side, capped at 128.
         name: item name for error messages (e.g. its file).
 
     Returns:

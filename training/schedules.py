@@ -117,7 +117,7 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], name: str, *, lr: float
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {name!r}.")
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"learning_rate must be a finite number > 0 (K5 LoRA: 1e-4); got {lr!r}.")
+        raise ValueError(f"learning_rate must be a finite number > 0 (e.g. 1e-4); got {lr!r}.")
     if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"weight_decay must be a finite number ≥ 0; got {weight_decay!r}.")
     params = list(params)

@@ -117,7 +117,8 @@ from torch.utils.checkpoint import checkpoint
 from ..core.attention import check_backend
 from ..core.checkpoint import atomic_path, write_json_atomic
 from ..core.flow import add_noise, logit_normal_sigmas, shift_sigmas, velocity_target
-from ..core.lora import K5_LORA_TARGETS, LoRALinear, guess_model_family, inject_lora, load_lora, remove_lora, save_lora
+from ..core.lora import LoRALinear, guess_model_family, inject_lora, load_lora, remove_lora, save_lora
+from ..k5.family import K5_BLOCK_PREFIXES, K5_LORA_TARGETS
 from ..k5.nabla import NablaConfig, check_nabla_grid
 from ..k5.vae import SCALING_FACTOR
 from .schedules import LR_SCHEDULES, OPTIMIZERS, lr_multiplier, make_optimizer, make_scheduler
@@ -320,7 +321,7 @@ class TrainConfig:
 
     Attributes:
         rank, alpha: LoRA rank and alpha (scale alpha/rank). targets: Linear-name suffixes inside the text/visual
-            blocks (default :data:`~cinetune.core.lora.K5_LORA_TARGETS`, official/musubi).
+            blocks (default :data:`~cinetune.k5.family.K5_LORA_TARGETS`, official/musubi).
         learning_rate, optimizer (``"adamw"``, ``"adamw8bit"``, ``"adafactor"``), weight_decay, betas, eps:
             see :mod:`cinetune.training.schedules`.
         lr_schedule: ``"constant"``, ``"constant_with_warmup"``, ``"cosine"``, ``"linear"``; warmup_steps: W.
@@ -895,7 +896,7 @@ class _Run:
     def setup(self) -> None:
         cfg = self.config
         self.modules = inject_lora(self.model, rank=cfg.rank, alpha=cfg.alpha, targets=cfg.targets,
-                                   dtype=cfg.lora_dtype, generator=self.generator)
+                                   within=K5_BLOCK_PREFIXES, dtype=cfg.lora_dtype, generator=self.generator)
         self.params = [p for m in self.modules.values() for p in (m.lora_down, m.lora_up)]
         for p in self.params:  # under block swap a base weight may live in CPU memory; the adapter trains on device
             p.data = p.data.to(self.device)

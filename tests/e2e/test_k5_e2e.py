@@ -190,9 +190,10 @@ def _first_frames(comfy_client, comfy_layout, prompt) -> torch.Tensor:
 def test_lora_loader_changes_the_video_and_strength_zero_does_not(comfy_client, comfy_layout):
     from cinetune.core.lora import inject_lora, save_lora
     from cinetune.k5.dit import load_k5_dit
+    from cinetune.k5.family import K5_FAMILY
 
     model = load_k5_dit(Path(comfy_layout.models) / "diffusion_models" / TINY_NAMES["dit"], weight_dtype="fp32").model
-    modules = inject_lora(model, rank=4, alpha=4.0)
+    modules = inject_lora(model, rank=4, alpha=4.0, targets=K5_FAMILY.lora_targets, within=K5_FAMILY.lora_within)
     generator = torch.Generator().manual_seed(0)
     for m in modules.values():
         m.lora_up.data = torch.randn(m.lora_up.shape, generator=generator) * 0.5

@@ -3,6 +3,7 @@ interruption, loading the cached dataset back, bad input."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -13,7 +14,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from cinetune.core.family import LatentFormat
 from cinetune.core.media import write_video
+from cinetune.k5.family import K5_LATENT_FORMAT
 from cinetune.k5.text import load_k5_text_encoder
 from cinetune.k5.tiny import write_tiny_clip, write_tiny_qwen, write_tiny_vae
 from cinetune.k5.vae import load_k5_vae
@@ -36,7 +39,7 @@ from cinetune.training.data import (
     scan_folder,
 )
 
-SPEC = FrameSpec(17, "head", 24.0)
+SPEC = FrameSpec(17, "head", 24.0, latent_format=K5_LATENT_FORMAT)
 SETTINGS = dict(frame_spec=SPEC, base_resolution=64)  # buckets 80x48 (BBB, chelsea) and 64x64 (astronaut)
 CAPTIONS = {"bbb.mp4": "a big rabbit wakes up", "astronaut.png": "an astronaut", "chelsea.png": "a ginger cat"}
 
@@ -216,6 +219,81 @@ def test_read_functions_reject_missing_and_damaged_files(built, models, tmp_path
 
 
 # ------------------------------------------------------------------------------------------------------ keys
+
+
+def documented_key(payload: dict) -> str:
+    """The key recipe of the module notes: SHA-256 of the compact, key-sorted JSON of the payload."""
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def test_keys_follow_the_documented_recipe(built, models):
+    """Kandinsky 5 caches written before the latent format existed stay valid: same keys (format version 1)."""
+    def file_identity(name: str) -> list:
+        path = built.ds.items[[i.source_id for i in built.ds.items].index(name)].path
+        st = path.stat()
+        return ["file", str(path.absolute()), st.st_size, st.st_mtime_ns]
+
+    bbb_indices = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17]  # 17 frames at 24 fps from 25 fps
+    expected = {
+        "astronaut.png": documented_key({"v": 1, "item": file_identity("astronaut.png"), "indices": [0],
+                                          "bucket": [64, 64], "vae": models.vae_id, "i2v": True}),
+        "bbb.mp4": documented_key({"v": 1, "item": file_identity("bbb.mp4"), "indices": bbb_indices,
+                                    "bucket": [80, 48], "vae": models.vae_id, "i2v": True}),
+    }
+    samples = {s.item_id: s for s in load_cached_dataset(built.ds, built.cache, encoder_id=models.encoder_id,
+                                                         vae_id=models.vae_id, i2v=True, **SETTINGS)}
+    for item_id, key in expected.items():
+        assert samples[item_id].key == key and (built.cache / "latents" / f"{key}.safetensors").is_file()
+    text_key = documented_key({"v": 1, "caption": "an astronaut", "template": "image",
+                               "encoder": models.encoder_id})
+    assert samples["astronaut.png"].text_key == text_key
+    assert (built.cache / "text" / f"{text_key}.safetensors").is_file()
+    assert empty_text_path(built.cache, models.encoder_id, "video").stem == documented_key(
+        {"v": 1, "caption": "", "template": "video", "encoder": models.encoder_id})
+
+
+class ShapedVAE:
+    """Stand-in VAE of a given latent geometry: [B, 3, F, H, W] → [B, C, (F−1)/t + 1, H/s, W/s] (pooled pixels)."""
+
+    def __init__(self, channels: int, spatial: int, temporal: int):
+        self.channels, self.spatial, self.temporal = channels, spatial, temporal
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        first, rest = video[:, :, :1], video[:, :, 1:]
+        frames = torch.cat([first, rest.unflatten(2, (-1, self.temporal)).mean(3)], dim=2) if rest.shape[2] else first
+        pooled = torch.nn.functional.avg_pool3d(frames, (1, self.spatial, self.spatial))
+        return pooled.mean(1, keepdim=True).expand(-1, self.channels, -1, -1, -1).contiguous()
+
+
+def read_latent_file(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+    return load_file(path)["latent"]
+
+
+def test_latent_cache_follows_another_latent_format(tmp_path):
+    """An LTX-2-shaped format (128 channels, ×32, 8k+1 frames, 32 px): buckets, clips and shapes follow it."""
+    ltx = LatentFormat(name="ltx-2-shaped", channels=128, spatial_factor=32, temporal_factor=8, size_multiple=32,
+                       default_fps=24.0)
+    video = torch.rand(12, 70, 100, 3, generator=torch.Generator().manual_seed(1))
+    ds = from_tensors([video], "noise", fps=24.0)
+    spec = FrameSpec(9, latent_format=ltx)
+    report = cache_latents(ds, ShapedVAE(128, 32, 8), tmp_path, vae_id="shaped", frame_spec=spec,
+                           base_resolution=(96, 64))
+    (entry,) = entries(tmp_path / "latents")
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())["entries"][entry.stem]
+    assert manifest["bucket"] == [96, 64] and manifest["indices"] == list(range(9))
+    assert report.written == 1 and read_latent_file(entry).shape == (128, 2, 2, 3)  # 9 frames → 2, 64/32, 96/32
+    with pytest.raises(ValueError, match="bucket step 16 px is not a multiple of 32 px"):
+        cache_latents(ds, ShapedVAE(128, 32, 8), tmp_path, vae_id="shaped", frame_spec=spec, bucket_step=16)
+
+
+def test_a_vae_of_another_geometry_is_refused(tmp_path):
+    ds = from_tensors([torch.rand(1, 64, 64, 3)], "noise")
+    with pytest.raises(ValueError, match=r"latent of shape \[8, 1, 8, 8\], but latent format 'kandinsky-5' gives "
+                                         r"\[16, 1, 8, 8\]"):
+        cache_latents(ds, ShapedVAE(8, 8, 4), tmp_path, vae_id="wrong", **SETTINGS)
+    assert entries(tmp_path / "latents") == []
 
 
 def test_second_run_encodes_nothing(built, models):

@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cinetune.core.family import LatentFormat
 from cinetune.core.media import MediaError, read_video, write_video
+from cinetune.k5.family import K5_LATENT_FORMAT
 from cinetune.training.data import (
     Bucket,
     Dataset,
@@ -33,6 +35,10 @@ from cinetune.training.data import (
 )
 
 BBB_FRAMES, BBB_FPS = 132, 25.0
+K5 = K5_LATENT_FORMAT
+# LTX-2's video latent geometry (reference ltx2.md §4, §6): 8k+1 frames, sizes multiples of 32 px, 24 fps
+LTX2_SHAPED = LatentFormat(name="ltx-2-shaped", channels=128, spatial_factor=32, temporal_factor=8, size_multiple=32,
+                           default_fps=24.0)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +166,7 @@ def nearest_source_frame(i: int, src: Fraction, dst: Fraction) -> int:
 
 
 def test_bbb_25_to_24_fps_resampling():
-    (clip,) = frame_indices(BBB_FRAMES, BBB_FPS, FrameSpec(125, "head"))
+    (clip,) = frame_indices(BBB_FRAMES, BBB_FPS, FrameSpec(125, "head", latent_format=K5))
     # 125/24 s of a 5.28 s video; hand-computed: t = i/24, frame = round(25 t), ties up
     assert clip[0] == 0 and clip[1] == 1 and clip[11] == 11 and clip[12] == 13  # 12.5 → 13: the first skip
     assert clip[23] == 24 and clip[24] == 25 and clip[124] == 129  # 129.17
@@ -169,39 +175,39 @@ def test_bbb_25_to_24_fps_resampling():
 
 
 def test_resampling_identity_and_upsampling(tiny_gif):
-    assert frame_indices(50, 24.0, FrameSpec(49))[0] == list(range(49))
-    assert frame_indices(50, 30.0, FrameSpec(49, target_fps=None))[0] == list(range(49))
-    assert frame_indices(50, None, FrameSpec(49))[0] == list(range(49))
+    assert frame_indices(50, 24.0, FrameSpec(49, latent_format=K5))[0] == list(range(49))
+    assert frame_indices(50, 30.0, FrameSpec(49, target_fps=None, latent_format=K5))[0] == list(range(49))
+    assert frame_indices(50, None, FrameSpec(49, latent_format=K5))[0] == list(range(49))
     # the GIF: 24 frames at 100/7 fps (1.68 s) → 40 frames at 24 fps, each source frame used 1-2 times
     with pytest.raises(TooShortError) as info:
-        frame_indices(24, 100 / 7, FrameSpec(41))
+        frame_indices(24, 100 / 7, FrameSpec(41, latent_format=K5))
     assert info.value.available == 40 and info.value.largest_valid == 37
-    (clip,) = frame_indices(24, 100 / 7, FrameSpec(37))
+    (clip,) = frame_indices(24, 100 / 7, FrameSpec(37, latent_format=K5))
     assert clip == sorted(clip) and clip[:5] == [0, 1, 1, 2, 2]
     assert set(clip) == set(range(22))  # the last target time, 36/24 s, is nearest to source frame 21.4
 
 
 def test_selection_modes_counts_and_bounds():
-    (head,) = frame_indices(BBB_FRAMES, BBB_FPS, FrameSpec(17, "head"))
+    (head,) = frame_indices(BBB_FRAMES, BBB_FPS, FrameSpec(17, "head", latent_format=K5))
     assert head == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17]
-    (uniform,) = frame_indices(BBB_FRAMES, BBB_FPS, FrameSpec(17, "uniform"))
+    (uniform,) = frame_indices(BBB_FRAMES, BBB_FPS, FrameSpec(17, "uniform", latent_format=K5))
     assert len(uniform) == 17 and uniform[0] == 0 and uniform[-1] == BBB_FRAMES - 1
     assert all(b > a for a, b in zip(uniform, uniform[1:]))
     steps = np.diff(uniform)
     assert steps.min() >= 7 and steps.max() <= 9  # evenly spread: 131/16 ≈ 8.2 source frames apart
-    chunks = frame_indices(BBB_FRAMES, BBB_FPS, FrameSpec(17, "chunks"))
+    chunks = frame_indices(BBB_FRAMES, BBB_FPS, FrameSpec(17, "chunks", latent_format=K5))
     assert len(chunks) == 7  # 127 resampled frames // 17
     flat = [i for clip in chunks for i in clip]
     assert flat == sorted(flat) and len(set(flat)) == 7 * 17 and max(flat) < BBB_FRAMES
     assert chunks[0] == head
-    sliding = frame_indices(BBB_FRAMES, BBB_FPS, FrameSpec(17, "chunks", chunk_stride=8))
+    sliding = frame_indices(BBB_FRAMES, BBB_FPS, FrameSpec(17, "chunks", chunk_stride=8, latent_format=K5))
     assert len(sliding) == 14 and all(len(c) == 17 for c in sliding)  # starts 0, 8, ..., 104 (≤ 127 − 17)
     assert sliding[1][:9] == chunks[0][8:]  # overlap of 9 resampled frames
 
 
 def test_too_short_names_available_and_largest_valid():
     with pytest.raises(TooShortError) as info:
-        frame_indices(BBB_FRAMES, BBB_FPS, FrameSpec(241))
+        frame_indices(BBB_FRAMES, BBB_FPS, FrameSpec(241, latent_format=K5))
     message = str(info.value)
     assert "241" in message and "only 127" in message and "≤ 125" in message and "5.28 s" in message
     assert (info.value.needed, info.value.available, info.value.largest_valid) == (241, 127, 125)
@@ -209,20 +215,41 @@ def test_too_short_names_available_and_largest_valid():
 
 def test_frame_spec_validation():
     with pytest.raises(ValueError, match="use 13 or 17"):
-        FrameSpec(16)
+        FrameSpec(16, latent_format=K5)
     with pytest.raises(ValueError, match="chunk_stride only applies"):
-        FrameSpec(17, "head", chunk_stride=4)
+        FrameSpec(17, "head", chunk_stride=4, latent_format=K5)
     with pytest.raises(ValueError, match="mode"):
-        FrameSpec(17, "random")
+        FrameSpec(17, "random", latent_format=K5)
+
+
+def test_frame_spec_follows_the_latent_format():
+    assert FrameSpec(17, latent_format=K5).target_fps == 24.0  # the format's default fps, stored resolved
+    assert FrameSpec(17, target_fps=25.0, latent_format=K5) == FrameSpec(17, "head", 25.0, latent_format=K5)
+    ltx = FrameSpec(121, latent_format=LTX2_SHAPED)
+    assert ltx.target_fps == 24.0
+    with pytest.raises(ValueError, match=r"must be 8k\+1 \(the VAE packs 8 frames per latent after the first\); "
+                                         r"16 is not: use 9 or 17"):
+        FrameSpec(16, latent_format=LTX2_SHAPED)
+    with pytest.raises(ValueError, match="use 17 or 25"):
+        FrameSpec(21, latent_format=LTX2_SHAPED)  # valid for K5, not for an 8× temporal VAE
+    with pytest.raises(TypeError, match="LatentFormat"):
+        FrameSpec(17, latent_format=None)
+    with pytest.raises(ValueError, match="'format'"):
+        FrameSpec(17, target_fps="source", latent_format=K5)
+    # the longest clip a short video gives follows the format's frame rule: 40 frames at 24 fps → 33 (8k+1)
+    with pytest.raises(TooShortError) as info:
+        frame_indices(24, 100 / 7, FrameSpec(41, latent_format=LTX2_SHAPED))
+    assert info.value.largest_valid == 33 and "≤ 33" in str(info.value)
 
 
 def test_plan_clips_reports_short_videos(mixed):
-    clips, problems = plan_clips(mixed, FrameSpec(49))
+    clips, problems = plan_clips(mixed, FrameSpec(49, latent_format=K5))
     assert [c.item.source_id for c in clips] == ["astronaut.png", "bbb.mp4", "sub/chelsea.png"]
     assert clips[0].indices == [0] and len(clips[1].indices) == 49
     assert len(problems) == 1 and problems[0].path.name == "tiny.gif" and "≤ 37" in str(problems[0])
     with pytest.raises(DatasetError, match="tiny.gif"):
-        plan_clips(Dataset([c.item for c in clips if c.item.kind == "video"] + [mixed.items[-1]]), FrameSpec(241))
+        plan_clips(Dataset([c.item for c in clips if c.item.kind == "video"] + [mixed.items[-1]]),
+                   FrameSpec(241, latent_format=K5))
 
 
 # ------------------------------------------------------------------------------------------- buckets
@@ -230,7 +257,7 @@ def test_plan_clips_reports_short_videos(mixed):
 
 @pytest.mark.parametrize("base, step", [(512, 16), (512, 128), (768, 16), (1024, 128), ((960, 544), 16)])
 def test_buckets_are_step_multiples_with_equal_area(base, step):
-    buckets = make_buckets(base, step=step)
+    buckets = make_buckets(base, K5, step=step)
     area = base * base if isinstance(base, int) else base[0] * base[1]
     assert len(buckets) >= 5
     for b in buckets:
@@ -245,8 +272,21 @@ def test_buckets_are_step_multiples_with_equal_area(base, step):
         assert Bucket(*base) in buckets
 
 
+def test_bucket_step_comes_from_the_latent_format():
+    ltx = make_buckets(512, LTX2_SHAPED)
+    assert all(b.width % 32 == 0 and b.height % 32 == 0 for b in ltx)
+    assert ltx != make_buckets(512, K5) and ltx == make_buckets(512, K5, step=32)  # same grid, same buckets
+    assert make_buckets(512, LTX2_SHAPED, step=64) == make_buckets(512, K5, step=64)
+    with pytest.raises(ValueError, match="bucket step 48 px is not a multiple of 32 px.*'ltx-2-shaped'"):
+        make_buckets(512, LTX2_SHAPED, step=48)
+    with pytest.raises(ValueError, match="not a multiple of 16 px"):
+        make_buckets(512, K5, step=24)
+    with pytest.raises(TypeError, match="LatentFormat"):
+        make_buckets(512, 16)
+
+
 def test_assign_bucket_nearest_aspect_without_upscaling():
-    buckets = make_buckets(512)
+    buckets = make_buckets(512, K5)
     assert assign_bucket(1920, 1080, buckets) == Bucket(688, 384)  # 1.79 vs 16:9 = 1.78
     assert assign_bucket(1080, 1920, buckets) == Bucket(384, 688)
     assert assign_bucket(2000, 2000, buckets) == Bucket(512, 512)
@@ -254,11 +294,11 @@ def test_assign_bucket_nearest_aspect_without_upscaling():
     assert assign_bucket(451, 300, buckets) == Bucket(432, 288)
     assert assign_bucket(451, 300, buckets, allow_upscale=True) == Bucket(624, 416)
     # NABLA grid: the fallback keeps sides multiples of 128
-    assert assign_bucket(300, 300, make_buckets(512, step=128)) == Bucket(256, 256)
+    assert assign_bucket(300, 300, make_buckets(512, K5, step=128)) == Bucket(256, 256)
 
 
 def test_tiny_item_needs_upscaling(tiny_gif):
-    buckets = make_buckets(512)
+    buckets = make_buckets(512, K5)
     with pytest.raises(NoBucketError) as info:
         assign_bucket(14, 25, buckets, name=tiny_gif.name)
     message = str(info.value)
@@ -277,9 +317,9 @@ def pil_fit(frame: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def test_load_bbb_head_clip(mixed, test_data):
     bbb = next(item for item in mixed.items if item.source_id == "bbb.mp4")
-    bucket = assign_bucket(bbb.width, bbb.height, make_buckets((256, 144)))
+    bucket = assign_bucket(bbb.width, bbb.height, make_buckets((256, 144), K5))
     assert bucket == Bucket(256, 144)
-    (indices,) = frame_indices(bbb.frames, bbb.fps, FrameSpec(17, "head"))
+    (indices,) = frame_indices(bbb.frames, bbb.fps, FrameSpec(17, "head", latent_format=K5))
     clip = load_clip(bbb, indices, bucket)
     assert clip.shape == (3, 17, 144, 256) and clip.dtype == torch.float32
     assert clip.min() >= -1 and clip.max() <= 1 and clip.min() < -0.9 and clip.max() > 0.9
@@ -304,7 +344,7 @@ def test_load_photo_and_gif(mixed, test_data):
     with pytest.raises(ValueError, match="indices \\[0\\]"):
         load_clip(cat, [0, 0], Bucket(432, 288))
     gif = by_id["tiny.gif"]
-    (indices,) = frame_indices(gif.frames, gif.fps, FrameSpec(9))
+    (indices,) = frame_indices(gif.frames, gif.fps, FrameSpec(9, latent_format=K5))
     clip = load_clip(gif, indices, Bucket(64, 112))  # upscaled
     assert clip.shape == (3, 9, 112, 64)
     assert torch.equal(clip[:, 1], clip[:, 2]) and indices[1] == indices[2] == 1  # a repeated source frame
@@ -315,7 +355,7 @@ def test_from_tensors_centre_crop_and_identity():
     wide[..., 2] = 1.0
     wide[:, :50, 0], wide[:, :50, 2] = 1.0, 0.0  # left quarter red, outside the centre square
     video = torch.rand(5, 32, 48, 3)
-    ds = from_tensors([wide, video, torch.zeros(4, 4)], ["wide", "noise"] + ["bad"], trigger_word="sks")
+    ds = from_tensors([wide, video, torch.zeros(4, 4)], ["wide", "noise"] + ["bad"], trigger_word="sks", fps=24.0)
     assert [(i.kind, i.width, i.height, i.frames, i.fps) for i in ds.items] == [
         ("image", 200, 100, 1, None), ("video", 48, 32, 5, 24.0)]
     assert ds.items[0].caption == "sks, wide" and ds.items[0].path is None

@@ -15,6 +15,7 @@ from cinetune.core.checkpoint import read_safetensors_header, save_file_atomic
 from cinetune.core.lora import LoRALinear, apply_lora_unmerged, inject_lora, load_lora, remove_lora
 from cinetune.k5.config import K5Config
 from cinetune.k5.dit import Kandinsky5DiT, VisualBlock, load_k5_dit
+from cinetune.k5.family import K5_BLOCK_PREFIXES, K5_LORA_TARGETS
 from cinetune.k5.tiny import TINY_DIT_DIMS, write_tiny_dit
 from cinetune.k5.vae import SCALING_FACTOR
 from cinetune.training.schedules import lr_multiplier
@@ -319,7 +320,8 @@ def test_caption_dropout_sends_the_empty_caption_and_texts_are_padded(dit_file, 
 
 def test_gradient_checkpointing_gives_the_same_gradients(dit_file):
     model = load_dit(dit_file)
-    modules = inject_lora(model, rank=4, alpha=4.0, generator=torch.Generator().manual_seed(0))
+    modules = inject_lora(model, rank=4, alpha=4.0, targets=K5_LORA_TARGETS, within=K5_BLOCK_PREFIXES,
+                          generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in modules.values():
