@@ -336,6 +336,20 @@ def _targets(model: nn.Module, weights: LoRAWeights) -> list[tuple[str, nn.Modul
     return found
 
 
+def check_lora_fits(model: nn.Module, weights: LoRAWeights, source: str) -> None:
+    """Check that every layer of a LoRA names a Linear layer of ``model`` with matching shapes, before it is used
+    (so a wrong LoRA fails in the loader that chose it, not later in a sampler).
+
+    Raises:
+        LoRAError: naming ``source`` (the LoRA file) and the first layer that does not fit, or the layers that name
+            no module (with the family the LoRA seems to be for).
+    """
+    try:
+        _targets(model, weights)
+    except LoRAError as e:
+        raise LoRAError(f"{source}: {e}") from None
+
+
 def _check_strength(strength: float) -> float:
     strength = float(strength)
     if not math.isfinite(strength):

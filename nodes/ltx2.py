@@ -16,7 +16,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..core.attention import BACKENDS, check_backend
-from ..core.lora import LoRAWeights, loras_applied
+from ..core.lora import LoRAWeights, check_lora_fits, loras_applied
 from ..core.lora_formats import load_lora
 from ..core.offload import model_on_device
 from ..ltx2 import pipeline
@@ -213,8 +213,8 @@ class LTX2TextEncode(io.ComfyNode):
     @classmethod
     def execute(cls, text_encoder, prompt, negative_prompt) -> io.NodeOutput:
         with host.on_compute_device(text_encoder), torch.inference_mode():
-            positive = text_encoder.encode(prompt).to("cpu")
-            negative = text_encoder.encode(negative_prompt).to("cpu")
+            positive = pipeline.LTX2Prompt(*text_encoder.encode(prompt)).to("cpu")
+            negative = pipeline.LTX2Prompt(*text_encoder.encode(negative_prompt)).to("cpu")
         return io.NodeOutput(pipeline.LTX2Conditioning(positive, negative))
 
 
@@ -255,6 +255,8 @@ class LTX2Sampler(io.ComfyNode):
                 io.Float.Input("stg", default=1.0, min=0.0, max=10.0, step=0.1,
                                tooltip="Spatio-temporal guidance scale (self-attention of block 29 skipped in the "
                                        "perturbed pass; official 1.0, 0 switches it off)."),
+                io.Int.Input("stg_block", default=29, min=0, max=200,
+                             tooltip="Block whose self-attention the STG pass skips (0-based; official 19B: 29)."),
                 io.Float.Input("modality_guidance", default=3.0, min=0.0, max=30.0, step=0.1,
                                tooltip="Audio-video sync guidance: contrast with a pass whose A↔V attention is skipped "
                                        "(official 3.0; 1.0 switches it off)."),
@@ -279,12 +281,12 @@ class LTX2Sampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, conditioning, width, height, frames, fps, seed, steps, mode, video_cfg, audio_cfg, stg,
-                modality_guidance, rescale, scheduler, audio, vae=None, start_image=None, image_strength=1.0,
+                stg_block, modality_guidance, rescale, scheduler, audio, vae=None, start_image=None, image_strength=1.0,
                 video_latent=None, audio_latent=None) -> io.NodeOutput:
         handle: LTX2ModelHandle = model
         request = pipeline.SamplingRequest(
             width=width, height=height, frames=frames, fps=fps, seed=seed, steps=steps, mode=mode,
-            video_cfg=video_cfg, audio_cfg=audio_cfg, stg=stg, modality=modality_guidance, rescale=rescale,
+            video_cfg=video_cfg, audio_cfg=audio_cfg, stg=stg, stg_block=stg_block, modality=modality_guidance, rescale=rescale,
             token_count_shift=scheduler == "token count", audio=audio)
         request.check()
         keyframes = []
@@ -359,8 +361,7 @@ class LTX2Decode(io.ComfyNode):
     def execute(cls, vae, video_latent, tiling, audio_latent=None) -> io.NodeOutput:
         with host.on_compute_device(vae) as device, torch.inference_mode():
             frames = pipeline.decode_video(vae, video_latent["samples"].to(device), tiling=tiling)
-            audio = pipeline.decode_audio(vae, None if audio_latent is None else audio_latent["samples"].to(device),
-                                          frames=frames.shape[0], fps=None)
+            audio = pipeline.decode_audio(vae, None if audio_latent is None else audio_latent["samples"].to(device))
         return io.NodeOutput(frames.cpu().contiguous(), audio)
 
 
@@ -387,7 +388,7 @@ class LTX2LoRALoader(io.ComfyNode):
         handle: LTX2ModelHandle = model
         names = [name for name, _ in handle.model.named_modules()]
         weights = load_lora(host.model_path("loras", lora_name), module_names=names)
-        pipeline.check_lora_fits(handle.model, weights, lora_name)
+        check_lora_fits(handle.model, weights, lora_name)
         return io.NodeOutput(replace(handle, loras=(*handle.loras, (lora_name, weights, strength))))
 
 

@@ -101,7 +101,7 @@ def ltx2_text_encode(prompt: str):
 
 def ltx2_sampler(nid: int, *, width: int, height: int, mode: str, links: dict):
     widgets = [("width", width), ("height", height), ("frames", 121), ("fps", 24.0), ("seed", 42), ("steps", 40),
-               ("mode", mode), ("video_cfg", 3.0), ("audio_cfg", 7.0), ("stg", 1.0), ("modality_guidance", 3.0),
+               ("mode", mode), ("video_cfg", 3.0), ("audio_cfg", 7.0), ("stg", 1.0), ("stg_block", 29), ("modality_guidance", 3.0),
                ("rescale", 0.7), ("scheduler", "official"), ("audio", True), ("image_strength", 1.0)]
     links = {"model": (1, 0, "CINETUNE_LTX2_MODEL"), "conditioning": (4, 0, "CINETUNE_LTX2_CONDITIONING"), **links}
     return (nid, "CinetuneLTX2Sampler", widgets, links, [("video_latent", "LATENT"), ("audio_latent", "LATENT")])

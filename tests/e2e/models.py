@@ -16,7 +16,7 @@ from cinetune.k5.tiny import write_tiny_defaults  # noqa: E402
 from cinetune.ltx2.tiny import write_tiny_ltx2_defaults  # noqa: E402
 
 TINY_SIZE = {"width": 128, "height": 64, "frames": 9, "steps": 4}
-TINY_LTX2 = {"width": 128, "height": 64, "frames": 9, "steps": 3, "fps": 24.0}
+TINY_LTX2 = {"width": 128, "height": 64, "frames": 9, "steps": 3, "fps": 24.0, "stg_block": 1}
 TINY_TRAINING = {"frames": 17, "resolution": 128, "max_steps": 30, "save_every": 10}
 DATASET_FOLDER = "k5_lora_dataset"  # inside the host's input folder, as the example workflow expects
 
@@ -44,7 +44,7 @@ def populate_models(layout) -> dict[str, str]:
     populate_dataset(layout)
     names = write_tiny_defaults(layout.models, qwen_tokenizer_dir=data["qwen_tokenizer"],
                                 clip_tokenizer_dir=data["clip_tokenizer"])
-    names.update(write_tiny_ltx2_defaults(layout.models, gemma_tokenizer_dir=data["gemma_tokenizer"]))
+    names.update(write_tiny_ltx2_defaults(layout.models, gemma_tokenizer_dir=data["gemma3_tokenizer"]))
     return names
 
 

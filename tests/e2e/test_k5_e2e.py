@@ -51,7 +51,7 @@ FROZEN_INPUT_ORDER = {
     "CinetuneLTX2UpsamplerLoader": ["upsampler_name"],
     "CinetuneLTX2TextEncode": ["text_encoder", "prompt", "negative_prompt"],
     "CinetuneLTX2Sampler": ["model", "conditioning", "width", "height", "frames", "fps", "seed", "steps", "mode",
-                            "video_cfg", "audio_cfg", "stg", "modality_guidance", "rescale", "scheduler", "audio",
+                            "video_cfg", "audio_cfg", "stg", "stg_block", "modality_guidance", "rescale", "scheduler", "audio",
                             "vae", "start_image", "image_strength", "video_latent", "audio_latent"],
     "CinetuneLTX2LatentUpsample": ["upsampler", "vae", "video_latent"],
     "CinetuneLTX2Decode": ["vae", "video_latent", "tiling", "audio_latent"],
