@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job: a real ComfyUI with Cinetune runs example_workflows/k5_text_to_video.json on the
-# embedded tiny Kandinsky 5 models and prints where the mp4 is.
+# The main job: a real ComfyUI with Cinetune runs the example workflows (K5 text-to-video, K5 LoRA training,
+# LTX-2 text-to-video with sound) on the embedded tiny models and prints where the outputs are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh

@@ -1,10 +1,11 @@
 """The main job: start a real ComfyUI with Cinetune and run, through the API queue, on the embedded tiny
-Kandinsky 5 models:
+Kandinsky 5 and LTX-2 models:
 
 1. example_workflows/k5_text_to_video.json — prints where the mp4 is;
 2. example_workflows/k5_lora_training.json on a real dataset (the Big Buck Bunny clip and two photos, with
    captions): caches text and latents, trains a LoRA for 30 steps, samples with it — prints where the LoRA and the
-   sampled mp4 are.
+   sampled mp4 are;
+3. example_workflows/ltx2_text_to_video.json — video with sound: prints where the mp4 is and its audio stream.
 
 Each UI-format example workflow is converted to API format with the running server's /object_info; its model
 widgets are pointed at the tiny models and sizes and step counts are made small, so everything takes about a
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from cinetune.core.media import probe_audio  # noqa: E402
 from comfy_host import ComfyClient, ComfyServer, make_layout, ui_to_api  # noqa: E402
 from models import populate_models, tiny_workflow  # noqa: E402
 from provision_host import provision_host  # noqa: E402
@@ -31,14 +33,14 @@ from provision_host import provision_host  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workflow", action="append", help="example workflow name(s) without .json "
-                        "(default: k5_text_to_video and k5_lora_training)")
+                        "(default: k5_text_to_video, k5_lora_training and ltx2_text_to_video)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo", help="folder for models, logs and outputs")
     args = parser.parse_args()
 
     host_dir = provision_host()
     layout = make_layout(args.out, {"cinetune": ROOT})
     names = populate_models(layout)
-    workflows = args.workflow or ["k5_text_to_video", "k5_lora_training"]
+    workflows = args.workflow or ["k5_text_to_video", "k5_lora_training", "ltx2_text_to_video"]
     print(f"ComfyUI host: {host_dir}\nTiny models: {names}")
     ok = True
     with ComfyServer(host_dir, layout, log_path=args.out / "comfyui.log") as server:
@@ -54,7 +56,10 @@ def main() -> int:
             if any(n["class_type"] == "CinetuneK5TrainLoRA" for n in prompt.values()):
                 print(f"LoRA: {layout.models / 'loras' / (lora_name + '.safetensors')}")
             for path in videos:
-                print(f"Video: {path}")
+                audio = probe_audio(path)
+                sound = (f", with sound ({audio['codec']}, {audio['channels']} channels, {audio['sample_rate']} Hz, "
+                         f"{audio['duration'] or 0:.2f} s)") if audio else ""
+                print(f"Video: {path}{sound}")
             ok = ok and bool(videos)
     return 0 if ok else 1
 
