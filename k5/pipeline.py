@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.flow import apply_cfg, euler_step, sigma_schedule
+from ..core.media import fit_image
 from .conditioning import K5TextEmbeds
 from .family import K5_LATENT_FORMAT, NABLA_SIZE_MULTIPLE
 
@@ -111,50 +112,17 @@ def latent_shape(width: int, height: int, frames: int) -> tuple[int, int, int, i
 
 
 def prepare_start_image(image: Tensor, width: int, height: int) -> Tensor:
-    """Turn a ComfyUI IMAGE into the VAE input for image-to-video.
-
-    The image is scaled, aspect ratio preserved, to the smallest size that covers
-    ``width × height`` (bilinear, antialiased when shrinking), then center-cropped.
-
-    Args:
-        image: ``[H, W, 3]`` or ``[B, H, W, 3]`` (only the first image is used), float in 0..1
-            (uint8 0..255 is accepted too).
-        width, height: target size in pixels, positive.
+    """Turn a ComfyUI IMAGE into the VAE input for image-to-video: scaled to cover ``width × height`` and
+    centre-cropped (:func:`cinetune.core.media.fit_image`, as official ``resize_video`` in kandinskylab/kandinsky-5
+    ``kandinsky/generation_utils.py``), in [-1, 1].
 
     Returns:
-        ``[1, 3, 1, height, width]`` float32 on CPU in [-1, 1] (``[B, C, T, H, W]`` VAE layout).
+        ``[1, 3, 1, height, width]`` float32 on CPU (``[B, C, T, H, W]`` VAE layout).
 
     Raises:
         ValueError: wrong rank, not 3 channels, empty image or bad target size.
-
-    Source: official ``resize_video`` in kandinskylab/kandinsky-5 ``kandinsky/generation_utils.py``
-    (scale by ``min(h/H, w/W)``, center crop); pixel range ``x/127.5 − 1`` as official.
     """
-    if not isinstance(image, Tensor):
-        raise ValueError(f"start image must be a torch tensor (ComfyUI IMAGE), got {type(image).__name__}")
-    width, height = _as_int(width, "width"), _as_int(height, "height")
-    if width < 1 or height < 1:
-        raise ValueError(f"target size must be positive, got {width}×{height}")
-    if image.ndim == 3:
-        image = image[None]
-    if image.ndim != 4 or image.shape[-1] != 3:
-        raise ValueError(f"start image must be [H, W, 3] or [B, H, W, 3] (RGB, channels last), got shape "
-                         f"{tuple(image.shape)}; drop an alpha channel with image[..., :3]")
-    if image.shape[0] == 0 or image.shape[1] == 0 or image.shape[2] == 0:
-        raise ValueError(f"start image is empty: shape {tuple(image.shape)}")
-    pixels = image[:1].detach().cpu()
-    pixels = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
-    pixels = pixels.permute(0, 3, 1, 2)  # [1, 3, H, W]
-    src_h, src_w = pixels.shape[-2:]
-    scale = max(height / src_h, width / src_w)
-    # max() guards against float rounding making the covering size one pixel short.
-    new_h = max(height, round(src_h * scale))
-    new_w = max(width, round(src_w * scale))
-    if (new_h, new_w) != (src_h, src_w):
-        pixels = F.interpolate(pixels, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    pixels = pixels[..., top:top + height, left:left + width].clamp(0.0, 1.0)
-    return (pixels * 2.0 - 1.0)[:, :, None].contiguous()
+    return fit_image(image, width, height)
 
 
 def normalize_first_frames(latent: Tensor, *, first: int = 4, reference: int = 5) -> Tensor:

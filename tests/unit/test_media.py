@@ -426,3 +426,34 @@ def test_write_video_rejects_bad_audio(tmp_path, kwargs, message):
     with pytest.raises(MediaError, match=message):
         write_video(torch.zeros(2, 16, 16, 3), tmp_path / "bad.mp4", **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_image_covers_and_centre_crops():
+    from cinetune.core.media import fit_image
+
+    image = torch.zeros(1, 40, 100, 3)
+    image[:, :, 40:60] = 1.0  # a white vertical band in the middle
+    out = fit_image(image, 20, 40)  # a portrait target: scale 40/40, crop the centre 20 columns of 100
+    assert out.shape == (1, 3, 1, 40, 20)
+    assert torch.equal(out, torch.ones_like(out))
+    with pytest.raises(ValueError, match="RGB"):
+        fit_image(torch.zeros(1, 8, 8, 4), 8, 8)
+    with pytest.raises(ValueError, match="positive"):
+        fit_image(torch.zeros(8, 8, 3), 0, 8)
+
+
+def test_h264_round_trip_adds_compression_artefacts_only():
+    from cinetune.core.media import fit_image, h264_round_trip
+
+    y, x = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 96), indexing="ij")
+    smooth = torch.stack([x, y, (x * 6).sin() * 0.5 + 0.5], dim=-1)  # a smooth image, like a photo's large areas
+    pixels = fit_image(smooth, 96, 64)
+    light = h264_round_trip(pixels, 10)
+    heavy = h264_round_trip(pixels, 45)
+    assert light.shape == heavy.shape == pixels.shape
+    error_light, error_heavy = (light - pixels).abs().mean(), (heavy - pixels).abs().mean()
+    assert error_light < error_heavy  # stronger compression, larger error
+    assert error_light < 0.03
+    assert torch.equal(h264_round_trip(pixels, 0), pixels)
+    with pytest.raises(MediaError, match="even"):
+        h264_round_trip(torch.zeros(1, 3, 1, 33, 64), 33)
