@@ -157,7 +157,7 @@ def test_prepare_start_image_channel_order_and_upscale():
 
 @pytest.mark.parametrize("shape", [(10, 10, 4), (10, 10), (2, 3, 10, 10, 3), (0, 10, 10, 3)])
 def test_prepare_start_image_rejects_bad_shapes(shape):
-    with pytest.raises(ValueError, match="start image"):
+    with pytest.raises(ValueError, match="the image"):
         prepare_start_image(torch.zeros(shape), 64, 64)
 
 
