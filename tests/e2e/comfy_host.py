@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-MODEL_FOLDERS = ("diffusion_models", "vae", "text_encoders", "loras")
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "vae", "text_encoders", "loras", "latent_upscale_models")
 STARTUP_TIMEOUT_S = 180.0
 
 
