@@ -17,6 +17,9 @@ Facts (reference ltx2.md §4–6, §9.3, §11.1):
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+from ..core.checkpoint import register_checkpoint_kind
 from ..core.family import AudioLatentFormat, LatentFormat, LoRAKeyGrammar, ModelFamily, register_family
 from .config import LTX2_BLOCK_PREFIXES, LTX2_LORA_TARGETS
 
@@ -44,3 +47,19 @@ LTX2_LORA_GRAMMAR = LoRAKeyGrammar(
 LTX2_FAMILY = register_family(ModelFamily(
     name="ltx-2", display_name="LTX-2", latent_format=LTX2_LATENT_FORMAT, lora_targets=LTX2_LORA_TARGETS,
     lora_within=LTX2_BLOCK_PREFIXES, lora_grammar=LTX2_LORA_GRAMMAR))
+
+
+@register_checkpoint_kind
+def describe_ltx2(shapes: Mapping[str, Sequence[int]]) -> str | None:
+    """What an LTX-2 file is, for error messages of any loader (:func:`cinetune.core.checkpoint.describe_checkpoint`):
+    the audio+video DiT (its ``audio_adaln_single``, the key ComfyUI ``comfy/model_detection.py`` keys on), or the
+    combined file's VAE parts alone; None for other files."""
+    names = list(shapes)
+    if any("audio_adaln_single." in n for n in names):
+        return ("an LTX-2 audio+video checkpoint (goes in models/checkpoints; load it with the LTX-2 Model, VAE and "
+                "Text Encoder Loaders)")
+    if any(n.startswith("audio_vae.") for n in names) and any(n.startswith("vocoder.") for n in names):
+        return "the LTX-2 audio VAE and vocoder (load them with LTX-2 VAE Loader)"
+    if any(n.startswith(("vae.per_channel_statistics.", "per_channel_statistics.")) for n in names):
+        return "the LTX-2 video VAE (load it with LTX-2 VAE Loader)"
+    return None

@@ -532,41 +532,6 @@ def load_text_projection(path: str | os.PathLike, *, dtype: torch.dtype | None =
     return model.eval().requires_grad_(False).to(device)
 
 
-def _tokenizer_folder(gemma_path: Path, explicit: str | os.PathLike | None) -> Path:
-    own = gemma_path if gemma_path.is_dir() else gemma_path.parent
-    if (own / "config.json").is_file() and any((own / f).is_file() for f in _TOKENIZER_FILES):
-        return own
-    if explicit is not None:
-        return Path(explicit)
-    raise CheckpointError(
-        f"{gemma_path}: a single-file Gemma needs its tokenizer: pass tokenizer= a folder with Gemma 3's "
-        "tokenizer.json (e.g. the google/gemma-3-12b-it-qat-q4_0-unquantized folder), or use that Hugging Face "
-        "folder as the text encoder.")
-
-
-def load_ltx2_text_encoder(gemma_path: str | os.PathLike, ltx2_checkpoint: str | os.PathLike, *,
-                           tokenizer: str | os.PathLike | None = None, dtype: torch.dtype = torch.bfloat16,
-                           device: str | torch.device = "cpu", keep_fp8: bool = True,
-                           expect_12b: bool = True) -> LTX2TextEncoder:
-    """Load Gemma 3 12B, its tokenizer and the text projection of an LTX-2 checkpoint.
-
-    Args:
-        gemma_path: Gemma 3 folder or single file (:func:`load_gemma_text_model`).
-        ltx2_checkpoint: the combined LTX-2 file the DiT comes from (its connectors belong to that DiT).
-        tokenizer: tokenizer folder for a single-file Gemma (a Hugging Face folder's own tokenizer wins).
-        dtype, device, keep_fp8, expect_12b: see :func:`load_gemma_text_model`; ``dtype`` also for the projection.
-    Returns:
-        :class:`LTX2TextEncoder`.
-    Raises:
-        CheckpointError: missing/foreign files or a missing tokenizer (the message says what to pass).
-    """
-    gemma_path = Path(gemma_path)
-    tokenizer_folder = _tokenizer_folder(gemma_path, tokenizer)
-    gemma = load_gemma_text_model(gemma_path, dtype=dtype, device=device, keep_fp8=keep_fp8, expect_12b=expect_12b)
-    projection = load_text_projection(ltx2_checkpoint, dtype=dtype, device=device)
-    return LTX2TextEncoder(gemma, load_gemma_tokenizer(tokenizer_folder), projection)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Tiny Gemma 3 for tests and the embedded default model
 

@@ -31,7 +31,6 @@ from cinetune.ltx2.text import (
     gemma_text_config_from_shapes,
     load_gemma_text_model,
     load_gemma_tokenizer,
-    load_ltx2_text_encoder,
     load_text_projection,
     normalize_hidden_states,
     tokenize_prompts,
@@ -440,13 +439,3 @@ def test_batch_equals_single_prompts(encoder):
         v, a = encoder.encode(prompt)
         torch.testing.assert_close(v[0], video[b], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(a[0], audio[b], rtol=1e-5, atol=1e-5)
-
-
-def test_load_ltx2_text_encoder_single_file_needs_a_tokenizer(tiny_gemma, ltx2_file, gemma_tokenizer_dir, encoder):
-    with pytest.raises(CheckpointError, match="tokenizer="):
-        load_ltx2_text_encoder(tiny_gemma[1], ltx2_file, expect_12b=False)
-    with pytest.raises(CheckpointError, match="needs Gemma 3 12B"):
-        load_ltx2_text_encoder(tiny_gemma[1], ltx2_file, tokenizer=gemma_tokenizer_dir)
-    single = load_ltx2_text_encoder(tiny_gemma[1], ltx2_file, tokenizer=gemma_tokenizer_dir, dtype=torch.float32,
-                                    expect_12b=False)
-    torch.testing.assert_close(single.encode(PROMPTS[1])[0], encoder.encode(PROMPTS[1])[0], rtol=0, atol=0)
