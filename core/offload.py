@@ -73,6 +73,11 @@ Decisions:
   keeps freed buffers cached in the process); if pinning fails (the OS refuses to lock that much memory) or is
   disallowed, masters are pageable and a warning says so. Pageable copies are synchronous for the host; a staged
   copier (musubi-tuner's ``_StagedCopier``) would hide that and is not done.
+- **Loaded buffers become masters.** A block whose frozen tensors already lie in one buffer of the master layout
+  (each 256-byte aligned, nothing else in it), as loaders make with :func:`host_tensors`, keeps that buffer as its
+  master (registered in place when pinning): attaching copies nothing, so swapping every block of a model needs its
+  size once in host memory, not twice. Other blocks are packed by copying, tensor by tensor, each old storage freed
+  as its tensor moves.
 - **Masters outlive the swap.** :meth:`BlockSwap.close` to the CPU leaves each swapped block's tensors as views
   into its master (no copy, still pinned) and remembers the master for that block; the next attach finds the
   tensors where it left them and reuses it without copying or registering again. For a 19B model that saves two
@@ -88,11 +93,12 @@ master, ring of slots, free events, checkpointing requirement), Lightricks LTX-2
 from __future__ import annotations
 
 import bisect
-from contextlib import contextmanager
+import math
 import warnings
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -238,7 +244,16 @@ def _pinned_empty(nbytes: int) -> torch.Tensor:
     Raises:
         RuntimeError: no CUDA driver, or the driver/OS refused to lock the memory.
     """
-    buf = torch.empty(nbytes, dtype=torch.uint8)
+    return _register(torch.empty(nbytes, dtype=torch.uint8))
+
+
+def _register(buf: torch.Tensor) -> torch.Tensor:
+    """Page-lock the memory of an existing uint8 CPU buffer in place (``cudaHostRegister``); returns it.
+
+    Raises:
+        RuntimeError: no CUDA driver, or the driver/OS refused to lock the memory.
+    """
+    nbytes = buf.numel()
     err = int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 1))  # 1 = cudaHostRegisterPortable
     if err != 0:
         _clear_cuda_error()
@@ -272,6 +287,54 @@ def _unpin(data_ptr: int) -> None:
 
 def _pageable_empty(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def host_tensors(specs: Mapping[str, tuple[Sequence[int], torch.dtype]]) -> dict[str, torch.Tensor]:
+    """Uninitialised CPU tensors of the given shapes and dtypes, all views into one byte buffer laid out as a block
+    swap master (in the given order, each at a 256-byte aligned offset).
+
+    A loader reads one block's weights into these (``Checkpoint.iter_load(..., allocate=...)``); when the block is
+    swapped, :class:`BlockSwap` takes that buffer over as the block's master instead of copying the weights into a
+    new one, so swapping every block does not need the model's size twice in host memory.
+
+    Args:
+        specs: name → (shape, dtype).
+    Returns:
+        name → tensor of that shape and dtype.
+    Raises:
+        RuntimeError: the host is out of memory.
+    """
+    layout, offset = {}, 0
+    for name, (shape, dtype) in specs.items():
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        layout[name] = (offset, nbytes, tuple(shape), dtype)
+        offset = _round_up(offset + nbytes)
+    buf = torch.empty(max(offset, 1), dtype=torch.uint8)
+    return {name: buf[o:o + n].view(dtype).view(shape) for name, (o, n, shape, dtype) in layout.items()}
+
+
+def _own_buffer(frozen: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[int]] | None:
+    """The byte buffer that ``frozen`` already live in, when it can serve as their master as it is: one CPU storage
+    holding these tensors alone (its size at most their 256-byte aligned sizes plus one alignment), each contiguous
+    at a 256-byte aligned offset, none overlapping — the layout :func:`host_tensors` makes. Returns
+    ``(uint8 tensor over the whole storage, offset of each tensor)`` or None."""
+    if not frozen or any(t.device.type != "cpu" or not t.is_contiguous() for t in frozen):
+        return None
+    storage = frozen[0].untyped_storage()
+    base = storage.data_ptr()
+    if base == 0 or any(t.untyped_storage().data_ptr() != base for t in frozen):
+        return None
+    offsets = [t.data_ptr() - base for t in frozen]
+    spans = sorted((o, t.numel() * t.element_size()) for o, t in zip(offsets, frozen))
+    end = 0
+    for o, n in spans:
+        if o % ALIGN_BYTES or o < end:
+            return None
+        end = o + n
+    if storage.nbytes() > sum(_round_up(n) for _, n in spans) + ALIGN_BYTES:
+        return None
+    master = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (storage.nbytes(),))
+    return master, offsets
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -310,10 +373,9 @@ class _HostCopy:
     unpin: Callable[[], None] | None
 
     def fits(self, packed: list[_Packed]) -> bool:
-        """Whether the tensors to pack still live exactly where this master holds them (same objects, offsets)."""
-        base = self.master.data_ptr()
+        """Whether the tensors to pack still live exactly where this master holds them (same objects, places)."""
         return len(packed) == len(self.pointers) and all(
-            ref() is p.tensor and p.tensor.device.type == "cpu" and p.tensor.data_ptr() == ptr == base + p.offset
+            ref() is p.tensor and p.tensor.device.type == "cpu" and p.tensor.data_ptr() == ptr
             for (ref, ptr), p in zip(self.pointers, packed))
 
 
@@ -391,7 +453,8 @@ class BlockSwap:
         pinned: whether every master is pinned.
         stats: counters — ``copies`` (blocks copied in), ``bytes_copied``, ``on_demand`` (copies issued at the
             moment of use, i.e. not prefetched: cold start or an unexpected order), ``masters_reused`` (blocks whose
-            master a previous close left in place).
+            master a previous close left in place), ``masters_adopted`` (blocks whose frozen tensors already lay in
+            one buffer of the master layout, e.g. from :func:`host_tensors`, taken over without a copy).
 
     Raises:
         TypeError: a block is not an ``nn.Module``; a swapped tensor is a subclass or not strided.
@@ -429,7 +492,7 @@ class BlockSwap:
         self.slot_bytes = 0
         self.host_bytes = 0
         self.pinned = False
-        self.stats = {"copies": 0, "bytes_copied": 0, "on_demand": 0, "masters_reused": 0}
+        self.stats = {"copies": 0, "bytes_copied": 0, "on_demand": 0, "masters_reused": 0, "masters_adopted": 0}
         self._closed = False
         self._hooks: list = []
         self._swapped: dict[int, _SwappedBlock] = {}
@@ -524,9 +587,26 @@ class BlockSwap:
         host = _HOST_COPIES.pop(block, None)
         if host is not None and host.fits(packed) and (host.pinned or not want_pin):
             # The last close left these tensors in this master: nothing to copy or register again.
+            base = host.master.data_ptr()
+            packed = [_Packed(p.tensor, ptr - base, p.nbytes, p.dtype, p.shape)
+                      for p, (_, ptr) in zip(packed, host.pointers)]
             views = [_typed_view(host.master, p) for p in packed]
-            self._swapped[i] = _SwappedBlock(i, packed, offset, host.master, views, [], host.unpin)
+            end = max((p.offset + p.nbytes for p in packed), default=0)
+            self._swapped[i] = _SwappedBlock(i, packed, end, host.master, views, [], host.unpin)
             self.stats["masters_reused"] += 1
+            return
+        own = _own_buffer(frozen)
+        if own is not None:
+            # The loader already put this block into one buffer of the master layout: take it over, no copy.
+            master, offsets = own
+            packed = [_Packed(p.tensor, o, p.nbytes, p.dtype, p.shape) for p, o in zip(packed, offsets)]
+            unpin = self._try_pin(master) if want_pin and self.pinned else None
+            views = [_typed_view(master, p) for p in packed]
+            for p, view in zip(packed, views):
+                p.tensor.data = view
+            self._swapped[i] = _SwappedBlock(i, packed, max(o + p.nbytes for o, p in zip(offsets, packed)), master,
+                                             views, [], unpin)
+            self.stats["masters_adopted"] += 1
             return
         master = unpin = None
         if want_pin and self.pinned:
@@ -534,11 +614,7 @@ class BlockSwap:
                 master = _pinned_empty(total)
                 unpin = weakref.finalize(master, _unpin, master.data_ptr())
             except (RuntimeError, AssertionError, OSError) as e:
-                self.pinned = False
-                warnings.warn(f"Block swap: pinning host memory failed ({e}); the swapped weights use pageable memory "
-                              "instead, which makes every host-to-device copy synchronous (slower, same results). "
-                              "Free host RAM, raise the locked-memory limit, or swap fewer blocks.",
-                              RuntimeWarning, stacklevel=3)
+                self._pin_refused(e)
         if master is None:
             master = _pageable_empty(total)
         views = []
@@ -548,6 +624,22 @@ class BlockSwap:
             p.tensor.data = view  # the previous storage (device or file mapping) is released here
             views.append(view)
         self._swapped[i] = _SwappedBlock(i, packed, offset, master, views, [], unpin)
+
+    def _try_pin(self, master: torch.Tensor) -> Callable[[], None] | None:
+        """Register an adopted master in place; on refusal warn once and go on pageable."""
+        try:
+            _register(master)
+        except (RuntimeError, AssertionError, OSError) as e:
+            self._pin_refused(e)
+            return None
+        return weakref.finalize(master, _unpin, master.data_ptr())
+
+    def _pin_refused(self, e: BaseException) -> None:
+        self.pinned = False
+        warnings.warn(f"Block swap: pinning host memory failed ({e}); the swapped weights use pageable memory "
+                      "instead, which makes every host-to-device copy synchronous (slower, same results). "
+                      "Free host RAM, raise the locked-memory limit, or swap fewer blocks.",
+                      RuntimeWarning, stacklevel=4)
 
     def _make_hook(self, i: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -45,24 +45,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from ..core.attention import attention, check_backend
-from ..core.checkpoint import CheckpointError, TensorInfo, load_state_dict, read_tensor_infos
-from ..core.quant import (
-    CastLinear,
-    FP8Linear,
-    check_fp8_device,
-    combine_fp8_scales,
-    dequantize_fp8,
-    find_scaled_fp8,
-    fp8_supported,
-    is_fp8_dtype,
-    k5_fp8_keep_high_precision,
-    quantize_fp8,
-    quantize_linear_weights_fp8,
-)
+from ..core.checkpoint import CheckpointError, TensorInfo, open_checkpoint
+from ..core.quant import CastLinear
+from ..core.weights import check_weight_dtype, load_weights
+from . import detect  # noqa: F401 - registers the Kandinsky 5 checkpoint kind
 from .config import EXPECTED_FILE, MARKER_KEY, K5Config, NotK5CheckpointError, detect_config
 from .nabla import NablaConfig, check_nabla_grid, fractal_permutation, nabla_attention
 
@@ -529,13 +518,45 @@ class Kandinsky5DiT(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 
-WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-                 "fp8_e4m3fn": torch.float8_e4m3fn}
 # Prefix → layout name. Official files have no prefix; ComfyUI checkpoints nest the DiT under model.diffusion_model.
 _PREFIXES = (("model.diffusion_model.", "comfyui"), ("diffusion_model.", "comfyui"), ("transformer.", "diffusers"))
 _DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 _DIFFUSERS_FILE = "diffusion_pytorch_model.safetensors"
-_HIGH_PRECISION = (torch.bfloat16, torch.float16, torch.float32)
+_BLOCK_LISTS = ("text_transformer_blocks", "visual_transformer_blocks")
+_K5_HIGH_PRECISION_PREFIXES = ("time_embeddings.", "text_embeddings.", "pooled_text_embeddings.",
+                               "visual_embeddings.", "out_layer.")
+
+
+def k5_fp8_keep_high_precision(name: str) -> bool:
+    """Kandinsky 5 rule for weight-only fp8: which Linear layers stay in high precision (the ``keep`` argument of
+    :func:`~cinetune.core.quant.quantize_linear_weights_fp8` and :func:`~cinetune.core.quant.save_fp8_checkpoint`).
+
+    Kept: the time, text, pooled-text and visual embeddings, every modulation (``*modulation*``: they compute shift,
+    scale and gate in float32 for every block), norms, and the final ``out_layer.*`` (it produces the velocity
+    directly). Quantised: the attention projections and both feed-forward layers of every text and visual block —
+    86 % of the Lite parameters (88 % of Pro); the modulations hold most of the rest (14 % / 12 %).
+
+    Sources and choice: the official fp8 recipe (ai-forever ``create_fp8_full.py``, torchao dynamic-activation fp8)
+    keeps the embeddings and the out layer in high precision; kohya-ss/musubi-tuner (``kandinsky5``, ``--fp8_scaled``)
+    quantises only keys under the text/visual blocks and the out layer, never norms. Here the embeddings and the out
+    layer are kept as officially, and the modulations too although both sources quantise them: their output (shift,
+    scale and gate of every block, computed in float32 on purpose) acts on every token, so fp8 there would trade
+    accuracy in every block for 14 % of the weight memory. The official recipe also keeps every
+    ``feed_forward.out_layer`` because it quantises *activations* and the GELU output has a long tail; with
+    weight-only fp8 (activations stay in the compute dtype) that reason does not apply, so those layers are
+    quantised here, as in musubi-tuner.
+
+    This rule decides what *this pack* quantises on load; layers a pre-quantised file stores in fp8 stay fp8 (see
+    :func:`load_k5_dit`).
+
+    Args:
+        name: qualified module name inside the DiT, e.g. ``"visual_transformer_blocks.3.self_attention.to_query"``.
+
+    Returns:
+        True to keep the layer in high precision.
+    """
+    full = name + "."
+    return full.startswith(_K5_HIGH_PRECISION_PREFIXES) or "modulation" in name or "norm" in name
 
 
 @dataclass
@@ -550,7 +571,8 @@ class LoadedK5DiT:
         path: the file or folder loaded.
         dtypes: histogram of the *stored* tensor dtypes of the DiT weights (scales not counted), e.g.
             ``{"BF16": 780, "F32": 34}``.
-        fp8_layout: ``"musubi"`` or ``"comfyui"`` when the file was pre-quantised (scaled fp8), else None.
+        fp8_layout: the file's fp8 layout (:class:`~cinetune.core.checkpoint.FP8Scheme`): ``"musubi"``,
+            ``"comfyui"``, ``"comfyui_mixed"``, ``"weight_scale"``, ``"unscaled"`` (a plain fp8 cast), or None.
     """
 
     model: Kandinsky5DiT
@@ -567,8 +589,8 @@ def _first(items, n: int = 10) -> str:
     return ", ".join(items[:n]) + more
 
 
-def _resolve_files(path: Path) -> tuple[dict[str, Path] | None, list[Path], str | None, dict]:
-    """Return (key→file map for sharded files or None, files, layout hint, diffusers config.json contents)."""
+def _resolve_files(path: Path) -> tuple[Path, str | None, dict]:
+    """Return (the file or shard index to open, layout hint, diffusers config.json contents)."""
     if path.is_dir():
         for folder in (path, path / "transformer"):
             if (folder / _DIFFUSERS_INDEX).is_file():
@@ -583,33 +605,13 @@ def _resolve_files(path: Path) -> tuple[dict[str, Path] | None, list[Path], str 
                 f"expected {EXPECTED_FILE}, or a diffusers Kandinsky 5 transformer folder.")
     config_json = path.parent / "config.json"
     diffusers_config: dict = {}
-    if config_json.is_file() and (path.name == _DIFFUSERS_FILE or path.name == _DIFFUSERS_INDEX):
+    if config_json.is_file() and path.name in (_DIFFUSERS_FILE, _DIFFUSERS_INDEX):
         try:
             diffusers_config = json.loads(config_json.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{config_json}: unreadable diffusers config ({e}).") from e
-    if path.name.endswith(".index.json"):
-        try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path}: not a valid shard index (needs a 'weight_map'): {e}") from e
-        files = {k: path.parent / f for k, f in weight_map.items()}
-        return files, sorted(set(files.values())), "diffusers", diffusers_config
-    return None, [path], ("diffusers" if diffusers_config else None), diffusers_config
-
-
-def _read_infos(files: list[Path]) -> tuple[dict[str, TensorInfo], dict[str, Path]]:
-    infos: dict[str, TensorInfo] = {}
-    owner: dict[str, Path] = {}
-    for f in files:
-        try:
-            file_infos = read_tensor_infos(f)
-        except CheckpointError as e:
-            raise CheckpointError(f"{e} Expected {EXPECTED_FILE}.") from e
-        for k, v in file_infos.items():
-            infos[k] = v
-            owner[k] = f
-    return infos, owner
+    diffusers = bool(diffusers_config) or path.name.endswith(".index.json")
+    return path, ("diffusers" if diffusers else None), diffusers_config
 
 
 def _select_prefix(infos: Mapping[str, TensorInfo]) -> tuple[str, str]:
@@ -633,10 +635,7 @@ def _check_keys(path: Path, config: K5Config, found: Mapping[str, TensorInfo],
     if missing:
         problems.append(f"{len(missing)} missing tensors: {_first(missing)}")
     if unexpected:
-        hint = (" (ComfyUI mixed-precision quantised tensors '.weight_scale'/'.comfy_quant' are not readable for the "
-                "DiT yet: use the bf16 file or a scaled fp8 file with '.scale_weight' scales)"
-                if any(k.endswith((".weight_scale", ".comfy_quant", ".input_scale")) for k in unexpected) else "")
-        problems.append(f"{len(unexpected)} unexpected tensors{hint}: {_first(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected tensors: {_first(unexpected)}")
     bad = [f"{k} {list(found[k].shape)} (expected {list(expected[k])})" for k in sorted(set(found) & set(expected))
            if tuple(found[k].shape) != expected[k]]
     if bad:
@@ -649,78 +648,29 @@ def _check_keys(path: Path, config: K5Config, found: Mapping[str, TensorInfo],
             + f". Expected {EXPECTED_FILE} as published, without extra or missing tensors; re-download the file.")
 
 
-def _read_tensors(f: Path, keys: list[str], device: torch.device):
-    """Yield ``(key, tensor)`` for ``keys`` of one file, read onto ``device`` in their stored dtypes (safetensors:
-    only these tensors, memory-mapped on CPU; pickles: the whole file once)."""
-    if f.suffix.lower() in (".safetensors", ".sft"):
-        with safe_open(str(f), framework="pt", device=str(device)) as handle:
-            for key in keys:
-                try:
-                    tensor = handle.get_tensor(key)
-                except Exception as e:  # safetensors raises its own error types for bad data
-                    raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e}); the file is damaged, fetch it "
-                                          "again.") from e
-                yield key, tensor
-    else:
-        sd = load_state_dict(f, device=device)
-        for key in keys:
-            yield key, sd.pop(key)
-        del sd
-
-
-def _convert(name: str, t: torch.Tensor, target: torch.dtype | None, fp8_weights: set[str],
-             scales: Mapping[str, torch.Tensor], device: torch.device, out: dict[str, torch.Tensor]) -> None:
-    """Put tensor ``name`` (as read) into ``out`` in its loaded form.
-
-    - pre-quantised weight (``name`` in ``scales``): kept as stored with its float32 scale, or, when ``target`` is
-      a high-precision dtype, dequantised ``(q · s)`` in float32 and rounded once to ``target``;
-    - ``fp8_weights``: quantised now with one scale per tensor (:func:`~cinetune.core.quant.quantize_fp8`);
-    - otherwise cast to ``target`` (floats only) or kept as stored.
-    """
-    scale_name = name[: -len("weight")] + "scale_weight"
-    if name in scales:
-        if target in _HIGH_PRECISION:
-            out[name] = dequantize_fp8(t, scales[name], torch.float32).to(device=device, dtype=target)
-        else:
-            out[name] = t.to(device)
-            out[scale_name] = scales[name].to(device)
-    elif name in fp8_weights:
-        try:
-            q, scale = quantize_fp8(t)
-        except ValueError as e:
-            raise CheckpointError(f"tensor {name!r}: {e}") from e
-        out[name] = q.to(device)
-        out[scale_name] = scale.to(device)
-    elif target is not None and target != torch.float8_e4m3fn and t.is_floating_point():
-        out[name] = t.to(device=device, dtype=target)
-    else:
-        out[name] = t.to(device)
-
-
 def load_k5_dit(path: str | os.PathLike, *, weight_dtype: str = "default",
                 device: str | torch.device = "cpu") -> LoadedK5DiT:
     """Load a Kandinsky 5 DiT checkpoint, detecting its dims (:func:`~cinetune.k5.config.detect_config`) and layout.
 
     Accepted: the official ``.safetensors`` (no prefix); ComfyUI checkpoints (``model.diffusion_model.`` prefix,
-    other non-DiT tensors ignored); diffusers transformer weights — a ``diffusion_pytorch_model.safetensors`` file,
-    a sharded ``…index.json``, or the folder holding them (or its parent with ``transformer/``). Diffusers 0.42
+    other non-DiT tensors never read); diffusers transformer weights — a ``diffusion_pytorch_model.safetensors``
+    file, a sharded ``…index.json``, or the folder holding them (or its parent with ``transformer/``). Diffusers 0.42
     ``Kandinsky5Transformer3DModel`` uses the official tensor names, so no renaming is needed; its ``config.json``
     supplies ``axes_dims`` when present. PyTorch pickles (``.pt``/``.pth``/``.bin``) are read too.
 
-    Pre-quantised (scaled fp8) files, detected by :func:`~cinetune.core.quant.find_scaled_fp8`: musubi-tuner's (any
-    ``<layer>.scale_weight``; per-tensor, per-channel or block-wise scales, two-level block scales folded into one)
-    and ComfyUI's (marker ``scaled_fp8``, per-tensor scales; ``.scale_input`` ignored). Each layer the file stores in
-    fp8 becomes an :class:`~cinetune.core.quant.FP8Linear` holding the stored fp8 codes and scales unchanged (scales
-    as float32, an exact conversion) — with ``weight_dtype`` ``"default"`` or ``"fp8_e4m3fn"``, whichever layers
+    The file is read tensor by tensor (:class:`~cinetune.core.checkpoint.Checkpoint`, never memory-mapped), each
+    tensor converted to its target dtype as it arrives, so host memory stays near the loaded model's size plus one
+    tensor: a 19B Pro file loads as fp8 on a host with less memory than the file. On the CPU each transformer block
+    is read into one buffer of block swap's master layout, which :class:`~cinetune.core.offload.BlockSwap` takes over
+    without copying.
+
+    fp8 files (every layout :attr:`~cinetune.core.checkpoint.Checkpoint.fp8` reads: musubi-tuner, ComfyUI scaled fp8
+    and mixed precision, ``weight_scale`` files, plain fp8 casts): each layer the file stores in fp8 becomes an
+    :class:`~cinetune.core.quant.FP8Linear` holding the stored codes and scales unchanged (scales as float32, an exact
+    conversion; scale 1 for a plain cast) — with ``weight_dtype`` ``"default"`` or ``"fp8_e4m3fn"``, whichever layers
     these are (musubi files also quantise the modulations and the out layer). With ``"bf16"``/``"fp16"``/``"fp32"``
     those layers are dequantised on load instead, ``W = q · s`` in float32 rounded once to the dtype (no memory
     saving; the way to run fp8 files on a device that cannot hold float8).
-
-    The model is built on the meta device and filled with ``load_state_dict(assign=True)``, tensor by tensor, so
-    no second copy of the weights is ever made. On CPU, tensors kept in their stored dtype stay backed by
-    safetensors' private memory map of the file (pages are read on first use and can be dropped again by the
-    kernel): replace a loaded file by renaming a new one over it (as downloads and ``save_file_atomic`` do), never
-    by rewriting it in place.
 
     Args:
         path: file or folder.
@@ -728,7 +678,7 @@ def load_k5_dit(path: str | os.PathLike, *, weight_dtype: str = "default",
             stays so; the forward casts at use; pre-quantised layers stay fp8); ``"bf16"``, ``"fp16"``, ``"fp32"``
             cast every float tensor and dequantise pre-quantised layers; ``"fp8_e4m3fn"`` keeps pre-quantised
             layers and stores every other block Linear weight in float8 with a per-tensor scale (see
-            :func:`~cinetune.core.quant.k5_fp8_keep_high_precision`), the rest as stored.
+            :func:`k5_fp8_keep_high_precision`), the rest as stored.
         device: where the weights go.
 
     Returns:
@@ -739,35 +689,33 @@ def load_k5_dit(path: str | os.PathLike, *, weight_dtype: str = "default",
         FP8DeviceError: fp8 weights would be kept on a device that cannot cast float8 (use ``weight_dtype="bf16"``).
         NotK5CheckpointError: the file is another kind of model (LTX-2, VAE, text encoder, LoRA, …); the message says
             which and what was expected.
-        CheckpointError: missing/truncated/unreadable file, missing or unexpected tensors (listed), wrong shapes;
-            in a scaled fp8 file: an fp8 weight without scale, a scale without fp8 weight, a scale of the wrong
-            shape, a scale on a tensor that is not a Linear weight (each names the key).
+        CheckpointError: missing/truncated/unreadable file, not enough host memory (with what to do), missing or
+            unexpected tensors (listed), wrong shapes; in an fp8 file: an fp8 weight without scale where the layout
+            requires one, a scale without fp8 weight, a scale of the wrong shape, fp8 on a tensor that is not a
+            Linear weight, NVFP4/4-bit layers (each names the key).
     """
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}; got {weight_dtype!r}")
+    check_weight_dtype(weight_dtype)
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: file not found. Expected {EXPECTED_FILE}.")
-    key_files, files, layout_hint, diffusers_config = _resolve_files(path)
-    infos, owner = _read_infos(files)
-    if key_files is not None:
-        absent = sorted(k for k in key_files if k not in infos)
-        if absent:
-            raise CheckpointError(f"{path}: the shard index lists {len(absent)} tensors no shard holds: "
-                                  f"{_first(absent)}; a shard is missing or outdated.")
-
-    prefix, layout = _select_prefix(infos)
-    dit_infos = {k[len(prefix):]: v for k, v in infos.items() if k.startswith(prefix)}
+    target_path, layout_hint, diffusers_config = _resolve_files(path)
     try:
-        scaled = find_scaled_fp8(dit_infos, source=str(path))
+        ckpt = open_checkpoint(target_path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} Expected {EXPECTED_FILE}.") from e
+
+    prefix, layout = _select_prefix(ckpt.infos)
+    dit = ckpt.select(prefix)
+    try:
+        scheme = dit.fp8
     except CheckpointError:
-        if MARKER_KEY not in dit_infos:  # another model's fp8 file: say what it is rather than what its scales lack
+        if MARKER_KEY not in dit.infos:  # another model's fp8 file: say what it is rather than what its scales lack
             try:
-                detect_config(dit_infos)
+                detect_config(dit.infos)
             except NotK5CheckpointError as e:
                 raise NotK5CheckpointError(f"{path}: {e}") from e
         raise
-    dit_infos = {k: v for k, v in dit_infos.items() if k not in scaled.auxiliary}
+    dit_infos = dit.model_infos()
     try:
         config = detect_config(dit_infos)
     except NotK5CheckpointError as e:
@@ -785,58 +733,11 @@ def load_k5_dit(path: str | os.PathLike, *, weight_dtype: str = "default",
         model = Kandinsky5DiT(config)
     expected = _expected_shapes(model)  # FP8Linear and CastLinear share the keys weight/bias; scales come apart
     _check_keys(path, config, dit_infos, expected)
-    modules = dict(model.named_modules())
-    not_linear = [f"{layer}.scale_weight ({type(modules.get(layer)).__name__})" for layer in scaled.layers
-                  if not isinstance(modules.get(layer), nn.Linear)]
-    if not_linear:
-        raise CheckpointError(f"{path}: scaled fp8 is for Linear weights, but these scales sit beside other "
-                              f"tensors: {_first(not_linear)}. The file was converted wrongly; use the bf16 file.")
-
-    target = WEIGHT_DTYPES[weight_dtype]
-    keep_fp8 = target not in _HIGH_PRECISION
-    stored = set(scaled.layers) if keep_fp8 else set()
-    if stored:
-        quantize_linear_weights_fp8(model, keep=lambda name: name not in stored)  # meta: structure only
-    fp8_weights: set[str] = set()
-    if target == torch.float8_e4m3fn:
-        quantize_linear_weights_fp8(model, keep=k5_fp8_keep_high_precision)
-        fp8_weights = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, FP8Linear) and n not in stored}
-    device = torch.device(device)
-    file_has_fp8 = any(is_fp8_dtype(info.dtype) for info in dit_infos.values())
-    keeps_unscaled_fp8 = file_has_fp8 and target is None and not scaled.layout
-    if stored or fp8_weights or keeps_unscaled_fp8:
-        check_fp8_device(device)
-    # fp8 data to be dequantised on a device that cannot cast float8 is read on the CPU first.
-    read_device = device if not file_has_fp8 or fp8_supported(device) else torch.device("cpu")
-
-    scales: dict[str, torch.Tensor] = {}
-    if scaled.layers:
-        scale_keys = [layer + ".scale_weight" for layer in scaled.layers]
-        scale_keys += [layer + ".scale_weight_tensor" for layer in scaled.tensor_scales]
-        raw: dict[str, torch.Tensor] = {}
-        by_file: dict[Path, list[str]] = {}
-        for key in scale_keys:
-            by_file.setdefault(owner[prefix + key], []).append(prefix + key)
-        for f, keys in by_file.items():
-            raw.update((k[len(prefix):], t) for k, t in _read_tensors(f, keys, read_device))
-        for layer in scaled.layers:
-            scales[layer + ".weight"] = combine_fp8_scales(
-                raw[layer + ".scale_weight"], raw.get(layer + ".scale_weight_tensor"),
-                name=f"{path}: {prefix}{layer}.scale_weight")
-
-    state: dict[str, torch.Tensor] = {}
-    by_file = {}
-    for name in expected:
-        if not name.endswith(".scale_weight"):
-            by_file.setdefault(owner[prefix + name], []).append(prefix + name)
-    for f, keys in by_file.items():
-        for key, tensor in _read_tensors(f, keys, read_device):
-            _convert(key[len(prefix):], tensor, target, fp8_weights, scales, device, state)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.eval().requires_grad_(False)
+    blocks = [f"{name}.{i}." for name in _BLOCK_LISTS for i in range(len(getattr(model, name)))]
+    load_weights(model, dit, list(expected), weight_dtype=weight_dtype, keep=k5_fp8_keep_high_precision,
+                 block_prefixes=blocks, device=device)
     histogram: dict[str, int] = {}
     for name in expected:
-        if name in dit_infos:
-            histogram[dit_infos[name].dtype] = histogram.get(dit_infos[name].dtype, 0) + 1
+        histogram[dit_infos[name].dtype] = histogram.get(dit_infos[name].dtype, 0) + 1
     return LoadedK5DiT(model=model, config=config, layout=layout, path=path, dtypes=histogram,
-                       fp8_layout=scaled.layout)
+                       fp8_layout=scheme.layout)

@@ -32,7 +32,9 @@ the single files come from ComfyUI's loaders (``comfy/sd.py`` ``detect_te_model`
 ``Qwen25_7BVLI``, ``comfy/clip_model.py``, ``comfy/ops.py`` scaled-fp8 ops, ``comfy/quant_ops.py``): the same tensor
 names as the Hugging Face checkpoints (``model.layers.*`` / ``visual.*`` for Qwen, ``text_model.*`` for CLIP);
 fp8-scaled files store fp8 weights with a per-tensor ``<layer>.scale_weight`` (older files, marked by a
-``scaled_fp8`` tensor) or ``<layer>.weight_scale`` (newer files); the weight is ``fp8.float() * scale``.
+``scaled_fp8`` tensor) or ``<layer>.weight_scale`` (newer files, with ``comfy_quant`` configs); the shared reader
+(:mod:`cinetune.core.checkpoint`) finds the scales, and those layers stay fp8 as the DiT's
+:class:`~cinetune.core.quant.FP8Linear` (weight ``fp8 · scale`` computed per call).
 Single files carry no config: Qwen2.5-VL-7B and CLIP-L are recognised by their tensor shapes; other sizes take
 head_dim 128 (Qwen2.5-VL) / 64 (CLIP), or a JSON text config in the safetensors metadata key ``config`` (which
 Cinetune writes for its tiny test models).
@@ -48,12 +50,16 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import torch
 
 from ..core.checkpoint import (
+    COMFYUI_MARKER,
+    Checkpoint,
     CheckpointError,
     assign_state_dict,
     check_materialised,
     describe_checkpoint,
-    read_safetensors_header,
+    open_checkpoint,
 )
+from ..core.quant import check_fp8_device, quantize_linear_weights_fp8
+from . import detect  # noqa: F401 - registers the Kandinsky 5 checkpoint kind for the messages below
 from .conditioning import K5TextEmbeds
 
 if TYPE_CHECKING:  # heavy imports stay lazy so importing the node pack stays fast
@@ -122,8 +128,6 @@ CONFIG_METADATA_KEY = "config"
 _QWEN_OUTER_PREFIXES = ("text_encoders.qwen25_7b.transformer.", "qwen25_7b.transformer.")
 _CLIP_OUTER_PREFIXES = ("text_encoders.clip_l.transformer.", "clip_l.transformer.", "cond_stage_model.transformer.",
                         "conditioner.embedders.0.transformer.")
-_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
-_IGNORED_QUANT_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
@@ -166,72 +170,53 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_headers(files: Sequence[Path]) -> tuple[dict[str, tuple[Path, tuple[int, ...], str]], dict[str, str]]:
-    """name → (file, shape, dtype code) over all files, plus the first file's metadata."""
-    out: dict[str, tuple[Path, tuple[int, ...], str]] = {}
-    metadata: dict[str, str] = {}
-    for i, f in enumerate(files):
-        if f.suffix.lower() != ".safetensors":
-            raise CheckpointError(f"{f}: expected a .safetensors file; other formats are not read for text encoders.")
-        tensors, meta = read_safetensors_header(f)
-        if i == 0:
-            metadata = meta
-        for name, info in tensors.items():
-            out[name] = (f, info.shape, info.dtype)
-    return out, metadata
-
-
-def _mapped_weights(path, config_types: tuple[str, ...], key_of):
-    """Locate a text encoder's weight files (a Hugging Face folder of ``config_types`` or one file), read their
-    headers and map stored names to model names with ``key_of`` (None = not a model tensor).
+def _open_weights(path, config_types: tuple[str, ...], key_of) -> tuple[Path, Path | None, Checkpoint, Checkpoint]:
+    """Locate a text encoder's weight files (a Hugging Face folder of ``config_types``, or one file) and open them.
 
     Returns:
-        ``(path, folder or None, entries, metadata, mapping src→dst, shapes dst→shape)``.
+        ``(path, folder or None, the files as stored, the view renamed by key_of to model names)``; ``key_of(name)``
+        gives the model name of a stored tensor (scales follow their weights) or None for tensors not used.
     Raises:
-        CheckpointError: the path does not exist, or a header cannot be read.
+        CheckpointError: the path does not exist, a file is not safetensors, or a header cannot be read.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: not found.")
     folder = _model_folder(path, config_types)
-    entries, metadata = _read_headers(_weight_files(folder) if folder else [path])
-    mapping = {src: dst for src in entries if (dst := key_of(src)) is not None}
-    shapes = {dst: entries[src][1] for src, dst in mapping.items()}
-    return path, folder, entries, metadata, mapping, shapes
+    files = _weight_files(folder) if folder else [path]
+    for f in files:
+        if f.suffix.lower() != ".safetensors":
+            raise CheckpointError(f"{f}: expected a .safetensors file; other formats are not read for text encoders.")
+    stored = open_checkpoint(files)
+    return path, folder, stored, stored.rename(key_of)
 
 
-def _load_mapped(entries: Mapping[str, tuple[Path, tuple[int, ...], str]], mapping: Mapping[str, str],
-                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Load ``mapping`` (source name → model name) from the files, dequantising fp8 weights.
+def _fill_text_model(model: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device,
+                     path: Path) -> None:
+    """Load ``ckpt`` (names = the model's state-dict names) into a meta-device text model.
 
-    fp8 dequantisation (ComfyUI ``comfy/ops.py`` scaled fp8 / ``comfy/quant_ops.py`` TensorCoreFP8Layout):
-    ``w = w_fp8.to(float32) * scale`` with the scale tensor ``<layer>.scale_weight`` or ``<layer>.weight_scale``
-    (scalar or broadcastable); an fp8 tensor without a scale is only cast.
+    Every Linear the file stores in fp8 (any layout :attr:`~cinetune.core.checkpoint.Checkpoint.fp8` reads, ComfyUI's
+    ``*_fp8_scaled`` text encoders among them) becomes an :class:`~cinetune.core.quant.FP8Linear` holding the stored
+    codes and float32 scale (weight-only: dequantised per call in the compute dtype, as the DiT's), so an fp8 file
+    takes about half the memory of a bf16 one. Every other tensor (fp8 embeddings included, dequantised) is cast to
+    ``dtype``; tensors are read one by one.
+
+    Raises:
+        CheckpointError: a damaged fp8 layout or unsupported quantisation (NVFP4), missing/unexpected tensors.
+        FP8DeviceError: fp8 layers and a device that cannot cast float8.
     """
-    from safetensors import safe_open
+    scheme = ckpt.fp8
+    modules = dict(model.named_modules())
+    fp8 = {layer.layer for layer in scheme.layers.values() if isinstance(modules.get(layer.layer), torch.nn.Linear)}
+    if fp8:
+        check_fp8_device(device)
+        quantize_linear_weights_fp8(model, keep=lambda name: name not in fp8)  # meta: structure only
 
-    def scale_of(src: str) -> str | None:
-        layer = src[: -len(".weight")] if src.endswith(".weight") else src
-        return next((layer + s for s in _SCALE_SUFFIXES if layer + s in entries), None)
+    def policy(name, info):
+        layer = scheme.layers.get(name)
+        return None if layer is not None and layer.layer in fp8 else dtype
 
-    by_file: dict[Path, list[str]] = {}
-    for name in [*mapping, *filter(None, map(scale_of, mapping))]:
-        by_file.setdefault(entries[name][0], []).append(name)
-    scales: dict[str, torch.Tensor] = {}
-    for f, names in by_file.items():
-        with safe_open(str(f), framework="pt", device="cpu") as h:
-            scales.update({n: h.get_tensor(n).to(torch.float32) for n in names if n not in mapping})
-    out: dict[str, torch.Tensor] = {}
-    for f, names in by_file.items():  # one tensor at a time, so peak memory stays near the model size
-        with safe_open(str(f), framework="pt", device="cpu") as h:
-            for src in (n for n in names if n in mapping):
-                t = h.get_tensor(src)
-                if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                    t = t.to(torch.float32)
-                    if (scale := scale_of(src)) is not None:
-                        t = t * scales[scale]
-                out[mapping[src]] = t.to(dtype)
-    return out
+    assign_state_dict(model, ckpt.load(dtype=policy), path)
 
 
 def _json_config(metadata: Mapping[str, str], path: Path) -> dict | None:
@@ -252,24 +237,17 @@ def _first(names: Sequence[str], n: int = 5) -> str:
 # Qwen2.5-VL language model
 
 
-def _is_quant_aux(name: str) -> bool:
-    """Scales and markers of fp8 checkpoints (read with their weight, never loaded as parameters)."""
-    return name == "scaled_fp8" or name.endswith(_IGNORED_QUANT_SUFFIXES) or name.endswith(_SCALE_SUFFIXES)
-
-
 def _qwen_model_key(name: str) -> str | None:
     """Map a checkpoint tensor name to a ``Qwen2_5_VLTextModel`` name; None for tensors the encoder does not use.
 
     Accepted layouts: published HF (``model.layers.*``, ``visual.*``, ``lm_head.*``), transformers ≥ 4.52 saves
     (``model.language_model.*``, ``model.visual.*``), ComfyUI single files (HF names, optionally under
-    ``qwen25_7b.transformer.``).
+    ``qwen25_7b.transformer.``). fp8 scales and configs map like their weights; the ``scaled_fp8`` marker stays.
     """
     for p in _QWEN_OUTER_PREFIXES:
         if name.startswith(p):
             name = name[len(p):]
             break
-    if _is_quant_aux(name):
-        return None
     for p in ("model.language_model.", "language_model.model.", "language_model."):
         if name.startswith(p):
             return name[len(p):]
@@ -320,13 +298,15 @@ def load_qwen_text_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.
         path: a Hugging Face snapshot folder (config.json of ``model_type`` ``qwen2_5_vl`` + safetensors shards,
             optionally ``model.safetensors.index.json``), a file inside one, or a single ``.safetensors`` file
             in ComfyUI's layout (bf16/fp16, or fp8 with per-layer scales).
-        dtype: parameter dtype; fp8 weights are dequantised to it.
+        dtype: compute dtype: every tensor is cast to it, except the Linear layers an fp8 file stores in fp8, which
+            stay fp8 as :class:`~cinetune.core.quant.FP8Linear` (dequantised per call; about half the memory).
         device: where the model ends up.
     Returns:
         ``transformers.Qwen2_5_VLTextModel`` in eval mode (``last_hidden_state`` is after the final RMSNorm).
     Raises:
         CheckpointError: missing/truncated file, not a Qwen2.5 language model (the message says what it looks
-            like), tensors that do not fit the config.
+            like), tensors that do not fit the config, a damaged fp8 layout or an unsupported one (NVFP4).
+        FP8DeviceError: an fp8 file and a device that cannot cast float8 (load on the CPU or CUDA).
     """
     from transformers import AutoConfig
 
@@ -337,10 +317,9 @@ def load_qwen_text_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.
         raise ImportError("Loading Qwen2.5-VL needs transformers >= 4.52 (Qwen2_5_VLTextModel); "
                           "upgrade it with pip install -U transformers.") from e
 
-    path, folder, entries, metadata, mapping, shapes = _mapped_weights(path, ("qwen2_5_vl", "qwen2_5_vl_text"),
-                                                                       _qwen_model_key)
-    if "embed_tokens.weight" not in shapes or "layers.0.self_attn.k_proj.bias" not in shapes:
-        what = describe_checkpoint({n: e[1] for n, e in entries.items()})
+    path, folder, stored, ckpt = _open_weights(path, ("qwen2_5_vl", "qwen2_5_vl_text"), _qwen_model_key)
+    if "embed_tokens.weight" not in ckpt or "layers.0.self_attn.k_proj.bias" not in ckpt:
+        what = describe_checkpoint({n: i.shape for n, i in stored.infos.items()})
         raise CheckpointError(
             f"{path}: this looks like {what}, not Qwen2.5-VL. Expected Qwen2.5-VL-7B-Instruct: its Hugging Face "
             "folder, or ComfyUI's qwen_2.5_vl_7b(_fp8_scaled).safetensors in models/text_encoders.")
@@ -348,12 +327,12 @@ def load_qwen_text_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.
         config = AutoConfig.from_pretrained(folder)
         config = getattr(config, "text_config", config)
     else:
-        raw = _json_config(metadata, path) or qwen_text_config_from_shapes(shapes)
-        config = Qwen2_5_VLTextConfig(**raw)
+        shapes = {n: i.shape for n, i in ckpt.model_infos().items()}
+        config = Qwen2_5_VLTextConfig(**(_json_config(ckpt.metadata, path) or qwen_text_config_from_shapes(shapes)))
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = Qwen2_5_VLTextModel(config)
-    assign_state_dict(model, _load_mapped(entries, mapping, dtype), path)
+    _fill_text_model(model, ckpt, dtype, torch.device(device), path)
     model.rotary_emb = Qwen2_5_VLRotaryEmbedding(config=config)  # its buffers are not in checkpoints
     check_materialised(model)
     return model.eval().requires_grad_(False).to(device)
@@ -373,7 +352,9 @@ def _clip_model_key(name: str) -> str | None:
             break
     if name.startswith("text_model."):
         name = name[len("text_model."):]
-    if _is_quant_aux(name) or name == "embeddings.position_ids":
+    if name == COMFYUI_MARKER:
+        return name
+    if name == "embeddings.position_ids":
         return None
     if not name.startswith(("embeddings.", "encoder.", "final_layer_norm.")):
         return None
@@ -410,18 +391,19 @@ def load_clip_text_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.
         path: a Hugging Face folder (``clip`` full model or ``clip_text_model``) or a file in one, or a single
             ``.safetensors`` with ``text_model.*`` tensors (ComfyUI ``clip_l.safetensors``; prefixes such as
             ``clip_l.transformer.`` are removed).
-        dtype, device: parameter dtype and device.
+        dtype, device: compute dtype (fp8 Linear layers of an fp8 file stay fp8, as in
+            :func:`load_qwen_text_model`) and device.
     Returns:
         ``transformers.CLIPTextModel`` in eval mode.
     Raises:
-        CheckpointError: missing/truncated file, not a CLIP text encoder (says what it looks like).
+        CheckpointError: missing/truncated file, not a CLIP text encoder (says what it looks like), a damaged or
+            unsupported fp8 layout.
     """
     from transformers import AutoConfig, CLIPTextConfig, CLIPTextModel
 
-    path, folder, entries, metadata, mapping, shapes = _mapped_weights(path, ("clip", "clip_text_model"),
-                                                                       _clip_model_key)
-    if "embeddings.token_embedding.weight" not in shapes or "final_layer_norm.weight" not in shapes:
-        what = describe_checkpoint({n: e[1] for n, e in entries.items()})
+    path, folder, stored, ckpt = _open_weights(path, ("clip", "clip_text_model"), _clip_model_key)
+    if "embeddings.token_embedding.weight" not in ckpt or "final_layer_norm.weight" not in ckpt:
+        what = describe_checkpoint({n: i.shape for n, i in stored.infos.items()})
         raise CheckpointError(
             f"{path}: this looks like {what}, not a CLIP text encoder. Expected CLIP-L: clip_l.safetensors or the "
             "openai/clip-vit-large-patch14 folder in models/text_encoders.")
@@ -429,14 +411,17 @@ def load_clip_text_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.
         config = AutoConfig.from_pretrained(folder)
         config = getattr(config, "text_config", config)
     else:
-        config = CLIPTextConfig(**(_json_config(metadata, path) or clip_text_config_from_shapes(shapes)))
+        shapes = {n: i.shape for n, i in ckpt.model_infos().items()}
+        config = CLIPTextConfig(**(_json_config(ckpt.metadata, path) or clip_text_config_from_shapes(shapes)))
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = CLIPTextModel(config)
     # transformers < 5 nests the tower under ``text_model.``; 5.x does not.
-    inner = "text_model." if any(k.startswith("text_model.") for k in model.state_dict()) else ""
-    assign_state_dict(model, _load_mapped(entries, {s: inner + d for s, d in mapping.items()}, dtype), path)
-    embeddings = model.text_model.embeddings if inner else model.embeddings
+    nested = any(k.startswith("text_model.") for k in model.state_dict())
+    if nested:
+        ckpt = ckpt.rename(lambda n: n if n == COMFYUI_MARKER else "text_model." + n)
+    _fill_text_model(model, ckpt, dtype, torch.device(device), path)
+    embeddings = model.text_model.embeddings if nested else model.embeddings
     embeddings.position_ids = torch.arange(config.max_position_embeddings).expand((1, -1))
     check_materialised(model)
     return model.eval().requires_grad_(False).to(device)
@@ -646,7 +631,7 @@ def load_k5_text_encoder(qwen_path: str | os.PathLike, clip_path: str | os.PathL
 
     Args:
         qwen_path: Hugging Face snapshot folder of Qwen2.5-VL-7B-Instruct or any file in it, or ComfyUI's single
-            file ``qwen_2.5_vl_7b.safetensors`` / ``qwen_2.5_vl_7b_fp8_scaled.safetensors`` (fp8 dequantised).
+            file ``qwen_2.5_vl_7b.safetensors`` / ``qwen_2.5_vl_7b_fp8_scaled.safetensors`` (fp8 layers stay fp8).
         clip_path: Hugging Face CLIP folder (full CLIP or text model) or a file in it, or single-file
             ``clip_l.safetensors`` (``text_model.*`` tensors).
         qwen_tokenizer: tokenizer folder used when ``qwen_path`` has no tokenizer of its own (single files), e.g.

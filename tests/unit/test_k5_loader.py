@@ -11,14 +11,9 @@ from diffusers import Kandinsky5Transformer3DModel
 from safetensors.torch import save_file
 
 from cinetune.core.checkpoint import CheckpointError, save_file_atomic
-from cinetune.core.quant import (
-    FP8Linear,
-    k5_fp8_keep_high_precision,
-    quantize_fp8,
-    quantize_linear_weights_fp8,
-)
+from cinetune.core.quant import FP8Linear, quantize_fp8, quantize_linear_weights_fp8
 from cinetune.k5.config import K5Config, NotK5CheckpointError
-from cinetune.k5.dit import Kandinsky5DiT, load_k5_dit
+from cinetune.k5.dit import Kandinsky5DiT, k5_fp8_keep_high_precision, load_k5_dit
 
 CFG = K5Config(model_dim=64, ff_dim=96, time_dim=32, num_text_blocks=1, num_visual_blocks=2, axes_dims=(8, 12, 12),
                in_text_dim=40, in_text_dim2=24)

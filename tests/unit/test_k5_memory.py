@@ -18,10 +18,19 @@ import torch
 from cinetune.core.lora import inject_lora
 from cinetune.core.memory import BlockActivations, measure_block_activations, measure_cpu_peak
 from cinetune.core.offload import model_on_device
-from cinetune.core.quant import k5_fp8_keep_high_precision, quantize_linear_weights_fp8
+from cinetune.core.quant import quantize_linear_weights_fp8
 from cinetune.k5.conditioning import K5TextEmbeds
 from cinetune.k5.config import LITE_CONFIG, PRO_CONFIG, K5Config
-from cinetune.k5.dit import FF_CHUNK_TOKENS, Kandinsky5DiT, TextBlock, VisualBlock, rope_1d, rope_3d
+from cinetune.k5.dit import (
+    FF_CHUNK_TOKENS,
+    Kandinsky5DiT,
+    TextBlock,
+    VisualBlock,
+    k5_fp8_keep_high_precision,
+    rope_1d,
+    rope_3d,
+)
+from cinetune.k5.family import K5_BLOCK_PREFIXES, K5_LORA_TARGETS
 from cinetune.k5.memory import (
     describe_k5,
     estimate_k5_memory,
@@ -75,7 +84,7 @@ def make_block(kind: str, dims: str, dtype: torch.dtype, rank: int, tokens: int,
     block.requires_grad_(False)
     params = []
     if rank:
-        modules = inject_lora(block, rank=rank, alpha=rank, within=None)
+        modules = inject_lora(block, rank=rank, alpha=rank, targets=K5_LORA_TARGETS, within=None)
         params = [p for m in modules.values() for p in (m.lora_down, m.lora_up)]
 
     def inputs(t: int):
@@ -217,7 +226,8 @@ def measure_training(config, dtype, size, *, swap=0, rank=8, fp8=False) -> tuple
                                                  torch.randn(config.in_text_dim2))
     with (model_on_device(model, blocks_of(model), "cpu", blocks_to_swap=swap, ring_size=2) as bs,
           torch.enable_grad()):
-        modules = inject_lora(model, rank=rank, alpha=rank, dtype=torch.float32)
+        modules = inject_lora(model, rank=rank, alpha=rank, targets=K5_LORA_TARGETS, within=K5_BLOCK_PREFIXES,
+                              dtype=torch.float32)
         params = [p for m in modules.values() for p in (m.lora_down, m.lora_up)]
         optimizer = make_optimizer(params, "adamw", lr=1e-4, weight_decay=1e-3, betas=(0.9, 0.95), eps=1e-8)
         model.train()
@@ -412,7 +422,7 @@ def test_errors():
         describe_k5(LITE_CONFIG, "fp64")
     with torch.device("meta"):
         dit = Kandinsky5DiT(TINY)
-    inject_lora(dit, rank=4, alpha=4)
+    inject_lora(dit, rank=4, alpha=4, targets=K5_LORA_TARGETS, within=K5_BLOCK_PREFIXES)
     with pytest.raises(ValueError, match="before injecting LoRA"):
         estimate_k5_memory(TINY, weight_dtype="default", model=dit, **kw)
     with pytest.raises(TypeError, match="Kandinsky 5 DiT"):

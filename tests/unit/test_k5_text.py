@@ -315,29 +315,99 @@ def test_prefixed_clip_single_file_loads(tmp_path, tiny_dirs):
         torch.testing.assert_close(got(input_ids=ids).pooler_output, ref(input_ids=ids).pooler_output, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("scale_suffix", [".scale_weight", ".weight_scale"])
-def test_fp8_scaled_single_file_is_dequantised(tmp_path, tiny_dirs, encoder, single_files, scale_suffix):
-    tensors, scales = {}, {}
-    for k, w in _qwen_tensors(tiny_dirs[0]).items():
+def _fp8_scaled(tensors, scale_suffix):
+    """ComfyUI-style fp8 copy: every 2-D layer weight in float8_e4m3fn with a per-tensor float32 scale."""
+    out, scales = {}, {}
+    for k, w in tensors.items():
         if k.startswith("model.layers.") and w.ndim == 2:
             scale = w.float().abs().amax() / torch.finfo(torch.float8_e4m3fn).max
-            tensors[k] = (w.float() / scale).to(torch.float8_e4m3fn)
-            tensors[k[: -len(".weight")] + scale_suffix] = scales[k] = scale.reshape(())
+            out[k] = (w.float() / scale).to(torch.float8_e4m3fn)
+            out[k[: -len(".weight")] + scale_suffix] = scales[k] = scale.reshape(())
         else:
-            tensors[k] = w
-    if scale_suffix == ".scale_weight":
-        tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
-    f = tmp_path / "qwen_fp8_scaled.safetensors"
-    save_file(tensors, str(f), metadata={"config": json.dumps(_tiny_text_config(tiny_dirs[0]))})
-    model = load_qwen_text_model(f, dtype=torch.float32)
-    name = "model.layers.1.mlp.down_proj.weight"
-    expected = tensors[name].to(torch.float32) * scales[name]
-    assert torch.equal(model.layers[1].mlp.down_proj.weight, expected)
+            out[k] = w
+    return out, scales
 
-    fp8 = load_k5_text_encoder(f, tiny_dirs[1], qwen_tokenizer=single_files[2], dtype=torch.float32).encode(PROMPTS)
-    ref = encoder.encode(PROMPTS)
-    err = (fp8.text - ref.text).norm() / ref.text.norm()
-    assert 0 < err < 0.25  # e4m3 keeps 3 mantissa bits: a few % error per weight
+
+def _param_bytes(model):
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@pytest.mark.parametrize("layout", ["comfyui", "comfyui_mixed"])
+def test_fp8_scaled_qwen_keeps_fp8_linear_layers(tmp_path, tiny_dirs, layout):
+    """ComfyUI's qwen_2.5_vl_7b_fp8_scaled layouts: old (scaled_fp8 marker + .scale_weight) and new (.weight_scale
+    + per-layer comfy_quant). The layers stay fp8 (FP8Linear, the DiT's class), so the model is about half the size;
+    the result equals dequantising on load."""
+    from cinetune.core.quant import FP8Linear
+
+    suffix = ".scale_weight" if layout == "comfyui" else ".weight_scale"
+    tensors, scales = _fp8_scaled(_qwen_tensors(tiny_dirs[0]), suffix)
+    if layout == "comfyui":
+        tensors["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    else:
+        conf = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+        tensors.update({k[: -len(".weight")] + ".comfy_quant": conf for k in scales})
+        tensors.update({k[: -len(".weight")] + ".input_scale": torch.tensor(1.0) for k in scales})
+    f = save_file_atomic(tensors, tmp_path / "qwen_fp8_scaled.safetensors",
+                         metadata={"config": json.dumps(_tiny_text_config(tiny_dirs[0]))})
+    model = load_qwen_text_model(f, dtype=torch.float32)
+    fp8 = {n: m for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+    assert len(fp8) == len(scales) == 7 * len(model.layers)  # q, k, v, o, gate, up, down per layer
+    layer = model.layers[1].mlp.down_proj
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert layer.weight.dtype == torch.float8_e4m3fn and torch.equal(layer.weight.view(torch.uint8),
+                                                                      tensors[name].view(torch.uint8))
+    assert torch.equal(layer.scale_weight, scales[name])
+    assert torch.equal(layer.dequantized_weight(torch.float32), tensors[name].float() * scales[name])
+    assert not any(k.endswith(("input_scale", "comfy_quant", "weight_scale")) for k in model.state_dict())
+    bf16_file = load_qwen_text_model(tiny_dirs[0], dtype=torch.bfloat16)
+    fp8_bf16 = load_qwen_text_model(f, dtype=torch.bfloat16)
+    linear_bytes = sum(m.weight.numel() for m in fp8.values())
+    assert _param_bytes(bf16_file) - _param_bytes(fp8_bf16) == linear_bytes - 4 * len(fp8)  # 2 → 1 byte + a scale
+
+    ids = torch.tensor([[151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645]])
+
+    def hidden(m):
+        with torch.no_grad():
+            return m(input_ids=ids, use_cache=False).last_hidden_state
+
+    got = hidden(model)
+    ref = hidden(load_qwen_text_model(tiny_dirs[0], dtype=torch.float32))
+    assert 0 < ((got - ref).norm() / ref.norm()).item() < 0.25  # e4m3 keeps 3 mantissa bits: a few % per weight
+    dequantised = {k: (v.float() * scales[k] if k in scales else v) for k, v in tensors.items()
+                   if not k.endswith(("scaled_fp8", suffix, "comfy_quant", "input_scale"))}
+    g = save_file_atomic(dequantised, tmp_path / "dequantised.safetensors",
+                         metadata={"config": json.dumps(_tiny_text_config(tiny_dirs[0]))})
+    torch.testing.assert_close(got, hidden(load_qwen_text_model(g, dtype=torch.float32)), rtol=1e-6, atol=1e-6)
+
+
+def test_fp8_clip_keeps_fp8_linear_layers(tmp_path, tiny_dirs):
+    from cinetune.core.quant import FP8Linear
+
+    sd = load_file(tiny_dirs[1] / "model.safetensors")
+    plain = {k: v.to(torch.float8_e4m3fn) if ".layers." in k and v.ndim == 2 else v for k, v in sd.items()}
+    f = save_file_atomic(plain, tmp_path / "clip_fp8.safetensors")  # a plain cast: scale 1
+    got = load_clip_text_model(f, dtype=torch.float32)
+    fp8 = [m for m in got.modules() if isinstance(m, FP8Linear)]
+    assert fp8 and len(fp8) == sum(1 for k, v in plain.items() if v.dtype == torch.float8_e4m3fn)
+    ref = load_clip_text_model(save_file_atomic({k: v.float() for k, v in plain.items()}, tmp_path / "c32.safetensors"),
+                               dtype=torch.float32)
+    ids = torch.tensor([[49406, 320, 2368, 49407] + [49407] * 73])
+    with torch.no_grad():
+        torch.testing.assert_close(got(input_ids=ids).pooler_output, ref(input_ids=ids).pooler_output, rtol=0, atol=0)
+
+
+def test_nvfp4_text_encoder_is_refused(tmp_path, tiny_dirs):
+    tensors = _qwen_tensors(tiny_dirs[0])
+    name = "model.layers.0.mlp.down_proj"
+    out, inp = tensors[name + ".weight"].shape
+    tensors[name + ".weight"] = torch.zeros(out, inp // 2, dtype=torch.uint8)  # two fp4 codes per byte
+    tensors[name + ".weight_scale"] = torch.ones(out, inp // 16).to(torch.float8_e4m3fn)
+    tensors[name + ".weight_scale_2"] = torch.tensor(1.0)
+    tensors[name + ".comfy_quant"] = torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)
+    f = save_file_atomic(tensors, tmp_path / "qwen_nvfp4.safetensors",
+                         metadata={"config": json.dumps(_tiny_text_config(tiny_dirs[0]))})
+    with pytest.raises(CheckpointError, match=r"layers\.0\.mlp\.down_proj \(nvfp4\).*use the fp8 or bf16 version"):
+        load_qwen_text_model(f)
 
 
 def test_single_file_without_tokenizer_names_the_argument(single_files, tiny_dirs):

@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cinetune.core.checkpoint import read_safetensors_header
+import cinetune.core.family as family_module
+from cinetune.core.family import LatentFormat, LoRAKeyGrammar, ModelFamily, register_family
 from cinetune.core.lora import (
-    K5_LORA_TARGETS,
     LoRAError,
     LoRALinear,
     LoRAWeights,
@@ -28,15 +29,17 @@ from cinetune.core.lora import (
     remove_lora,
     save_lora,
 )
-from cinetune.core.quant import FP8Linear, k5_fp8_keep_high_precision, quantize_fp8, quantize_linear_weights_fp8
+from cinetune.core.quant import FP8Linear, quantize_fp8, quantize_linear_weights_fp8
 from cinetune.k5.config import LITE_CONFIG, PRO_CONFIG, K5Config
-from cinetune.k5.dit import Kandinsky5DiT
+from cinetune.k5.dit import Kandinsky5DiT, k5_fp8_keep_high_precision
+from cinetune.k5.family import K5_BLOCK_PREFIXES, K5_LORA_TARGETS
 from comfy_lora_keys import native_lora_report
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = K5Config(model_dim=32, ff_dim=64, time_dim=16, num_text_blocks=1, num_visual_blocks=2, axes_dims=(4, 6, 6),
                 in_text_dim=32, in_text_dim2=24)
 RANK, ALPHA = 4, 6.0
+K5 = dict(targets=K5_LORA_TARGETS, within=K5_BLOCK_PREFIXES)  # the family's LoRA targets
 
 
 def tiny_dit(cfg: K5Config = TINY, seed: int = 0) -> Kandinsky5DiT:
@@ -87,7 +90,7 @@ def assert_same_weights(a: LoRAWeights, b: LoRAWeights) -> None:
 def test_inject_targets_exactly_the_official_layers():
     model = tiny_dit()
     before = {n: type(m) for n, m in model.named_modules()}
-    modules = inject_lora(model, rank=RANK, alpha=ALPHA)
+    modules = inject_lora(model, rank=RANK, alpha=ALPHA, **K5)
     assert list(modules) == target_paths()  # 6 per text block + 10 per visual block
     assert len(modules) == 6 * TINY.num_text_blocks + 10 * TINY.num_visual_blocks
     for name, module in model.named_modules():
@@ -104,7 +107,7 @@ def test_inject_targets_exactly_the_official_layers():
 def test_inject_counts_on_real_sizes(cfg, expected):
     with torch.device("meta"):  # shapes only
         model = Kandinsky5DiT(cfg)
-    modules = inject_lora(model, rank=8, alpha=8)
+    modules = inject_lora(model, rank=8, alpha=8, **K5)
     assert len(modules) == expected  # musubi-tuner: Lite 2·6+32·10, Pro 4·6+60·10 (k5.md §8)
     m = modules["visual_transformer_blocks.0.feed_forward.in_layer"]
     assert m.lora_down.shape == (8, cfg.model_dim) and m.lora_up.shape == (cfg.ff_dim, 8)
@@ -115,7 +118,7 @@ def test_fresh_adapter_changes_nothing_and_only_lora_trains():
     args = inputs()
     with torch.no_grad():
         reference = model(*args)
-    modules = inject_lora(model, rank=RANK, alpha=ALPHA, generator=torch.Generator().manual_seed(0))
+    modules = inject_lora(model, rank=RANK, alpha=ALPHA, generator=torch.Generator().manual_seed(0), **K5)
     for m in modules.values():  # kaiming-uniform a=√5 → U(-1/√in, 1/√in); up zeros
         bound = 1 / math.sqrt(m.in_features)
         assert m.lora_down.abs().max() <= bound and m.lora_down.std() > 0.3 * bound and not m.lora_up.any()
@@ -147,15 +150,24 @@ def test_inject_errors_and_remove():
     model = tiny_dit()
     originals = {p: model.get_submodule(p) for p in target_paths()}
     with pytest.raises(LoRAError, match=r"No Linear layer .* matches .*visual_transformer_blocks"):
-        inject_lora(model, rank=4, alpha=4, targets=("attn1.to_q",))
-    inject_lora(model, rank=4, alpha=4)
+        inject_lora(model, rank=4, alpha=4, targets=("attn1.to_q",), within=K5_BLOCK_PREFIXES)
+    inject_lora(model, rank=4, alpha=4, **K5)
     with pytest.raises(LoRAError, match="already has 26 LoRA layers.*remove_lora"):
-        inject_lora(model, rank=4, alpha=4)
+        inject_lora(model, rank=4, alpha=4, **K5)
     with pytest.raises(LoRAError, match="rank must be an integer"):
         LoRALinear(torch.nn.Linear(4, 4), 0, 1.0)
     remove_lora(model)
     assert all(model.get_submodule(p) is m for p, m in originals.items())
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    # one suffix given as a string, anywhere in the model: the feed-forward input of every block
+    assert list(inject_lora(model, rank=4, alpha=4, targets="feed_forward.in_layer", within=None)) == [
+        "text_transformer_blocks.0.feed_forward.in_layer", "visual_transformer_blocks.0.feed_forward.in_layer",
+        "visual_transformer_blocks.1.feed_forward.in_layer"]
+    remove_lora(model)
+    with pytest.raises(LoRAError, match="targets must be non-empty"):
+        inject_lora(model, rank=4, alpha=4, targets=(), within=None)
+    with pytest.raises(LoRAError, match="within must be None or non-empty"):
+        inject_lora(model, rank=4, alpha=4, targets=K5_LORA_TARGETS, within=("",))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,7 +219,7 @@ def test_every_layout_round_trips_to_the_same_weights_and_merge(tmp_path):
 
 def test_saved_file_tensors_and_metadata(tmp_path):
     model = tiny_dit()
-    modules = inject_lora(model, rank=RANK, alpha=ALPHA)
+    modules = inject_lora(model, rank=RANK, alpha=ALPHA, **K5)
     path = save_lora(tmp_path / "out" / "k5.safetensors", modules, metadata={"trigger": "x"})
     infos, meta = read_safetensors_header(path)
     p = "diffusion_model.visual_transformer_blocks.1.feed_forward.out_layer"
@@ -260,7 +272,7 @@ def test_merge_equals_adapter_forward_and_is_linear_in_strength():
     args = inputs()
     with torch.no_grad():
         trained = tiny_dit()
-        modules = inject_lora(trained, rank=RANK, alpha=ALPHA)
+        modules = inject_lora(trained, rank=RANK, alpha=ALPHA, **K5)
         for path, m in modules.items():
             m.lora_down.copy_(lora.layers[path][0])
             m.lora_up.copy_(lora.layers[path][1])
@@ -360,22 +372,37 @@ def test_native_comfyui_maps_every_saved_key_and_merges_the_same(tmp_path):
 # Bad input
 
 
-def test_foreign_lora_is_rejected_with_the_model_it_was_made_for(tmp_path):
+@pytest.fixture
+def ltx_family(monkeypatch):
+    """A second registered family with LTX-2's block names (restored registry afterwards)."""
+    monkeypatch.setattr(family_module, "_FAMILIES", dict(family_module._FAMILIES))
+    grammar = LoRAKeyGrammar(pattern=r"transformer_blocks[._]\d+[._](attn1|attn2|ff)",
+                             kohya=r"(transformer_blocks)_(\d+)_(attn1|attn2)_(to_q|to_k|to_v)")
+    latents = LatentFormat("ltx-2-test", channels=128, spatial_factor=32, temporal_factor=8, size_multiple=32,
+                           default_fps=24.0)
+    return register_family(ModelFamily("ltx-2-test", "LTX-2 (test grammar)", latents, ("attn1.to_q",), None, grammar))
+
+
+def test_foreign_lora_is_rejected_with_the_model_it_was_made_for(tmp_path, ltx_family):
     model = tiny_dit()
     names = [n for n, _ in model.named_modules()]
     ltx = {f"diffusion_model.transformer_blocks.{i}.attn1.to_{x}.lora_{h}.weight": torch.zeros(4, 4)
            for i in range(12) for x in ("q", "k") for h in ("down", "up")}
     with pytest.raises(LoRAError, match=r"24 LoRA layers name no module.*transformer_blocks\.0\.attn1\.to_k.*"
-                                        r"\(24 in all\).*LTX-Video / LTX-2.*the model is Kandinsky 5"):
+                                        r"\(24 in all\).*LTX-2 \(test grammar\).*the model is Kandinsky 5"):
         load_lora(ltx, module_names=names)
     with pytest.raises(LoRAError, match="name no module of this model.*LTX"):
         merge_lora(model, load_lora(ltx))
     kohya_ltx = {"lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 4),
                  "lora_unet_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(4, 4)}
-    with pytest.raises(LoRAError, match="not Kandinsky 5 block layers.*LTX.*pass module_names"):
-        load_lora(kohya_ltx)
+    assert list(load_lora(kohya_ltx).layers) == ["transformer_blocks.0.attn1.to_q"]  # the other family's grammar
     with pytest.raises(LoRAError, match="name no module of this model.*LTX"):
         load_lora(kohya_ltx, module_names=names)
+    kohya_wan = {"lora_unet_blocks_0_self_attn_q.lora_down.weight": torch.zeros(4, 4),
+                 "lora_unet_blocks_0_self_attn_q.lora_up.weight": torch.zeros(4, 4)}
+    with pytest.raises(LoRAError, match=r"no registered model family \(Kandinsky 5, LTX-2 \(test grammar\)\) "
+                                        r"resolves.*Wan 2\.x.*pass module_names"):
+        load_lora(kohya_wan)
 
 
 def test_broken_files_give_clear_errors(tmp_path):

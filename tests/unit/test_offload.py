@@ -470,6 +470,59 @@ def test_tiny_kandinsky5_dit_with_swap():
     swap.close()
 
 
+def _host_bytes(tensors) -> int:
+    """Sum of the unique CPU storages behind ``tensors`` (what the host holds for them)."""
+    storages = {}
+    for t in tensors:
+        if t.device.type == "cpu":
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn"])
+def test_swapping_every_loaded_block_takes_the_loaded_buffers_over(tmp_path, monkeypatch, weight_dtype):
+    """The loader reads each block into one buffer of the master layout; attaching adopts it (registered in place
+    when pinning) instead of copying, so host memory stays the model's size, not twice it."""
+    from cinetune.core.checkpoint import save_file_atomic
+    from cinetune.k5.config import K5Config
+    from cinetune.k5.dit import Kandinsky5DiT, load_k5_dit
+
+    cfg = K5Config(model_dim=64, ff_dim=128, time_dim=32, num_text_blocks=2, num_visual_blocks=3,
+                   axes_dims=(8, 12, 12), in_text_dim=48, in_text_dim2=24)
+    g = torch.Generator().manual_seed(0)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Kandinsky5DiT(cfg).state_dict().items()}
+    path = save_file_atomic({k: (torch.randn(s, generator=g) / 8).bfloat16() for k, s in shapes.items()},
+                            tmp_path / "k5.safetensors")
+    model = load_k5_dit(path, weight_dtype=weight_dtype).model
+    reference = load_k5_dit(path, weight_dtype=weight_dtype).model
+    tensors = [*model.parameters(), *model.buffers()]
+    model_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    loaded_host = _host_bytes(tensors)
+    assert loaded_host < model_bytes * 1.1  # only the 256-byte alignment inside block buffers
+    blocks = [*model.text_transformer_blocks, *model.visual_transformer_blocks]
+    before = {id(t): t.data_ptr() for b in blocks for t in [*b.parameters(), *b.buffers()]}
+    registered, unpinned = [], []
+    monkeypatch.setattr(offload, "_register", lambda buf: registered.append(buf.data_ptr()) or buf)
+    monkeypatch.setattr(offload, "_unpin", unpinned.append)
+    swap = BlockSwap(blocks, len(blocks), device="cpu", pin_memory=True)
+    assert swap.stats["masters_adopted"] == len(blocks) and swap.pinned and len(registered) == len(blocks)
+    assert {id(t): t.data_ptr() for b in blocks for t in [*b.parameters(), *b.buffers()]} == before  # no copy
+    masters = [sb.master for sb in swap._swapped.values()]
+    assert _host_bytes([*tensors, *masters]) == loaded_host  # not ~2× the model
+    x, text, pooled = torch.randn(1, 33, 2, 4, 4), torch.randn(1, 5, 48), torch.randn(1, 24)
+    with torch.no_grad():
+        assert torch.equal(model(x, text, pooled, 500.0), reference(x, text, pooled, 500.0))
+    swap.close()
+    swap = BlockSwap(blocks, len(blocks), device="cpu", pin_memory=True)  # the kept masters are reused as they are
+    assert swap.stats["masters_reused"] == len(blocks) and len(registered) == len(blocks)
+    swap.close()
+    copied = BlockSwap([copy.deepcopy(b) for b in blocks], len(blocks), device="cpu")  # separate storages: copied
+    assert copied.stats["masters_adopted"] == 0
+    copied.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the stream/event path needs CUDA")
 def test_cuda_streams_match_resident_weights():
     """Pinned masters, side-stream copies and events: same outputs and gradients as an all-resident model."""

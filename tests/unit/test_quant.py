@@ -17,15 +17,13 @@ from cinetune.core.quant import (
     FP8DeviceError,
     FP8Linear,
     dequantize_fp8,
-    find_scaled_fp8,
     fp8_scale_problem,
-    k5_fp8_keep_high_precision,
     quantize_fp8,
     quantize_linear_weights_fp8,
     save_fp8_checkpoint,
 )
 from cinetune.k5.config import K5Config
-from cinetune.k5.dit import Kandinsky5DiT, load_k5_dit
+from cinetune.k5.dit import Kandinsky5DiT, k5_fp8_keep_high_precision, load_k5_dit
 from cinetune.k5.tiny import TINY_DIT_DIMS, seeded_tensor
 
 CFG = K5Config(**TINY_DIT_DIMS)  # model_dim 64, ff_dim 128, time_dim 32: Linear inputs of 32, 64, 128 features
@@ -115,6 +113,39 @@ def test_blockwise_quantisation_and_dequantisation_follow_the_block_formula():
     assert median_rel(expected) < 2 ** -5 and median_rel(dequantize_fp8(q1, s1)) > 0.5
 
 
+@pytest.mark.parametrize("chunk", [7, 48, 1 << 22], ids=["inside-a-row", "one-row", "whole-tensor"])
+def test_sliced_quantisation_equals_the_whole_tensor_formula(monkeypatch, chunk):
+    """The slices bound the float32 temporaries; the bits must be those of the one-shot formula."""
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", chunk)
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(6, 48, generator=g) * torch.logspace(-3, 1, 48)).bfloat16()
+    scale = w.float().abs().max() / 448
+    q, s = quantize_fp8(w)
+    assert torch.equal(s, scale) and same_bits(q, (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn))
+    out = torch.empty(6, 48, dtype=torch.float8_e4m3fn)
+    assert quantize_fp8(w, out=out)[0] is out and same_bits(out, q)
+    qb, sb = quantize_fp8(w, block_size=16)
+    blocks = w.float().reshape(6, 3, 16)
+    block_scale = blocks.abs().amax(-1, keepdim=True) / 448
+    assert torch.equal(sb, block_scale)
+    assert same_bits(qb, (blocks / block_scale).clamp(-448, 448).to(torch.float8_e4m3fn).reshape(6, 48))
+    into = torch.empty(6, 48, dtype=torch.bfloat16)
+    assert dequantize_fp8(qb, sb, torch.float32, out=into) is into
+    assert torch.equal(into, (qb.float().reshape(6, 3, 16) * sb).reshape(6, 48).bfloat16())  # one rounding
+    with pytest.raises(ValueError, match="out must be a contiguous float8_e4m3fn tensor"):
+        quantize_fp8(w, out=torch.empty(6, 48, dtype=torch.bfloat16))
+
+
+def test_fp8_linear_holds_e5m2_codes():
+    w = torch.randn(8, 16)
+    q = (w / 0.01).to(torch.float8_e5m2)
+    layer = FP8Linear(16, 8, bias=False, device="meta")
+    layer.load_state_dict({"weight": q, "scale_weight": torch.tensor(0.01)}, assign=True)
+    assert layer.weight.dtype == torch.float8_e5m2 and "float8_e5m2" in repr(layer)
+    x = torch.randn(2, 16)
+    assert torch.equal(layer(x), F.linear(x, q.float() * torch.tensor(0.01)))
+
+
 @pytest.mark.parametrize("scale_shape, ok", [
     ((), True), ((1,), True), ((8, 1), True), ((8, 3, 1), True), ((8, 3), True), ((8, 48, 1), True),
     ((8, 5, 1), False), ((4, 3, 1), False), ((8, 3, 2), False), ((2,), False), ((8,), False)])
@@ -135,7 +166,7 @@ def test_fp8_linear_adopts_the_scale_layout_of_a_state_dict():
     per_tensor.load_state_dict(bf16_scale)  # older musubi files store bf16 scales: converted exactly
     assert per_tensor.scale_weight.dtype == torch.float32
     assert torch.equal(per_tensor.scale_weight, blockwise.scale_weight.bfloat16().float())
-    with pytest.raises(RuntimeError, match="needs a float8_e4m3fn weight"):
+    with pytest.raises(RuntimeError, match="needs a float8 weight"):
         per_tensor.load_state_dict({**blockwise.state_dict(), "weight": lin.weight.detach()})
     with pytest.raises(RuntimeError, match=r"scale of shape \[8, 5, 1\] does not fit a weight \[8, 48\]"):
         per_tensor.load_state_dict({**blockwise.state_dict(), "scale_weight": torch.ones(8, 5, 1)})
@@ -338,12 +369,10 @@ def _edit(tensors, drop=(), **changes):
      r"out_layer\.out_layer\.scale_weight scales out_layer\.out_layer\.weight, which is stored as F32, not float8"),
     (lambda t: {**t, f"{LAYER}.scale_weight": torch.ones(128, 3, 1)},
      rf"{LAYER}\.scale_weight: scale of shape \[128, 3, 1\] does not fit a weight \[128, 64\]"),
-    (lambda t: {**t, f"{LAYER}.weight": t[f"{LAYER}.weight"].float().to(torch.float8_e5m2)},
-     rf"{LAYER}\.weight is F8_E5M2; only float8_e4m3fn"),
     (lambda t: {**t, f"{LAYER}.scale_weight_tensor": torch.ones(2)},
      rf"{LAYER}\.scale_weight_tensor must hold one number"),
 ], ids=["fp8-without-scale", "comfyui-fp8-without-scale", "scale-without-weight", "scale-beside-fp32",
-        "scale-shape", "e5m2", "tensor-scale-shape"])
+        "scale-shape", "tensor-scale-shape"])
 def test_bad_scaled_files_name_the_key(tmp_path, musubi_tensors, edit, message):
     path = save_file_atomic(edit(musubi_tensors), tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match=message) as info:
@@ -367,10 +396,17 @@ def test_input_scales_are_ignored_and_plain_fp8_needs_no_scale(tmp_path, referen
     assert loaded.fp8_layout == "comfyui" and not hasattr(loaded.model.get_submodule(LAYER), "scale_input")
     plain = {k: v.to(torch.float8_e4m3fn) if k.endswith("in_layer.weight") and "blocks" in k else v
              for k, v in reference[0].state_dict().items()}  # unscaled fp8 (a plain cast), no marker, no scales
-    assert find_scaled_fp8({k: (tuple(v.shape), str(v.dtype)) for k, v in plain.items()}).layout is None
     loaded = load_k5_dit(save_file_atomic(plain, tmp_path / "plain.safetensors"))
-    assert loaded.fp8_layout is None and not fp8_layers(loaded.model)
-    assert loaded.model.get_submodule(LAYER).weight.dtype == torch.float8_e4m3fn  # cast at use
+    assert loaded.fp8_layout == "unscaled"
+    layers = fp8_layers(loaded.model)
+    assert set(layers) == {k[: -len(".weight")] for k, v in plain.items() if v.dtype == torch.float8_e4m3fn}
+    assert all(same_bits(m.weight, plain[f"{n}.weight"]) and m.scale_weight.item() == 1.0 for n, m in layers.items())
+    cast = Kandinsky5DiT(CFG)  # the same file as a plain cast at use (CastLinear holds the fp8 weights)
+    cast.load_state_dict(plain)
+    assert torch.equal(forward(loaded.model), forward(cast))
+    bf16 = load_k5_dit(tmp_path / "plain.safetensors", weight_dtype="bf16").model  # scale 1: a plain cast
+    assert not fp8_layers(bf16)
+    assert torch.equal(bf16.get_submodule(LAYER).weight, plain[f"{LAYER}.weight"].to(torch.bfloat16))
 
 
 def test_save_errors(tmp_path, reference):
