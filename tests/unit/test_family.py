@@ -41,8 +41,8 @@ LTX2_FAMILY = ModelFamily(name="ltx-2-shaped", display_name="LTX-2 (shaped)", la
 
 @pytest.fixture
 def registry(monkeypatch):
-    """The registry as it is, restored after the test; the LTX-2-shaped family registered after Kandinsky 5."""
-    monkeypatch.setattr(family_module, "_FAMILIES", dict(family_module._FAMILIES))
+    """A registry of Kandinsky 5 and the LTX-2-shaped family (registered after it), restored after the test."""
+    monkeypatch.setattr(family_module, "_FAMILIES", {K5_FAMILY.name: K5_FAMILY})
     register_family(LTX2_FAMILY)
     return family_module._FAMILIES
 
@@ -241,3 +241,20 @@ def test_without_the_family_its_kohya_names_are_not_resolved(monkeypatch, tmp_pa
     saved = save_lora(tmp_path / "y.safetensors", lora, metadata={}, architecture="ltx-2")
     with safe_open(saved, "pt") as f:
         assert f.metadata()["modelspec.architecture"] == "ltx-2"
+
+
+def test_the_ltx2_family_has_the_reference_facts_and_grammar():
+    from cinetune.ltx2.family import LTX2_FAMILY as REAL
+
+    fmt = REAL.latent_format
+    shaped = {k: v for k, v in vars(LTX2_SHAPED).items() if k != "name"}
+    assert {k: v for k, v in vars(fmt).items() if k != "name"} == shaped
+    assert get_family("ltx-2") is REAL
+    grammar = REAL.lora_grammar
+    assert grammar.resolve_kohya("transformer_blocks_7_audio_to_video_attn_to_out_0") == \
+        "transformer_blocks.7.audio_to_video_attn.to_out.0"
+    assert grammar.resolve_kohya("transformer_blocks_3_audio_ff_net_0_proj") == "transformer_blocks.3.audio_ff.net.0.proj"
+    assert grammar.resolve_kohya("visual_transformer_blocks_0_self_attention_to_query") is None
+    assert not grammar.matches("visual_transformer_blocks.0.self_attention.to_query")
+    assert guess_family(["transformer_blocks.47.video_to_audio_attn.to_q"]) is REAL
+    assert guess_family(["visual_transformer_blocks.3.cross_attention.to_key"]) is K5_FAMILY
