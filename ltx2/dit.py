@@ -55,6 +55,12 @@ Decisions:
   model when no audio modality is given.
 - **Feed-forward without autograd** runs in slices of :data:`FF_CHUNK_TOKENS` tokens (it is per token), so the
   ``[B, T, 4·D]`` hidden activations never exist at full length.
+- **Temporaries reused without autograd**: when no graph is recorded, elementwise steps write into buffers that only
+  they hold (each residual sum into the sublayer's output, the modulation into the normed copy, q/k norm and GELU
+  into the projection's output, RoPE into one fresh buffer), so each step is one pass and allocates nothing. The
+  token streams passed to a block are never modified. With autograd the same formulas run out of place.
+- **RMSNorm on the CPU** is computed as one float32-accumulated reduction and one product (``F.rms_norm`` has no
+  fused CPU kernel and runs as five passes there); other devices use ``F.rms_norm``. Same values up to rounding.
 """
 
 from __future__ import annotations
@@ -233,12 +239,56 @@ class CaptionProjection(nn.Module):
 # Layers
 
 
+def _owned(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` as the ``out=`` buffer of an elementwise op when no autograd graph is recorded, else None (a new
+    tensor). Only for temporaries nothing else holds."""
+    return None if torch.is_grad_enabled() else t
+
+
+def _inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1/sqrt(mean(x²) + eps)`` over the last dim: ``[..., 1]`` in ``x.dtype`` (accumulated in float32)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return (norm.square() / x.shape[-1] + eps).rsqrt().to(x.dtype)
+
+
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+    if x.device.type != "cpu":
+        return F.rms_norm(x, (x.shape[-1],), eps=eps)
+    # On the CPU F.rms_norm runs as five elementwise passes; one reduction and one product do the same.
+    return x * _inv_rms(x, eps)
+
+
+def _scale_shift(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, reuse: bool) -> torch.Tensor:
+    """``normed·(1 + scale) + shift``; ``reuse``: written into ``normed``'s buffer when no graph is recorded."""
+    return torch.addcmul(shift, normed, 1 + scale, out=_owned(normed) if reuse else None)
 
 
 def _modulated(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    return _rms(x, eps) * (1 + scale) + shift
+    return _scale_shift(_rms(x, eps), scale, shift, reuse=True)
+
+
+def _residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """``x + update·gate`` (``x + update`` without a gate) in one pass; when no graph is recorded the sum goes into
+    ``update``'s buffer (a module output nothing else holds), so the stream is never modified in place."""
+    out = _owned(update)
+    return torch.add(x, update, out=out) if gate is None else torch.addcmul(x, update, gate, out=out)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`cinetune.ltx2.rope.apply_rope`. Without autograd, for float32 split tables, the four half-width
+    products are written straight into one output buffer (same formula and float32 arithmetic, no intermediates)."""
+    B, T, dim = x.shape
+    if (torch.is_grad_enabled() or cos.ndim != 4 or x.dtype != torch.float32 or cos.dtype != torch.float32
+            or sin.dtype != torch.float32 or cos.shape != sin.shape or cos.shape[1] != T
+            or cos.shape[0] not in (1, B) or cos.shape[2] * cos.shape[3] * 2 != dim):
+        return apply_rope(x, cos, sin)
+    H, r = cos.shape[2], cos.shape[3]
+    out = torch.empty_like(x)
+    x5, o5 = x.view(B, T, H, 2, r), out.view(B, T, H, 2, r)
+    x1, x2 = x5[..., 0, :], x5[..., 1, :]
+    torch.mul(x1, cos, out=o5[..., 0, :]).addcmul_(x2, sin, value=-1)
+    torch.mul(x2, cos, out=o5[..., 1, :]).addcmul_(x1, sin)
+    return out
 
 
 class Attention(nn.Module):
@@ -264,7 +314,12 @@ class Attention(nn.Module):
         self.to_out = nn.Sequential(CastLinear(inner, query_dim), nn.Identity())
 
     def _norm(self, x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
-        return F.rms_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), self.eps)
+        """q/k RMSNorm of a projection output ``x`` (a temporary: reused as the output buffer without autograd)."""
+        weight = norm.weight.to(x.dtype)
+        if x.device.type != "cpu":
+            return F.rms_norm(x, norm.normalized_shape, weight, self.eps)
+        x = torch.mul(x, _inv_rms(x, self.eps), out=_owned(x))
+        return torch.mul(x, weight, out=_owned(x))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *, rope: Rope | None = None,
                 k_rope: Rope | None = None, key_mask: torch.Tensor | None = None,
@@ -278,8 +333,8 @@ class Attention(nn.Module):
         k = self._norm(self.to_k(kv), self.k_norm)
         v = self.to_v(kv)
         if rope is not None:
-            q = apply_rope(q, *rope)
-            k = apply_rope(k, *(rope if k_rope is None else k_rope))
+            q = _rotate(q, *rope)
+            k = _rotate(k, *(rope if k_rope is None else k_rope))
         q, k, v = (t.view(B, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
         out = attention(q, k, v, backend=backend, key_padding_mask=key_mask)
         return self.to_out(out.transpose(1, 2).reshape(B, T, -1))
@@ -293,7 +348,10 @@ class _GELUProjection(nn.Module):
         self.proj = CastLinear(dim_in, dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
+        h = self.proj(x)
+        if torch.is_grad_enabled():
+            return F.gelu(h, approximate="tanh")
+        return torch.ops.aten.gelu_(h, approximate="tanh")  # in place: the [B, T, 4·D] activation exists once
 
 
 class FeedForward(nn.Module):
@@ -378,25 +436,28 @@ class LTX2Block(nn.Module):
         eps, x = self.eps, inputs
         table, ada = self.scale_shift_table, x.video_ada
         if not skip_self_attn:
-            normed = _modulated(video, ada.take(table[0], 0), ada.take(table[1], 1), eps)
-            video = video + self.attn1(normed, rope=x.video_rope, backend=x.backend) * ada.take(table[2], 2)
-        video = video + self.attn2(_rms(video, eps), x.video_context, key_mask=x.context_mask, backend=x.backend)
+            update = self.attn1(_modulated(video, ada.take(table[0], 0), ada.take(table[1], 1), eps),
+                                rope=x.video_rope, backend=x.backend)
+            video = _residual(video, update, ada.take(table[2], 2))
+        update = self.attn2(_rms(video, eps), x.video_context, key_mask=x.context_mask, backend=x.backend)
+        video = _residual(video, update)
         if audio is not None:
             table, ada = self.audio_scale_shift_table, x.audio_ada
             if not skip_self_attn:
-                normed = _modulated(audio, ada.take(table[0], 0), ada.take(table[1], 1), eps)
-                audio = audio + self.audio_attn1(normed, rope=x.audio_rope, backend=x.backend) * ada.take(table[2], 2)
-            audio = audio + self.audio_attn2(_rms(audio, eps), x.audio_context, key_mask=x.context_mask,
-                                             backend=x.backend)
+                update = self.audio_attn1(_modulated(audio, ada.take(table[0], 0), ada.take(table[1], 1), eps),
+                                          rope=x.audio_rope, backend=x.backend)
+                audio = _residual(audio, update, ada.take(table[2], 2))
+            update = self.audio_attn2(_rms(audio, eps), x.audio_context, key_mask=x.context_mask, backend=x.backend)
+            audio = _residual(audio, update)
             if x.cross_modal:
                 video, audio = self._cross_modal(video, audio, x)
         table, ada = self.scale_shift_table, x.video_ada
-        normed = _modulated(video, ada.take(table[3], 3), ada.take(table[4], 4), eps)
-        video = video + self.ff(normed) * ada.take(table[5], 5)
+        update = self.ff(_modulated(video, ada.take(table[3], 3), ada.take(table[4], 4), eps))
+        video = _residual(video, update, ada.take(table[5], 5))
         if audio is not None:
             table, ada = self.audio_scale_shift_table, x.audio_ada
-            normed = _modulated(audio, ada.take(table[3], 3), ada.take(table[4], 4), eps)
-            audio = audio + self.audio_ff(normed) * ada.take(table[5], 5)
+            update = self.audio_ff(_modulated(audio, ada.take(table[3], 3), ada.take(table[4], 4), eps))
+            audio = _residual(audio, update, ada.take(table[5], 5))
         return video, audio
 
     def _cross_modal(self, video: torch.Tensor, audio: torch.Tensor,
@@ -405,15 +466,16 @@ class LTX2Block(nn.Module):
         vn, an = _rms(video, eps), _rms(audio, eps)
         vt, at = self.scale_shift_table_a2v_ca_video, self.scale_shift_table_a2v_ca_audio
         vs, as_ = x.video_cross, x.audio_cross
-        # Rows of the 5-row tables: 0 scale a2v, 1 shift a2v, 2 scale v2a, 3 shift v2a, 4 gate.
-        q = vn * (1 + vs.take(vt[0], 0)) + vs.take(vt[1], 1)
-        kv = an * (1 + as_.take(at[0], 0)) + as_.take(at[1], 1)
-        a2v = self.audio_to_video_attn(q, kv, rope=x.video_cross_rope, k_rope=x.audio_cross_rope, backend=x.backend)
-        video = video + a2v * x.video_cross_gate.take(vt[4], 0)
-        q = an * (1 + as_.take(at[2], 2)) + as_.take(at[3], 3)
-        kv = vn * (1 + vs.take(vt[2], 2)) + vs.take(vt[3], 3)
-        v2a = self.video_to_audio_attn(q, kv, rope=x.audio_cross_rope, k_rope=x.video_cross_rope, backend=x.backend)
-        audio = audio + v2a * x.audio_cross_gate.take(at[4], 0)
+        # Rows of the 5-row tables: 0 scale a2v, 1 shift a2v, 2 scale v2a, 3 shift v2a, 4 gate. The second use of
+        # each normed stream may overwrite it.
+        a2v = self.audio_to_video_attn(_scale_shift(vn, vs.take(vt[0], 0), vs.take(vt[1], 1), reuse=False),
+                                       _scale_shift(an, as_.take(at[0], 0), as_.take(at[1], 1), reuse=False),
+                                       rope=x.video_cross_rope, k_rope=x.audio_cross_rope, backend=x.backend)
+        video = _residual(video, a2v, x.video_cross_gate.take(vt[4], 0))
+        v2a = self.video_to_audio_attn(_scale_shift(an, as_.take(at[2], 2), as_.take(at[3], 3), reuse=True),
+                                       _scale_shift(vn, vs.take(vt[2], 2), vs.take(vt[3], 3), reuse=True),
+                                       rope=x.audio_cross_rope, k_rope=x.video_cross_rope, backend=x.backend)
+        audio = _residual(audio, v2a, x.audio_cross_gate.take(at[4], 0))
         return video, audio
 
 
@@ -525,8 +587,7 @@ class LTX2DiT(nn.Module):
     def _head(self, x: torch.Tensor, embedded: AdaValues, table: torch.Tensor, norm: nn.LayerNorm,
               proj: nn.Linear) -> torch.Tensor:
         shift, scale = embedded.take(table[0], 0), embedded.take(table[1], 0)
-        x = F.layer_norm(x, norm.normalized_shape, eps=norm.eps)
-        return proj(x * (1 + scale) + shift)
+        return proj(_scale_shift(F.layer_norm(x, norm.normalized_shape, eps=norm.eps), scale, shift, reuse=True))
 
     def _context_mask(self, mask, B: int, lengths: Iterable[int], device: torch.device) -> torch.Tensor | None:
         if mask is None:

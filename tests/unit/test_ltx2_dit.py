@@ -196,6 +196,29 @@ def test_stg_drops_only_the_self_attention_residuals_of_the_chosen_blocks():
     assert rel(run(model, inp, skip_self_attn_blocks=[0])[0], skipped[0]) > 1e-3
 
 
+def test_inference_buffers_match_the_autograd_path_and_leave_inputs_alone():
+    # Without autograd the blocks reuse their temporaries as output buffers; with autograd they run out of place.
+    model = tiny_model()
+    inp = make_inputs(TINY)
+    inp["video_sigma"][:, :3] = 0.0  # per-token modulation rows as well
+    before = {k: v.clone() for k, v in inp.items()}
+    block_args = {}
+    handle = model.transformer_blocks[1].register_forward_pre_hook(
+        lambda module, args: block_args.setdefault("args", tuple(a.clone() if torch.is_tensor(a) else a for a in args)))
+    fast = run(model, inp, skip_self_attn_blocks=[0])
+    handle.remove()
+    assert all(torch.equal(inp[k], before[k]) for k in inp)
+    video = inp["video"].clone().requires_grad_(True)
+    graph = model(video, inp["audio"], **{k: v for k, v in inp.items() if k not in ("video", "audio")},
+                  skip_self_attn_blocks=[0])
+    assert rel(fast[0], graph[0].detach()) < 1e-6 and rel(fast[1], graph[1].detach()) < 1e-6
+    vx, ax, inputs, _ = block_args["args"]
+    kept = vx.clone(), ax.clone()
+    with torch.no_grad():
+        model.transformer_blocks[1](vx, ax, inputs)
+    assert torch.equal(vx, kept[0]) and torch.equal(ax, kept[1])
+
+
 def test_gradient_checkpointing_gives_identical_gradients():
     model = randomize(LTX2DiT(TINY)).train()
     inp = make_inputs(TINY)
