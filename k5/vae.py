@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
+from ..core.wrapped import WrappedVideoVAE
 from ..core.checkpoint import (
     CheckpointError,
     assign_state_dict,
@@ -89,7 +90,7 @@ def _nearest(value: int, ok) -> tuple[int, int]:
     return lo, hi
 
 
-class K5VAE:
+class K5VAE(WrappedVideoVAE):
     """HunyuanVideo VAE with Kandinsky 5 conventions (raw latents, 4k+1 frames, [-1, 1] pixels).
 
     Args:
@@ -103,7 +104,7 @@ class K5VAE:
 
     def __init__(self, model: "AutoencoderKLHunyuanVideo", *, tiling: bool = True, tile_size: int = 256,
                  tile_stride: int = 192, tile_frames: int = 16, tile_frames_stride: int = 12):
-        self.model = model.eval().requires_grad_(False)
+        super().__init__(model)
         s, t = model.config.spatial_compression_ratio, model.config.temporal_compression_ratio
         if tile_size % s or tile_stride % s or not 0 < tile_stride < tile_size:
             raise ValueError(f"Spatial tiles must be multiples of {s} px with 0 < stride < size; "
@@ -114,36 +115,6 @@ class K5VAE:
         self.tiling = tiling
         self.tile_size, self.tile_stride = tile_size, tile_stride
         self.tile_frames, self.tile_frames_stride = tile_frames, tile_frames_stride
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the weights (and of the outputs)."""
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Parameter/compute dtype."""
-        return next(self.model.parameters()).dtype
-
-    @property
-    def latent_channels(self) -> int:
-        """Latent channels (16)."""
-        return self.model.config.latent_channels
-
-    @property
-    def spatial_ratio(self) -> int:
-        """Pixels per latent pixel (8)."""
-        return self.model.config.spatial_compression_ratio
-
-    @property
-    def temporal_ratio(self) -> int:
-        """Frames per latent frame after the first (4)."""
-        return self.model.config.temporal_compression_ratio
-
-    def to(self, device: str | torch.device) -> "K5VAE":
-        """Move the VAE to ``device``; returns self."""
-        self.model.to(device)
-        return self
 
     def _set_tiling(self, tiling: bool | None) -> None:
         on = self.tiling if tiling is None else bool(tiling)

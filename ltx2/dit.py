@@ -274,23 +274,6 @@ def _residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | None =
     return torch.add(x, update, out=out) if gate is None else torch.addcmul(x, update, gate, out=out)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """:func:`cinetune.ltx2.rope.apply_rope`. Without autograd, for float32 split tables, the four half-width
-    products are written straight into one output buffer (same formula and float32 arithmetic, no intermediates)."""
-    B, T, dim = x.shape
-    if (torch.is_grad_enabled() or cos.ndim != 4 or x.dtype != torch.float32 or cos.dtype != torch.float32
-            or sin.dtype != torch.float32 or cos.shape != sin.shape or cos.shape[1] != T
-            or cos.shape[0] not in (1, B) or cos.shape[2] * cos.shape[3] * 2 != dim):
-        return apply_rope(x, cos, sin)
-    H, r = cos.shape[2], cos.shape[3]
-    out = torch.empty_like(x)
-    x5, o5 = x.view(B, T, H, 2, r), out.view(B, T, H, 2, r)
-    x1, x2 = x5[..., 0, :], x5[..., 1, :]
-    torch.mul(x1, cos, out=o5[..., 0, :]).addcmul_(x2, sin, value=-1)
-    torch.mul(x2, cos, out=o5[..., 1, :]).addcmul_(x1, sin)
-    return out
-
-
 class Attention(nn.Module):
     """Multi-head attention with q/k RMSNorm over the whole width, optional RoPE, biased projections (official
     ``Attention``; keys ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, ``q_norm``, ``k_norm``).
@@ -333,8 +316,8 @@ class Attention(nn.Module):
         k = self._norm(self.to_k(kv), self.k_norm)
         v = self.to_v(kv)
         if rope is not None:
-            q = _rotate(q, *rope)
-            k = _rotate(k, *(rope if k_rope is None else k_rope))
+            q = apply_rope(q, *rope)
+            k = apply_rope(k, *(rope if k_rope is None else k_rope))
         q, k, v = (t.view(B, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))
         out = attention(q, k, v, backend=backend, key_padding_mask=key_mask)
         return self.to_out(out.transpose(1, 2).reshape(B, T, -1))

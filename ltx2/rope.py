@@ -265,12 +265,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     B, T, dim = x.shape
     if cos.shape != sin.shape or cos.ndim not in (3, 4) or cos.shape[1] != T or cos.shape[0] not in (1, B):
         raise ValueError(f"RoPE tables {list(cos.shape)} do not fit x {list(x.shape)}")
+    if cos.ndim == 4 and cos.shape[2] * 2 * cos.shape[3] != dim:
+        raise ValueError(f"split RoPE tables of {cos.shape[2]} heads × {cos.shape[3]} slots do not fit width {dim}")
+    if (cos.ndim == 4 and not torch.is_grad_enabled() and x.dtype == cos.dtype == sin.dtype == torch.float32
+            and x.is_contiguous()):
+        # Inference in float32: the four half-width products go straight into one buffer (no intermediates).
+        H, r = cos.shape[2], cos.shape[3]
+        out = torch.empty_like(x)
+        x5, o5 = x.view(B, T, H, 2, r), out.view(B, T, H, 2, r)
+        x1, x2 = x5[..., 0, :], x5[..., 1, :]
+        torch.mul(x1, cos, out=o5[..., 0, :]).addcmul_(x2, sin, value=-1)
+        torch.mul(x2, cos, out=o5[..., 1, :]).addcmul_(x1, sin)
+        return out
     xf = x.float()
     cos, sin = cos.float(), sin.float()
     if cos.ndim == 4:
         H, r = cos.shape[2], cos.shape[3]
-        if H * 2 * r != dim:
-            raise ValueError(f"split RoPE tables of {H} heads × {r} slots do not fit width {dim}")
         halves = xf.reshape(B, T, H, 2, r)
         x1, x2 = halves[..., 0, :], halves[..., 1, :]
         out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-2)

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..core.wrapped import WrappedModel
 from ..core.checkpoint import (
     CheckpointError,
     assign_state_dict,
@@ -103,7 +104,7 @@ def config_from_shapes(shapes: Mapping[str, Sequence[int]], metadata: Mapping | 
     raise CheckpointError(f"this is {what}; only the spatial ×2 upsampler is supported. {_EXPECTED}")
 
 
-class LTX2LatentUpsampler:
+class LTX2LatentUpsampler(WrappedModel):
     """The LTX-2 spatial latent upsampler on normalised latents.
 
     Args:
@@ -115,7 +116,7 @@ class LTX2LatentUpsampler:
     def __init__(self, model: "LTX2LatentUpsamplerModel"):
         if model.config.temporal_upsample:
             raise ValueError("The LTX-2 temporal latent upscaler is not supported; use the spatial ×2 upsampler.")
-        self.model = model.eval().requires_grad_(False)
+        super().__init__(model)
 
     @classmethod
     def from_config(cls, config: Mapping | None = None) -> "LTX2LatentUpsampler":
@@ -152,24 +153,9 @@ class LTX2LatentUpsampler:
         return dict(self.model.state_dict())
 
     @property
-    def device(self) -> torch.device:
-        """Device of the weights."""
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Parameter/compute dtype."""
-        return next(self.model.parameters()).dtype
-
-    @property
     def scale(self) -> float:
         """Spatial scale factor (2.0 for the ×2 file)."""
         return float(self.model.config.rational_spatial_scale if self.model.config.use_rational_resampler else 2.0)
-
-    def to(self, device: str | torch.device) -> "LTX2LatentUpsampler":
-        """Move the upsampler to ``device``; returns self."""
-        self.model.to(device)
-        return self
 
     @torch.no_grad()
     def __call__(self, latents: Tensor, vae: "LTX2VideoVAE") -> Tensor:

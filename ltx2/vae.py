@@ -61,6 +61,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ..core.wrapped import WrappedVideoVAE
 from ..core.checkpoint import CheckpointError, assign_state_dict, check_materialised, load_state_dict
 
 if TYPE_CHECKING:
@@ -377,7 +378,7 @@ def _nearest(value: int, multiple: int, offset: int) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class LTX2VideoVAE:
+class LTX2VideoVAE(WrappedVideoVAE):
     """The LTX-2 video VAE with official conventions: [-1, 1] pixels, 8k+1 frames, normalised latents.
 
     Args:
@@ -394,7 +395,7 @@ class LTX2VideoVAE:
     def __init__(self, model: "AutoencoderKLLTX2Video", statistics: Mapping[str, Tensor] | None = None, *,
                  tiling: bool = True, tile_size: int = 512, tile_overlap: int = 64, tile_frames: int = 64,
                  tile_frames_overlap: int = 24):
-        self.model = model.eval().requires_grad_(False)
+        super().__init__(model)
         self.statistics = dict(statistics or {})
         s, t = self.spatial_ratio, self.temporal_ratio
         if tile_size % s or tile_overlap % s or not 2 * s <= tile_overlap < tile_size:
@@ -525,39 +526,9 @@ class LTX2VideoVAE:
     # -- properties --------------------------------------------------------------------------------------------
 
     @property
-    def device(self) -> torch.device:
-        """Device of the weights (and of the outputs)."""
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Parameter/compute dtype."""
-        return next(self.model.parameters()).dtype
-
-    @property
-    def latent_channels(self) -> int:
-        """Latent channels (128)."""
-        return self.model.config.latent_channels
-
-    @property
-    def spatial_ratio(self) -> int:
-        """Pixels per latent pixel along H and W (32)."""
-        return self.model.config.spatial_compression_ratio
-
-    @property
-    def temporal_ratio(self) -> int:
-        """Frames per latent frame after the first (8)."""
-        return self.model.config.temporal_compression_ratio
-
-    @property
     def timestep_conditioning(self) -> bool:
         """Whether the decoder is timestep-conditioned (decoding then adds noise; see the module docstring)."""
         return bool(self.model.config.timestep_conditioning)
-
-    def to(self, device: str | torch.device) -> "LTX2VideoVAE":
-        """Move the VAE to ``device``; returns self."""
-        self.model.to(device)
-        return self
 
     # -- normalisation -----------------------------------------------------------------------------------------
 
