@@ -19,16 +19,13 @@ Initialisation (ours, chosen so activations stay O(1)): weights with ≥ 2 dims 
 from __future__ import annotations
 
 import json
-import math
 import os
-import shutil
-import tempfile
-import zlib
 from pathlib import Path
 
 import torch
 
 from ..core.checkpoint import save_file_atomic
+from ..core.tiny import copy_tokenizer, seeded_tensor, tokenizer_vocab_size, write_folder_atomic
 
 #: Hidden size of the tiny Qwen (the tiny DiT's ``in_text_dim``).
 TINY_QWEN_HIDDEN = 64
@@ -36,69 +33,6 @@ TINY_QWEN_HIDDEN = 64
 TINY_CLIP_HIDDEN = 64
 #: Block widths of the tiny VAE (multiples of 32 so the real GroupNorm(32) layout holds).
 TINY_VAE_BLOCK_OUT_CHANNELS = (32, 32, 64, 64)
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-                    "special_tokens_map.json", "added_tokens.json")
-
-
-def seeded_tensor(seed: int, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A deterministic random tensor for parameter ``name`` (see the module docstring for the distributions).
-
-    The generator seed is ``seed * 1_000_003 + crc32(name)``, so each tensor depends only on ``seed`` and its name.
-    """
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    if len(shape) <= 1:
-        noise = torch.randn(shape, generator=g)
-        t = 0.02 * noise if name.endswith("bias") else 1.0 + 0.1 * noise
-    else:
-        t = torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:]))
-    return t.to(dtype)
-
-
-def _tokenizer_vocab_size(tokenizer_dir: Path) -> int:
-    """Number of token ids (max id + 1) of a BPE tokenizer folder, read from its files."""
-    ids: list[int] = []
-    if (tokenizer_dir / "tokenizer.json").is_file():
-        tj = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
-        ids += list(tj["model"]["vocab"].values()) + [t["id"] for t in tj.get("added_tokens", [])]
-    elif (tokenizer_dir / "vocab.json").is_file():
-        ids += list(json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8")).values())
-        cfg = tokenizer_dir / "tokenizer_config.json"
-        if cfg.is_file():
-            ids += [int(i) for i in json.loads(cfg.read_text(encoding="utf-8")).get("added_tokens_decoder", {})]
-    else:
-        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer.json or vocab.json; pass a tokenizer folder.")
-    return max(ids) + 1
-
-
-def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
-    copied = 0
-    for name in _TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy2(tokenizer_dir / name, dest / name)
-            copied += 1
-    if not copied:
-        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files to copy.")
-
-
-def _write_folder_atomic(folder: Path, fill) -> Path:
-    """Build a folder in a temporary sibling with ``fill(tmp)``, then swap it into place."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        fill(tmp)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, old / folder.name)
-            os.replace(tmp, folder)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
 
 
 def _meta_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -178,7 +112,7 @@ def write_tiny_qwen(folder: str | os.PathLike, tokenizer_dir: str | os.PathLike,
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer_dir = Path(tokenizer_dir)
-    config = tiny_qwen_config(_tokenizer_vocab_size(tokenizer_dir))
+    config = tiny_qwen_config(tokenizer_vocab_size(tokenizer_dir))
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config))
     shapes = {_published_qwen_name(k): s for k, s in _meta_shapes(model).items() if not k.startswith("lm_head.")}
@@ -195,9 +129,9 @@ def write_tiny_qwen(folder: str | os.PathLike, tokenizer_dir: str | os.PathLike,
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        _copy_tokenizer(tokenizer_dir, tmp)
+        copy_tokenizer(tokenizer_dir, tmp)
 
-    return _write_folder_atomic(Path(folder), fill)
+    return write_folder_atomic(Path(folder), fill)
 
 
 def tiny_clip_config() -> dict:
@@ -245,9 +179,9 @@ def write_tiny_clip(folder: str | os.PathLike, tokenizer_dir: str | os.PathLike,
     def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file_atomic(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        _copy_tokenizer(tokenizer_dir, tmp)
+        copy_tokenizer(tokenizer_dir, tmp)
 
-    return _write_folder_atomic(Path(folder), fill)
+    return write_folder_atomic(Path(folder), fill)
 
 
 def tiny_vae_config() -> dict:

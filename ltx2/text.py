@@ -591,17 +591,17 @@ def write_tiny_gemma(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, 
       ``vision_tower.vision_model.*``, ``multi_modal_projector.*`` and ``model.safetensors.index.json``; tied
       embeddings, no ``lm_head``) plus the tokenizer files; replaced atomically.
 
-    Weights: ``cinetune.k5.tiny.seeded_tensor`` (depends only on ``seed`` and the tensor name).
+    Weights: ``cinetune.core.tiny.seeded_tensor`` (depends only on ``seed`` and the tensor name).
 
     Raises:
         FileNotFoundError: ``tokenizer_dir`` has no tokenizer files.
     """
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    from ..k5.tiny import _copy_tokenizer, _tokenizer_vocab_size, _write_folder_atomic, seeded_tensor
+    from ..core.tiny import copy_tokenizer, seeded_tensor, tokenizer_vocab_size, write_folder_atomic
 
     path, tokenizer_dir = Path(path), Path(tokenizer_dir)
-    config = _tiny_gemma_folder_config(_tokenizer_vocab_size(tokenizer_dir))
+    config = _tiny_gemma_folder_config(tokenizer_vocab_size(tokenizer_dir))
     with torch.device("meta"):
         model = Gemma3ForConditionalGeneration(Gemma3Config(**config))
     shapes = {_published_gemma_name(k): tuple(v.shape) for k, v in model.state_dict().items()
@@ -625,6 +625,6 @@ def write_tiny_gemma(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, 
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         (tmp / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        _copy_tokenizer(tokenizer_dir, tmp)
+        copy_tokenizer(tokenizer_dir, tmp)
 
-    return _write_folder_atomic(path, fill)
+    return write_folder_atomic(path, fill)

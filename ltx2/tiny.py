@@ -1,7 +1,7 @@
 """Tiny random-weight LTX-2 models in the real published formats, for the demo and the tests.
 
 Nothing here is committed as weights: every tensor is drawn from a generator seeded by ``(seed, tensor name)``
-(:func:`cinetune.k5.tiny.seeded_tensor`), so the same seed always writes identical files.
+(:func:`cinetune.core.tiny.seeded_tensor`), so the same seed always writes identical files.
 
 - :func:`write_tiny_checkpoint`: one combined ``.safetensors`` laid out like ``ltx-2-19b-dev.safetensors`` — DiT and
   connectors under ``model.diffusion_model.``, ``text_embedding_projection.``, ``vae.``, ``audio_vae.``,
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..core.checkpoint import save_file_atomic
-from ..k5.tiny import seeded_tensor
+from ..core.tiny import seeded_tensor
 from .audio import AUDIO_VAE_PREFIX, VOCODER_PREFIX, LTX2AudioVAE, LTX2Vocoder
 from .config import DIT_PREFIX, LTX2_LORA_TARGETS, LTX2TransformerConfig, tiny_transformer_metadata
 from .connectors import LTX2TextProjection, text_projection_config
