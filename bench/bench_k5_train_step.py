@@ -7,7 +7,7 @@ zero conditioning and mask, as text-to-video), backward, ``AdamW.step`` (the ``T
 Only the LoRA parameters train: rank 16, alpha 16 on the official Kandinsky 5 targets (:data:`K5_LORA_TARGETS`,
 6 Linear layers per text block, 10 per visual block).
 
-- ours: ``Kandinsky5DiT`` (``load_k5_dit``) + ``core.lora.inject_lora`` + ``training.trainer.flow_matching_loss``,
+- ours: ``Kandinsky5DiT`` (``load_k5_dit``) + ``core.lora.inject_lora`` + ``k5.train.flow_matching_loss``,
   with the trainer's per-block ``gradient_checkpointing`` on or off;
 - reference: diffusers ``Kandinsky5Transformer3DModel`` on the same state dict (the names are identical) +
   ``peft.inject_adapter_in_model(LoraConfig(r=16, lora_alpha=16, target_modules=<the same 10 suffixes>))``, with
@@ -89,7 +89,7 @@ def build_ours(weights: Path, dtype, device):
     from cinetune.core.lora import inject_lora
     from cinetune.k5.dit import load_k5_dit
     from cinetune.k5.family import K5_FAMILY
-    from cinetune.training.trainer import flow_matching_loss
+    from cinetune.k5.train import flow_matching_loss
 
     model = load_k5_dit(weights, weight_dtype=[k for k, v in DTYPES.items() if v == dtype][0], device=device).model
     page_in(model)
@@ -146,6 +146,7 @@ def build_diffusers(weights: Path, dtype, device):
 def worker(args) -> None:
     """Build one variant, run the warm-up step, then one measured step per ``step`` line on stdin (one JSON line
     each on stdout); ``quit`` saves the first-step gradients and ends."""
+    from cinetune.k5.train import K5_TRAINING
     from cinetune.training.trainer import TrainConfig, gradient_checkpointing
 
     torch.set_num_threads(args.threads)
@@ -174,7 +175,7 @@ def worker(args) -> None:
         sys.stdout.write(json.dumps(obj) + "\n")
         sys.stdout.flush()
 
-    ours_ckpt = gradient_checkpointing(model, enabled=args.worker == "ours" and args.checkpointing)
+    ours_ckpt = gradient_checkpointing(K5_TRAINING.blocks(model), enabled=args.worker == "ours" and args.checkpointing)
     with torch.inference_mode(False), torch.enable_grad(), ours_ckpt:
         loss, grads = step(keep_grads=True)  # warm-up: lazy initialisation and the AdamW state, not measured
         synchronize(device)

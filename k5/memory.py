@@ -99,7 +99,7 @@ and without block swap, CFG, NABLA, fp8 — agrees within 5 % (asserted: 15 %). 
 
 Sources: ``k5/dit.py``, ``core/lora.py`` (``LoRALinear.forward``), ``core/quant.py`` (``CastLinear``,
 ``FP8Linear``), ``core/attention.py`` (masked dense NABLA), ``k5/pipeline.py`` (``sample``),
-``training/trainer.py`` (``flow_matching_loss``, ``gradient_checkpointing``); torch 2.14.1 CPU kernels.
+``k5/train.py`` (``flow_matching_loss``) and ``training/trainer.py`` (``gradient_checkpointing``); torch 2.14.1 CPU kernels.
 """
 
 from __future__ import annotations

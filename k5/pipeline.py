@@ -35,7 +35,6 @@ import operator
 from typing import TYPE_CHECKING, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.flow import apply_cfg, euler_step, sigma_schedule

@@ -15,10 +15,15 @@ Decisions on items the reference marks CONFLICT / UNVERIFIED:
 - ComfyUI's native Kandinsky 5 text encoder takes the last decoder layer *before* the final norm, fixes the
   template typos and does not cap the prompt at 256 tokens. Cinetune follows the official code (normed output,
   typo'd template, 256 tokens) because that is what the released DiTs were trained and evaluated with.
-- The crop position is not a fixed 129/132/41: it is located in the token ids at the end of the first
-  ``<|im_start|>user\\n``, like ComfyUI does. With the official templates and the real tokenizer this gives
-  exactly the official ``crop_start`` values (``CROP_START``, checked in the tests); it also stays right if a
-  template is edited.
+- The crop is at a fixed token index per template, as in the official code: the token count of the template text
+  before ``{}`` (up to and including ``<|im_start|>user\\n``), which with the official templates and the real tokenizer
+  is exactly the official ``crop_start`` (``CROP_START``: 129/132/41, checked in the tests). The kept tokens are
+  ``ids[crop : crop + 256]`` of the whole tokenized text, which is the official result for every prompt. This holds
+  even when BPE merges across the boundary: a prompt that begins with whitespace containing a newline (``"\\n…"``,
+  ``" \\n…"``, ``"\\n\\n…"``) merges that whitespace with the template's newline into one token at index
+  ``crop - 1``, which is cut off with the template, so those leading newlines do not reach the DiT (officially too).
+  Leading spaces, tabs and ``"\\r\\n"`` do not merge and are kept. ComfyUI instead searches for the user turn in the
+  tokens, which keeps the merged token (one token more than official).
 - ``hidden_states[-1]`` equals ``last_hidden_state`` (after the final norm) in the installed transformers; the
   tests check it. The encoder reads ``last_hidden_state`` directly.
 - The Qwen forward pass gets no attention mask, as in the official code: the model is causal and the padding is
@@ -95,7 +100,8 @@ TEMPLATES: dict[str, str] = {
 }
 
 #: Official ``crop_start`` per template: tokens up to and including ``<|im_start|>user\n`` with the real Qwen2.5
-#: tokenizer. Documentation and test reference only; the encoder finds the crop in the tokens.
+#: tokenizer. Documentation and test reference only; the encoder counts the tokens of the template text before ``{}``,
+#: which gives these values.
 CROP_START: dict[str, int] = {"video": 129, "image2video": 132, "image": 41}
 
 #: Prompt tokens kept after the crop (prompt + ``<|im_end|>``), official ``max_length - crop_start``.
@@ -492,35 +498,28 @@ def _resolve_tokenizer_folder(model_path: Path, explicit: str | os.PathLike | No
 def qwen_prompt_ids(tokenizer: "PreTrainedTokenizerBase", prompt: str, template_text: str) -> tuple[list[int], int]:
     """Token ids of ``prompt`` inside a Qwen chat template, cut to at most ``MAX_PROMPT_TOKENS`` after the crop.
 
+    The crop is the official fixed position (kandinskylab/kandinsky-5 ``kandinsky/models/text_embedders.py``:
+    ``hidden_states[-1][:, crop_start:]`` with ``max_length = crop_start + 256``): the number of tokens of the template
+    text before ``{}``. See the module notes for prompts whose leading newlines merge with the template's.
+
     Args:
         tokenizer: a Qwen2.5 tokenizer.
         prompt: user text, inserted verbatim at the template's ``{}``.
-        template_text: a template with exactly one ``{}`` and a ``<|im_start|>user`` turn (see ``TEMPLATES``).
+        template_text: a template with exactly one ``{}`` (see ``TEMPLATES``).
     Returns:
-        ``(ids, crop)``: ``ids`` = template prefix + up to 256 tokens; ``ids[crop:]`` = the prompt tokens and the
-        closing ``<|im_end|>`` (which a prompt of ≥ 256 tokens loses, as in the official code). ``crop`` is the
-        index right after ``<|im_start|>user\\n`` (if the prompt starts with a newline, BPE merges it with the
-        template's newline and the crop falls before that merged token).
+        ``(ids, crop)``: ``ids`` = the tokenized template with the prompt, cut after ``crop + 256`` tokens;
+        ``ids[crop:]`` = the tokens the DiT receives: the prompt's tokens and the closing ``<|im_end|>`` (which a
+        prompt of ≥ 256 tokens loses, as in the official code). ``crop`` is ``CROP_START[name]`` for the official
+        templates.
     Raises:
-        ValueError: the template has not exactly one ``{}`` or no user turn.
+        ValueError: the template has not exactly one ``{}``.
     """
     if template_text.count("{}") != 1:
         raise ValueError("A Qwen template needs exactly one '{}' where the prompt goes.")
     before, after = template_text.split("{}")
+    crop = len(tokenizer(before, add_special_tokens=False)["input_ids"])
     ids = list(tokenizer(before + prompt + after, add_special_tokens=False)["input_ids"])
-    crop = _user_turn_end(tokenizer, ids)
     return ids[: crop + MAX_PROMPT_TOKENS], crop
-
-
-def _user_turn_end(tokenizer: "PreTrainedTokenizerBase", ids: Sequence[int]) -> int:
-    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    user = tokenizer("user", add_special_tokens=False)["input_ids"]
-    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    for i, t in enumerate(ids):
-        if t == im_start and list(ids[i + 1: i + 1 + len(user)]) == user:
-            j = i + 1 + len(user)
-            return j + len(newline) if list(ids[j: j + len(newline)]) == newline else j
-    raise ValueError("The Qwen template has no '<|im_start|>user' turn to crop at.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -453,7 +453,7 @@ def tiny_transformer_metadata() -> dict[str, Any]:
     """A metadata-style ``config.transformer`` dict for a tiny LTX-2 DiT (tests, the embedded tiny model).
 
     2 blocks; video 2 heads × 16 (width 32), audio 2 heads × 8 (width 16), caption channels 24; connectors
-    2 layers of 2 heads × 12 (= 24) with 8 registers. Latent channels stay 128 (the video VAE's 128 channels,
+    2 layers of 2 heads × 12 (= 24) with 128 registers (ComfyUI always builds 128, the 19B value, so the tiny file loads natively too). Latent channels stay 128 (the video VAE's 128 channels,
     the audio VAE's 8 × 16). The numerics keys (RoPE, multipliers) are the 19B values, stated explicitly as a real
     file states them.
     """
@@ -466,7 +466,7 @@ def tiny_transformer_metadata() -> dict[str, Any]:
         "timestep_scale_multiplier": 1000, "av_ca_timestep_scale_multiplier": 1000.0, "rope_type": "split",
         "frequencies_precision": "float64", "use_middle_indices_grid": True, "causal_temporal_positioning": True,
         "connector_num_layers": 2, "connector_num_attention_heads": 2, "connector_attention_head_dim": 12,
-        "connector_num_learnable_registers": 8, "connector_positional_embedding_max_pos": [4096],
+        "connector_num_learnable_registers": 128, "connector_positional_embedding_max_pos": [4096],
         "connector_norm_output": True, "qk_norm": "rms_norm", "activation_fn": "gelu-approximate",
         "attention_bias": True, "use_audio_video_cross_attention": True, "av_cross_ada_norm": True,
     }

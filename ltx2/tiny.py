@@ -57,8 +57,9 @@ def tiny_metadata() -> dict:
 def write_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
     """Write the tiny combined LTX-2 checkpoint (see the module docstring) and return its path.
 
-    The video VAE, audio VAE and vocoder start from their modules' own initialisation (a VAE of seeded N(0, 1/fan_in)
-    weights is numerically poor), made deterministic by seeding torch's generator with ``seed``.
+    The video VAE and audio VAE start from their modules' own initialisation (a VAE of seeded N(0, 1/fan_in) weights
+    is numerically poor), made deterministic by seeding torch's generator with ``seed``; the vocoder gets seeded
+    He-scaled weights (N(0, 2/fan_in)), so its waveform follows the audio latent.
     """
     meta = tiny_metadata()
     config = LTX2TransformerConfig.from_metadata(meta["transformer"])
@@ -75,7 +76,10 @@ def write_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
         vocoder = LTX2Vocoder.from_config(meta["vocoder"])
     tensors.update({"vae." + k: v.float().contiguous() for k, v in vae.official_state_dict().items()})
     tensors.update({AUDIO_VAE_PREFIX + k: v.float().contiguous() for k, v in audio_vae.official_state_dict().items()})
-    tensors.update({VOCODER_PREFIX + k: v.float().contiguous() for k, v in vocoder.official_state_dict().items()})
+    # He-scaled seeded weights: with its own initialisation a narrow vocoder's output hardly depends on the mel input.
+    tensors.update({VOCODER_PREFIX + k: seeded_tensor(seed, VOCODER_PREFIX + k, tuple(v.shape)) * (2 ** 0.5 if v.ndim > 1
+                                                                                                    else 1.0)
+                    for k, v in vocoder.official_state_dict().items()})
     return save_file_atomic(tensors, Path(path), metadata={"config": json.dumps(meta)})
 
 

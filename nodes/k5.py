@@ -14,7 +14,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..core.attention import BACKENDS, check_backend
-from ..core.lora import LoRAWeights, load_lora, loras_applied
+from ..core.lora import LoRAWeights, check_lora_fits, load_lora, loras_applied
 from ..core.offload import model_on_device
 from ..k5.config import DEFAULT_NEGATIVE_PROMPT, VARIANTS, K5Config, K5Variant, resolve_variant
 from ..k5.dit import Kandinsky5DiT, load_k5_dit
@@ -25,6 +25,7 @@ from ..k5.text import TEMPLATES, load_k5_text_encoder
 from ..k5.vae import load_k5_vae
 from ..training.cache import encoder_identity
 from . import host
+from .checks import CinetuneNode
 from .types import K5VAE, K5Conditioning, K5Model, K5TextEncoder
 
 CATEGORY = "Cinetune/Kandinsky 5"
@@ -86,7 +87,7 @@ def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
-class K5ModelLoader(io.ComfyNode):
+class K5ModelLoader(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -137,7 +138,7 @@ class K5ModelLoader(io.ComfyNode):
         return io.NodeOutput(handle)
 
 
-class K5TextEncoderLoader(io.ComfyNode):
+class K5TextEncoderLoader(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         files = host.model_names("text_encoders")
@@ -171,7 +172,7 @@ class K5TextEncoderLoader(io.ComfyNode):
         return io.NodeOutput(encoder)
 
 
-class K5VAELoader(io.ComfyNode):
+class K5VAELoader(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -196,7 +197,7 @@ class K5VAELoader(io.ComfyNode):
         return io.NodeOutput(vae)
 
 
-class K5TextEncode(io.ComfyNode):
+class K5TextEncode(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -224,7 +225,7 @@ class K5TextEncode(io.ComfyNode):
         return io.NodeOutput({"positive": positive, "negative": negative})
 
 
-class K5Sampler(io.ComfyNode):
+class K5Sampler(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -278,7 +279,7 @@ class K5Sampler(io.ComfyNode):
         return io.NodeOutput({"samples": latent})
 
 
-class K5VAEDecode(io.ComfyNode):
+class K5VAEDecode(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -303,7 +304,7 @@ class K5VAEDecode(io.ComfyNode):
         return io.NodeOutput(frames.cpu().contiguous())
 
 
-class K5VAEEncode(io.ComfyNode):
+class K5VAEEncode(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -330,7 +331,7 @@ class K5VAEEncode(io.ComfyNode):
         return io.NodeOutput({"samples": latent.float().cpu()})
 
 
-class K5LoRALoader(io.ComfyNode):
+class K5LoRALoader(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -355,10 +356,11 @@ class K5LoRALoader(io.ComfyNode):
         handle: K5ModelHandle = model
         names = [name for name, _ in handle.model.named_modules()]
         weights = load_lora(host.model_path("loras", lora_name), module_names=names)
+        check_lora_fits(handle.model, weights, lora_name)
         return io.NodeOutput(replace(handle, loras=(*handle.loras, (lora_name, weights, strength))))
 
 
-class K5MemoryEstimate(io.ComfyNode):
+class K5MemoryEstimate(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

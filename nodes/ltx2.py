@@ -27,6 +27,7 @@ from ..ltx2.memory import estimate_ltx2_memory, format_ltx2_estimate
 from ..ltx2.text import DEFAULT_NEGATIVE_PROMPT
 from ..ltx2.upsampler import load_ltx2_upsampler
 from . import host
+from .checks import CinetuneNode
 from .types import LTX2VAE, LTX2Conditioning, LTX2Model, LTX2TextEncoder, LTX2Upsampler
 
 CATEGORY = "Cinetune/LTX-2"
@@ -67,7 +68,7 @@ def _file(folders: tuple[str, ...], name: str) -> Path:
     return host.model_path_any(folders, name)
 
 
-class LTX2ModelLoader(io.ComfyNode):
+class LTX2ModelLoader(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -110,7 +111,7 @@ class LTX2ModelLoader(io.ComfyNode):
         return io.NodeOutput(handle)
 
 
-class LTX2TextEncoderLoader(io.ComfyNode):
+class LTX2TextEncoderLoader(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -140,7 +141,7 @@ class LTX2TextEncoderLoader(io.ComfyNode):
         return io.NodeOutput(encoder)
 
 
-class LTX2VAELoader(io.ComfyNode):
+class LTX2VAELoader(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -170,7 +171,7 @@ class LTX2VAELoader(io.ComfyNode):
         return io.NodeOutput(load_ltx2_vae(video_path, audio_path, dtype=DTYPES[dtype]))
 
 
-class LTX2UpsamplerLoader(io.ComfyNode):
+class LTX2UpsamplerLoader(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -190,7 +191,7 @@ class LTX2UpsamplerLoader(io.ComfyNode):
         return io.NodeOutput(load_ltx2_upsampler(host.model_path("latent_upscale_models", upsampler_name)))
 
 
-class LTX2TextEncode(io.ComfyNode):
+class LTX2TextEncode(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -218,7 +219,7 @@ class LTX2TextEncode(io.ComfyNode):
         return io.NodeOutput(pipeline.LTX2Conditioning(positive, negative))
 
 
-class LTX2Sampler(io.ComfyNode):
+class LTX2Sampler(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -314,7 +315,7 @@ class LTX2Sampler(io.ComfyNode):
         return io.NodeOutput({"samples": video}, audio_dict)
 
 
-class LTX2LatentUpsample(io.ComfyNode):
+class LTX2LatentUpsample(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -338,7 +339,7 @@ class LTX2LatentUpsample(io.ComfyNode):
         return io.NodeOutput({"samples": out.float().cpu()})
 
 
-class LTX2Decode(io.ComfyNode):
+class LTX2Decode(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -365,7 +366,7 @@ class LTX2Decode(io.ComfyNode):
         return io.NodeOutput(frames.cpu().contiguous(), audio)
 
 
-class LTX2LoRALoader(io.ComfyNode):
+class LTX2LoRALoader(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -392,7 +393,7 @@ class LTX2LoRALoader(io.ComfyNode):
         return io.NodeOutput(replace(handle, loras=(*handle.loras, (lora_name, weights, strength))))
 
 
-class LTX2MemoryEstimate(io.ComfyNode):
+class LTX2MemoryEstimate(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -20,11 +20,13 @@ from ..core.lora import load_lora
 from ..core.media import write_video
 from ..core.offload import model_on_device
 from ..k5.pipeline import sample
+from ..k5.train import K5_TRAINING
 from ..training.cache import load_cached_dataset
 from ..training.data import dataset_fingerprint
 from ..training.schedules import LR_SCHEDULES, OPTIMIZERS
 from ..training.trainer import LORA_FILE, TrainConfig, TrainEvent, TrainResult, empty_texts_from_cache, samples_from_cache, train_lora
 from . import host
+from .checks import CinetuneNode, FileName, check_file_name
 from .k5 import K5ModelHandle, training_dtype
 from .training import TrainingDataType
 from .types import K5VAE, K5Conditioning, K5Model
@@ -32,12 +34,17 @@ from .types import K5VAE, K5Conditioning, K5Model
 PROGRESS_EVENT = "cinetune.train.progress"
 STATUS_EVENT = "cinetune.train.status"
 
+#: ``output_name`` names the run folder and ``models/loras/<name>.safetensors``, written through a temporary file.
+OUTPUT_NAME = FileName(suffix=".safetensors", atomic=True)
+
 
 def run_directory(name: str) -> Path:
-    """``<ComfyUI output>/cinetune/runs/<name>``; ``name`` must be a plain file name."""
-    if not name.strip() or Path(name).name != name or name in (".", ".."):
-        raise ValueError(f"output_name '{name}' must be a plain name without folders, e.g. 'my_style_lora'.")
-    return host.output_directory() / "cinetune" / "runs" / name
+    """``<ComfyUI output>/cinetune/runs/<name>``.
+
+    Raises:
+        InputError: ``name`` is not a usable file name (:data:`OUTPUT_NAME`).
+    """
+    return host.output_directory() / "cinetune" / "runs" / check_file_name(name, OUTPUT_NAME, "output_name")
 
 
 def install_lora(lora_path: Path, name: str) -> Path:
@@ -66,7 +73,9 @@ def finished_run(run_dir: Path, config: TrainConfig, metadata: dict) -> TrainRes
     return TrainResult(lora, int(meta.get("cinetune.steps", 0))) if same else None
 
 
-class K5TrainLoRA(io.ComfyNode):
+class K5TrainLoRA(CinetuneNode):
+    INPUT_RULES = {"output_name": OUTPUT_NAME}
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -214,7 +223,8 @@ class K5TrainLoRA(io.ComfyNode):
             else:
                 with (torch.inference_mode(False),
                       model_on_device(handle.model, handle.blocks, device, **handle.placement())):
-                    result = train_lora(handle.model, samples, empty, config, run_dir, device=device, resume=resume,
+                    result = train_lora(handle.model, samples, empty, config, run_dir, adapter=K5_TRAINING,
+                                        device=device, resume=resume,
                                         on_event=on_event, check_interrupt=host.check_interrupt,
                                         validate=validate if validate_every else None,
                                         validate_every=validate_every, metadata=metadata)

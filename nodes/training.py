@@ -2,21 +2,31 @@
 
 The nodes pass small descriptor objects along the chain (dataset → text cache → latent cache → trainer); the
 tensors live on disk in the cache folder, keyed by content, so re-running a cacher only encodes what changed.
+
+ComfyUI reuses a node's previous output while its inputs are unchanged, so a cache entry damaged on disk (truncated,
+unreadable) would never be repaired by queueing again. Each cacher therefore remembers the entry files its last run
+left (size and modification time) and its change check (``fingerprint_inputs``) differs once any of them changed:
+the cacher runs again and re-encodes exactly the damaged entries. The memory lasts as long as the server, as
+ComfyUI's own cache of outputs does.
+
 Widget order is frozen once released: add new inputs at the end, with defaults.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from comfy_api.latest import io, ui
 
 from ..k5.family import K5_LATENT_FORMAT, NABLA_SIZE_MULTIPLE
-from ..training.cache import cache_latents, cache_text
-from ..training.data import Dataset, FrameSpec, scan_folder
+from ..training.cache import CacheReport, cache_latents, cache_text
+from ..training.data import Dataset, FrameSpec, resolve_dataset_folder, scan_folder
 from . import host
+from .checks import CinetuneNode, FileName, check_file_name, widget_values
 from .types import K5VAE, K5TextEncoder
 
 CATEGORY = "Cinetune/training"
@@ -50,32 +60,68 @@ class TrainingData:
     i2v: bool
 
 
+CACHE_NAME = FileName()
+
+
 def cache_directory(name: str) -> Path:
-    """``<ComfyUI output>/cinetune/cache/<name>``; ``name`` may not leave that folder."""
-    root = (host.output_directory() / "cinetune" / "cache").resolve()
-    folder = (root / name).resolve()
-    if not name.strip() or root not in folder.parents:
-        raise ValueError(f"cache_name '{name}' must be a plain folder name (no '..', not absolute), e.g. 'my_dataset'.")
-    return folder
-
-
-def resolve_dataset_folder(folder: str) -> Path:
-    """An absolute folder, or one relative to ComfyUI's input folder.
+    """``<ComfyUI output>/cinetune/cache/<name>``.
 
     Raises:
-        FileNotFoundError: neither exists; the message names both places.
+        InputError: ``name`` is not a plain folder name (:data:`CACHE_NAME`).
     """
-    path = Path(folder.strip()).expanduser()
-    if path.is_absolute() and path.is_dir():
-        return path
-    candidate = host.input_directory() / path
-    if candidate.is_dir():
-        return candidate
-    raise FileNotFoundError(f"dataset folder '{folder}' not found: give an absolute path or a folder inside ComfyUI's "
-                            f"input folder ({host.input_directory()}).")
+    return host.output_directory() / "cinetune" / "cache" / check_file_name(name, CACHE_NAME, "cache_name")
 
 
-class DatasetFolder(io.ComfyNode):
+def dataset_folder(folder: str) -> Path:
+    """The dataset folder a widget value names: inside ComfyUI's input folder or a dataset root
+    (:func:`cinetune.training.data.resolve_dataset_folder`).
+
+    Raises:
+        DatasetLocationError: outside those places (the message says how to add a dataset root).
+        DatasetError: the folder does not exist.
+    """
+    return resolve_dataset_folder(folder, input_dir=host.input_directory())
+
+
+class _Receipts:
+    """What each cacher's last runs left on disk: ``(node id, widget settings)`` → cache folder → entry file →
+    ``(size, mtime_ns)``. Keyed by the widget settings because a change check sees only those (linked inputs arrive
+    as None); one record per cache folder keeps two cachers with equal settings from overwriting each other's."""
+
+    def __init__(self):
+        self._runs: dict[str, dict[str, dict[str, tuple[int, int]]]] = {}
+
+    @staticmethod
+    def _key(node: type[CinetuneNode], inputs: dict) -> str:
+        return json.dumps([node.define_schema().node_id, widget_values(node, inputs)], sort_keys=True, default=str)
+
+    @staticmethod
+    def _state(path: str) -> tuple[int, int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns
+
+    def record(self, node: type[CinetuneNode], inputs: dict, report: CacheReport) -> None:
+        """Remember the entry files of ``report`` as the output of ``node`` run with ``inputs``."""
+        files = {str(p): self._state(str(p)) for p in report.entries}
+        self._runs.setdefault(self._key(node, inputs), {})[str(report.cache_dir)] = files
+
+    def fingerprint(self, node: type[CinetuneNode], inputs: dict) -> str:
+        """The same value as long as every remembered entry file is unchanged (and before any run)."""
+        key = self._key(node, inputs)
+        changed = sorted(path for folder in self._runs.get(key, {}).values()
+                         for path, state in folder.items() if self._state(path) != state)
+        return hashlib.sha256(json.dumps([key, changed]).encode()).hexdigest()
+
+
+RECEIPTS = _Receipts()
+
+
+class DatasetFolder(CinetuneNode):
+    INPUT_RULES = {"folder": dataset_folder}
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -86,7 +132,8 @@ class DatasetFolder(io.ComfyNode):
                         "searched recursively.",
             inputs=[
                 io.String.Input("folder", default="",
-                                tooltip="Absolute path, or a folder inside ComfyUI's input folder."),
+                                tooltip="A folder inside ComfyUI's input folder (e.g. 'my_dataset'), or an absolute "
+                                        "path inside a dataset root the server owner lists in CINETUNE_DATASET_ROOTS."),
                 io.Int.Input("repeats", default=1, min=1, max=10000,
                              tooltip="How many times each item counts per epoch."),
                 io.String.Input("trigger_word", default="",
@@ -102,21 +149,23 @@ class DatasetFolder(io.ComfyNode):
     def fingerprint_inputs(cls, folder, repeats, trigger_word, default_caption):
         # Re-run (and so re-cache and re-train downstream) only when a file in the folder changed.
         try:
-            root = resolve_dataset_folder(folder)
-        except FileNotFoundError:
-            return float("nan")  # let execute() report the missing folder
+            root = dataset_folder(folder)
+        except ValueError:
+            return float("nan")  # let execute() report the problem
         entries = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
                          for p in root.rglob("*") if p.is_file())
         return hashlib.sha256(repr((entries, repeats, trigger_word, default_caption)).encode()).hexdigest()
 
     @classmethod
     def execute(cls, folder, repeats, trigger_word, default_caption) -> io.NodeOutput:
-        dataset = scan_folder(resolve_dataset_folder(folder), repeats=repeats, trigger_word=trigger_word,
+        dataset = scan_folder(dataset_folder(folder), repeats=repeats, trigger_word=trigger_word,
                               default_caption=default_caption or None)
         return io.NodeOutput(dataset, ui=ui.PreviewText(dataset.summary()))
 
 
-class K5CacheText(io.ComfyNode):
+class K5CacheText(CinetuneNode):
+    INPUT_RULES = {"cache_name": CACHE_NAME}
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -136,6 +185,10 @@ class K5CacheText(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, **inputs):
+        return RECEIPTS.fingerprint(cls, inputs)
+
+    @classmethod
     def execute(cls, dataset, text_encoder, cache_name) -> io.NodeOutput:
         cache_dir = cache_directory(cache_name)
         encoder_id = text_encoder.identity
@@ -143,10 +196,11 @@ class K5CacheText(io.ComfyNode):
         with host.on_compute_device(text_encoder):
             report = cache_text(dataset, text_encoder, cache_dir, encoder_id=encoder_id, progress=progress.update,
                                 check_interrupt=host.check_interrupt)
+        RECEIPTS.record(cls, {"cache_name": cache_name}, report)
         return io.NodeOutput(TextCache(dataset, cache_dir, encoder_id), ui=ui.PreviewText(report.summary()))
 
 
-class K5CacheLatents(io.ComfyNode):
+class K5CacheLatents(CinetuneNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -178,6 +232,10 @@ class K5CacheLatents(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, **inputs):
+        return RECEIPTS.fingerprint(cls, inputs)
+
+    @classmethod
     def execute(cls, text_cache, vae, frames, frame_selection, resolution, nabla, image_to_video,
                 allow_upscale) -> io.NodeOutput:
         spec = FrameSpec(target_frames=frames, mode=frame_selection, latent_format=K5_LATENT_FORMAT)
@@ -188,6 +246,8 @@ class K5CacheLatents(io.ComfyNode):
                                    frame_spec=spec, base_resolution=resolution, bucket_step=step,
                                    allow_upscale=allow_upscale, i2v=image_to_video, progress=progress.update,
                                    check_interrupt=host.check_interrupt)
+        RECEIPTS.record(cls, dict(frames=frames, frame_selection=frame_selection, resolution=resolution, nabla=nabla,
+                                  image_to_video=image_to_video, allow_upscale=allow_upscale), report)
         data = TrainingData(text_cache.dataset, text_cache.cache_dir, text_cache.encoder_id, vae.identity, spec,
                             resolution, step, allow_upscale, image_to_video)
         return io.NodeOutput(data, ui=ui.PreviewText(report.summary()))

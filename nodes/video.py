@@ -6,9 +6,13 @@ from comfy_api.latest import io, ui
 
 from ..core.media import write_video
 from . import host
+from .checks import CinetuneNode, FileName
 
 
-class SaveVideoMP4(io.ComfyNode):
+class SaveVideoMP4(CinetuneNode):
+    # the counter and extension ComfyUI's numbered naming appends, written through a temporary file
+    INPUT_RULES = {"filename_prefix": FileName(suffix="_00001_.mp4", atomic=True, subfolders=True)}
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -54,7 +54,11 @@ code):
 - **Interruption**: every file is written atomically (temporary file + rename), ``check_interrupt()`` is called
   before each entry and ``progress(done, total)`` after it; an interrupted run leaves only complete entries and
   the next run skips them. An existing entry is checked by its header (tensor names, file length); a damaged
-  one is encoded again.
+  one (truncated, unreadable, not safetensors) is encoded again.
+- **Damaged is not missing.** :func:`load_cached_dataset` reports an entry whose file exists but fails that check
+  as damaged (and says the cacher re-encodes exactly those), apart from entries that were never written. Each
+  :class:`CacheReport` lists the entry files its dataset uses (``entries``), so a caller can tell later whether the
+  files on disk are still the ones the cacher left (the cacher nodes re-run when they are not).
 - **Problems instead of failures**: too-short videos, items too small for any bucket and files that fail to
   decode are reported in :class:`CacheReport` (with the dataset's own scan problems, so one report lists every
   file left out) and the rest is cached. A clip that failed to decode gets a ``<key>.failed.json`` marker so
@@ -182,12 +186,14 @@ class CacheReport:
         skipped: entries that were already cached (complete files found).
         problems: files left out: the dataset's scan problems followed by those found while caching.
         cache_dir: the cache folder (the root passed in, holding ``text/`` and ``latents/``).
+        entries: every complete entry file the dataset uses after this run (written or already cached), in order.
     """
 
     written: int
     skipped: int
     problems: list[DatasetProblem] = field(default_factory=list)
     cache_dir: Path = Path(".")
+    entries: list[Path] = field(default_factory=list)
 
     def summary(self) -> str:
         """Multi-line text for node outputs and logs: counts, the folder, then one line per problem."""
@@ -308,6 +314,14 @@ def _is_complete(path: Path, names: Iterable[str]) -> bool:
     return all(name in tensors for name in names)
 
 
+def _exists(path: Path) -> bool:
+    """A file is there, readable or not (an unreadable entry is damaged, not missing)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return True
+
+
 def _subfolder(cache_dir: str | os.PathLike, name: str) -> Path:
     root = Path(cache_dir)
     if root.exists() and not root.is_dir():
@@ -408,6 +422,7 @@ def cache_text(dataset: Dataset, encoder: TextEncoderLike, cache_dir: str | os.P
     folder = _subfolder(cache_dir, TEXT_DIR)
     manifest = _Manifest(folder, "text")
     written = skipped = 0
+    paths: list[Path] = []
     try:
         for done, (caption, template) in enumerate(entries, start=1):
             _tick(check_interrupt)
@@ -423,11 +438,12 @@ def cache_text(dataset: Dataset, encoder: TextEncoderLike, cache_dir: str | os.P
                     "template": template, "encoder_id": encoder_id})
                 written += 1
             manifest.add(key, {**info, "tokens": _shape_of(path, "text")[0]})
+            paths.append(path)
             if progress is not None:
                 progress(done, len(entries))
     finally:
         manifest.save()
-    return CacheReport(written, skipped, list(dataset.problems), Path(cache_dir))
+    return CacheReport(written, skipped, list(dataset.problems), Path(cache_dir), paths)
 
 
 def _encode_one(encoder: TextEncoderLike, caption: str, template: str) -> tuple[Tensor, Tensor]:
@@ -563,6 +579,7 @@ def cache_latents(dataset: Dataset, vae: VAELike, cache_dir: str | os.PathLike, 
     manifest = _Manifest(folder, "latent")
     needed = ("latent", "first", "last") if i2v else ("latent",)
     written = skipped = 0
+    paths: list[Path] = []
     failed: dict[str, DatasetProblem] = {}  # one problem per file, however many of its clips fail
     try:
         for done, job in enumerate(jobs, start=1):
@@ -571,11 +588,13 @@ def cache_latents(dataset: Dataset, vae: VAELike, cache_dir: str | os.PathLike, 
             if _is_complete(path, needed):
                 skipped += 1
                 _record_latent(manifest, folder, job, path, vae_id, i2v)
+                paths.append(path)
             else:
                 error = _write_latent(vae, folder, job, path, vae_id, i2v, frame_spec.latent_format)
                 if error is None:
                     written += 1
                     _record_latent(manifest, folder, job, path, vae_id, i2v)
+                    paths.append(path)
                 else:
                     failed.setdefault(job.clip.item.name, error)
             if progress is not None:
@@ -585,7 +604,7 @@ def cache_latents(dataset: Dataset, vae: VAELike, cache_dir: str | os.PathLike, 
     problems = list(dataset.problems) + problems + list(failed.values())
     if written + skipped == 0:
         raise _nothing_usable(problems)
-    return CacheReport(written, skipped, problems, Path(cache_dir))
+    return CacheReport(written, skipped, problems, Path(cache_dir), paths)
 
 
 def _write_latent(vae: VAELike, folder: Path, job: _Job, path: Path, vae_id: str, i2v: bool,
@@ -646,6 +665,7 @@ def load_cached_dataset(dataset: Dataset, cache_dir: str | os.PathLike, *, encod
     latent_dir, text_dir = cache_dir / LATENT_DIR, cache_dir / TEXT_DIR
     needed = ("latent", "first", "last") if i2v else ("latent",)
     samples, missing_latents, missing_text = [], [], {}
+    damaged_latents, damaged_text = [], {}
     templates: dict[str, None] = {}
     for job in jobs:
         item = job.clip.item
@@ -655,33 +675,55 @@ def load_cached_dataset(dataset: Dataset, cache_dir: str | os.PathLike, *, encod
         text_key = _text_key(item.caption, template, encoder_id)
         text_path = text_dir / f"{text_key}.safetensors"
         if not _is_complete(latent_path, needed):
-            if not (latent_dir / f"{job.key}{_FAILED_SUFFIX}").is_file():
-                missing_latents.append(f"{item.name} (frames {job.clip.indices[0]}..{job.clip.indices[-1]}, "
-                                       f"bucket {job.bucket})")
+            clip = f"{item.name} (frames {job.clip.indices[0]}..{job.clip.indices[-1]}, bucket {job.bucket})"
+            if _exists(latent_path):
+                damaged_latents.append(f"{latent_path.name}: {clip}")
+            elif not (latent_dir / f"{job.key}{_FAILED_SUFFIX}").is_file():
+                missing_latents.append(clip)
             continue
         if not _is_complete(text_path, ("text", "pooled")):
-            missing_text[text_key] = f"{item.caption!r} (template {template})"
+            what = f"{item.caption!r} (template {template})"
+            if _exists(text_path):
+                damaged_text[text_key] = f"{text_path.name}: {what}"
+            else:
+                missing_text[text_key] = what
         samples.append(CachedSample(
             key=job.key, latent_path=latent_path, text_key=text_key, text_path=text_path, caption=item.caption,
             item_id=item.source_id, bucket=(job.bucket.width, job.bucket.height), frames=len(job.clip.indices),
             kind=item.kind, repeats=item.repeats, template=template))
     for template in templates:
-        if not _is_complete(empty_text_path(cache_dir, encoder_id, template), ("text", "pooled")):
-            missing_text[_text_key("", template, encoder_id)] = f"'' (empty caption for dropout, template {template})"
+        path = empty_text_path(cache_dir, encoder_id, template)
+        if not _is_complete(path, ("text", "pooled")):
+            what = f"'' (empty caption for dropout, template {template})"
+            if _exists(path):
+                damaged_text[_text_key("", template, encoder_id)] = f"{path.name}: {what}"
+            else:
+                missing_text[_text_key("", template, encoder_id)] = what
     message = []
+    if damaged_latents:
+        message.append(f"{len(damaged_latents)} latent entries in {latent_dir} are damaged (truncated or "
+                       "unreadable):\n" + _listed(damaged_latents) + "\nrun the latent cacher again (queue the "
+                       "workflow again): it re-encodes exactly the damaged entries")
     if missing_latents:
-        held = len(list(latent_dir.glob("*.safetensors"))) if latent_dir.is_dir() else 0
-        message.append(f"{len(missing_latents)} latent entries are missing from {latent_dir} ({held} files there "
+        used = {latent_dir / f"{job.key}.safetensors" for job in jobs}
+        others = len(set(latent_dir.glob("*.safetensors")) - used) if latent_dir.is_dir() else 0
+        message.append(f"{len(missing_latents)} latent entries are missing from {latent_dir} ({others} files there "
                        "are for other inputs or settings):\n" + _listed(missing_latents) +
                        "\nrun the latent cacher on this dataset with the same VAE, frame count/mode/fps, "
                        f"resolution {base_resolution}, bucket step {bucket_step}, upscaling "
                        f"{'on' if allow_upscale else 'off'} and i2v {'on' if i2v else 'off'}")
+    if damaged_text:
+        message.append(f"{len(damaged_text)} text entries in {text_dir} are damaged (truncated or unreadable):\n"
+                       + _listed(list(damaged_text.values()))
+                       + "\nrun the text cacher again (queue the workflow again): it re-encodes exactly the damaged "
+                       "entries")
     if missing_text:
         message.append(f"{len(missing_text)} text entries are missing from {text_dir}:\n"
                        + _listed(list(missing_text.values()))
                        + "\nrun the text cacher on this dataset with the same text encoder files and dtype")
     if message:
-        raise CacheError("the cache is incomplete; " + "\n".join(message))
+        kind = "damaged" if not (missing_latents or missing_text) else "incomplete"
+        raise CacheError(f"the cache is {kind}; " + "\n".join(message))
     if not samples:
         raise DatasetError(f"no usable clip in the dataset for {cache_dir}: every item was left out while caching "
                            "(see the latent cacher's report)")
@@ -695,7 +737,8 @@ def _load_entry(path: Path, what: str, cacher: str) -> dict[str, Tensor]:
     try:
         return load_state_dict(path)
     except CheckpointError as exc:
-        raise CacheError(f"{exc} Delete {path.name} and run the {cacher} again.") from exc
+        raise CacheError(f"{exc} The cache entry is damaged: run the {cacher} again (queue the workflow again); it "
+                         "re-encodes damaged entries.") from exc
 
 
 def read_latent(sample: CachedSample) -> dict[str, Tensor]:

@@ -20,6 +20,16 @@ come from its latent format; nothing here is specific to one model):
   clip shorter than the requested frame count: each becomes a :class:`DatasetProblem` naming the
   file and the fix, and the file is left out. Only a dataset with nothing usable left raises
   :class:`DatasetError`. ``skip_missing_captions=True`` leaves uncaptioned files out silently.
+- **Where datasets may be.** :func:`resolve_dataset_folder` takes a relative folder inside ComfyUI's input
+  folder (it may not climb out with ``..``) and an absolute folder only inside the input folder or a dataset root
+  that the server owner lists in the environment variable ``CINETUNE_DATASET_ROOTS`` (absolute folders separated
+  by ``os.pathsep``: ``:`` on Linux and macOS, ``;`` on Windows). The setting is read from the server's
+  environment, not from ComfyUI's user settings, because any client of the server can write those. A folder is
+  inside a root when its path, normalised (``..`` removed) or with symbolic links resolved, lies in the root's:
+  links placed in a root by the owner are followed.
+- **A bounded scan.** After ``max_problems`` problems (50 by default) with files still unchecked, the scan stops
+  and raises :class:`DatasetError` listing them and counting the files not checked (and how many of those lack a
+  caption), so a wrong folder fails fast instead of decoding thousands of unrelated files.
 - **Hidden entries** (names starting with ``.``, e.g. macOS ``._clip.mp4`` resource forks) are
   ignored; symlinked files are followed, symlinked folders are not (no loops).
 - **Verification.** ``scan_folder`` decodes every video once without colour conversion (about
@@ -57,7 +67,7 @@ import os
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -69,8 +79,9 @@ from ..core.family import LatentFormat
 from ..core.media import MediaError, count_decodable_frames, decode_frames, probe_video
 
 __all__ = [
-    "VIDEO_EXTS", "IMAGE_EXTS", "DatasetError", "TooShortError", "NoBucketError",
-    "DatasetItem", "DatasetProblem", "Dataset", "scan_folder", "from_tensors",
+    "VIDEO_EXTS", "IMAGE_EXTS", "DATASET_ROOTS_ENV", "DatasetError", "DatasetLocationError", "TooShortError",
+    "NoBucketError", "DatasetItem", "DatasetProblem", "Dataset", "dataset_roots", "resolve_dataset_folder",
+    "scan_folder", "from_tensors",
     "FrameSpec", "frame_indices", "Clip", "plan_clips",
     "Bucket", "make_buckets", "assign_bucket", "load_clip", "dataset_fingerprint",
 ]
@@ -78,12 +89,24 @@ __all__ = [
 VIDEO_EXTS = (".mp4", ".mov", ".webm", ".mkv", ".gif")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
+#: Environment variable listing the absolute folders (``os.pathsep``-separated) datasets may be taken from, besides
+#: ComfyUI's input folder.
+DATASET_ROOTS_ENV = "CINETUNE_DATASET_ROOTS"
+
+#: Problems after which :func:`scan_folder` stops (when files remain unchecked).
+MAX_PROBLEMS = 50
+
 _FINGERPRINT_VERSION = 1
 _EXIF_ORIENTATION = 0x0112
 
 
 class DatasetError(ValueError):
     """The dataset as a whole cannot be used (no folder, no media, nothing usable); the message says why."""
+
+
+class DatasetLocationError(DatasetError):
+    """A dataset folder outside the places this server allows, or a malformed folder setting; the message says
+    where datasets may be and how the server owner adds a dataset root."""
 
 
 class TooShortError(DatasetError):
@@ -185,6 +208,97 @@ class Dataset:
         return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------- locations
+
+
+def _has_control_characters(text: str) -> bool:
+    return any(ord(c) < 32 or 127 <= ord(c) < 160 or 0xD800 <= ord(c) < 0xE000 for c in text)
+
+
+def dataset_roots(environ: Mapping[str, str] | None = None) -> list[Path]:
+    """The dataset roots the server owner lists in ``CINETUNE_DATASET_ROOTS`` (see the module notes).
+
+    Args:
+        environ: the environment to read (default ``os.environ``).
+    Returns:
+        The listed folders, normalised, in order (empty entries skipped; ``~`` expanded).
+    Raises:
+        DatasetLocationError: an entry is not an absolute path (the message names it and the variable).
+    """
+    raw = (os.environ if environ is None else environ).get(DATASET_ROOTS_ENV, "")
+    roots = []
+    for entry in raw.split(os.pathsep):
+        entry = entry.strip()
+        if not entry:
+            continue
+        path = Path(entry).expanduser()
+        if not path.is_absolute():
+            raise DatasetLocationError(f"{DATASET_ROOTS_ENV} lists '{entry}', which is not an absolute folder; list "
+                                       f"absolute folders separated by '{os.pathsep}' and restart ComfyUI")
+        roots.append(Path(os.path.abspath(path)))
+    return roots
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """``path`` is ``root`` or below it, comparing normalised paths or, failing that, paths with links resolved."""
+    def below(a: str, b: str) -> bool:
+        a, b = os.path.normcase(a), os.path.normcase(b)
+        return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+    return (below(os.path.abspath(path), os.path.abspath(root))
+            or below(os.path.realpath(path), os.path.realpath(root)))
+
+
+def resolve_dataset_folder(folder: str | os.PathLike, *, input_dir: str | os.PathLike,
+                           roots: Sequence[str | os.PathLike] | None = None) -> Path:
+    """Where a dataset folder setting points, if the server allows datasets there (see the module notes).
+
+    Args:
+        folder: a folder relative to ``input_dir``, or an absolute folder (``~`` expanded).
+        input_dir: ComfyUI's input folder.
+        roots: the dataset roots; None reads them from ``CINETUNE_DATASET_ROOTS`` (:func:`dataset_roots`).
+    Returns:
+        The folder as an absolute, normalised path.
+    Raises:
+        DatasetLocationError: empty setting, control characters, a relative folder that leaves ``input_dir``, or an
+            absolute folder outside ``input_dir`` and every root (the message says how to add a root).
+        DatasetError: the folder does not exist or is not a folder.
+    """
+    text = os.fspath(folder).strip()
+    if not text:
+        raise DatasetLocationError("no dataset folder given: name a folder inside ComfyUI's input folder, e.g. "
+                                   "'my_dataset'")
+    if _has_control_characters(text):
+        raise DatasetLocationError(f"the dataset folder {text!r} contains control characters; type the folder name "
+                                   "again")
+    input_dir = Path(os.path.abspath(input_dir))
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        candidate = Path(os.path.abspath(input_dir / path))
+        if not _inside(candidate, input_dir):
+            raise DatasetLocationError(f"the dataset folder '{text}' leaves ComfyUI's input folder ({input_dir}); a "
+                                       "relative folder must stay inside it (no '..')")
+    else:
+        candidate = Path(os.path.abspath(path))
+        allowed = [input_dir, *(dataset_roots() if roots is None else [Path(os.path.abspath(r)) for r in roots])]
+        if not any(_inside(candidate, root) for root in allowed):
+            listed = ", ".join(str(r) for r in allowed[1:]) or "none"
+            raise DatasetLocationError(
+                f"the dataset folder {candidate} is outside the folders this server takes datasets from: ComfyUI's "
+                f"input folder ({input_dir}) and the dataset roots ({listed}). Put the dataset inside the input "
+                f"folder, or ask the server owner to add a parent folder to the environment variable "
+                f"{DATASET_ROOTS_ENV} (absolute folders separated by '{os.pathsep}') and restart ComfyUI")
+    if not candidate.exists():
+        raise DatasetError(f"dataset folder not found: {candidate}")
+    if not candidate.is_dir():
+        raise DatasetError(f"{candidate} is not a folder; point the dataset at the folder holding the media and "
+                           "caption files")
+    return candidate
+
+
+# ---------------------------------------------------------------------------------------------- scanning
+
+
 def _apply_trigger(caption: str, trigger_word: str) -> str:
     trigger = trigger_word.strip()
     if not trigger:
@@ -235,7 +349,8 @@ def _describe_video(path: Path, verify: bool) -> tuple[int, int, int, float]:
 
 def scan_folder(folder: str | os.PathLike, *, repeats: int = 1, trigger_word: str = "",
                 caption_ext: str = ".txt", recursive: bool = True, default_caption: str | None = None,
-                skip_missing_captions: bool = False, verify: bool = True) -> Dataset:
+                skip_missing_captions: bool = False, verify: bool = True,
+                max_problems: int | None = MAX_PROBLEMS) -> Dataset:
     """Find videos and images in a folder and pair them with same-name caption files.
 
     Args:
@@ -249,6 +364,7 @@ def scan_folder(folder: str | os.PathLike, *, repeats: int = 1, trigger_word: st
             listing them as problems (for folders that mix training media with other files).
         verify: decode every file once so that truncated files are found now (see module notes);
             False only probes headers (fast, but a damaged file fails later in :func:`load_clip`).
+        max_problems: stop after this many problems when files remain unchecked (None: never stop).
 
     Returns:
         :class:`Dataset` with items sorted by ``source_id`` (path relative to ``folder``) and one
@@ -257,12 +373,15 @@ def scan_folder(folder: str | os.PathLike, *, repeats: int = 1, trigger_word: st
 
     Raises:
         DatasetError: ``folder`` is missing or not a folder, holds no supported media (the message
-            lists the extensions), or every media file has a problem (the message lists them).
-        ValueError: ``repeats`` < 1.
+            lists the extensions), every media file has a problem (the message lists them), or ``max_problems``
+            problems were found before the last file (the message lists them and counts the files not checked).
+        ValueError: ``repeats`` < 1, or ``max_problems`` < 1.
     """
     folder = Path(folder)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an integer ≥ 1, got {repeats!r}")
+    if max_problems is not None and max_problems < 1:
+        raise ValueError(f"max_problems must be ≥ 1 or None, got {max_problems!r}")
     if not folder.exists():
         raise DatasetError(f"dataset folder not found: {folder}")
     if not folder.is_dir():
@@ -279,7 +398,9 @@ def scan_folder(folder: str | os.PathLike, *, repeats: int = 1, trigger_word: st
 
     items: list[DatasetItem] = []
     problems: list[DatasetProblem] = []
-    for path in media:
+    for index, path in enumerate(media):
+        if max_problems is not None and len(problems) >= max_problems:
+            raise _stopped_scan(folder, problems, media[index:], caption_ext)
         caption_path = path.with_suffix(caption_ext)
         caption = None
         if caption_path.is_file():
@@ -322,6 +443,15 @@ def scan_folder(folder: str | os.PathLike, *, repeats: int = 1, trigger_word: st
         listed = "\n".join(f"  - {problem}" for problem in problems) or "  (all uncaptioned and skipped)"
         raise DatasetError(f"no usable training files in {folder}; fix these and scan again:\n{listed}")
     return Dataset(items=items, problems=problems, trigger_word=trigger_word.strip())
+
+
+def _stopped_scan(folder: Path, problems: list[DatasetProblem], unchecked: list[Path],
+                  caption_ext: str) -> DatasetError:
+    uncaptioned = sum(not p.with_suffix(caption_ext).is_file() for p in unchecked)
+    listed = "\n".join(f"  - {problem}" for problem in problems)
+    return DatasetError(f"stopped scanning {folder} after {len(problems)} problems; {len(unchecked)} more media "
+                        f"files were not checked ({uncaptioned} of them have no {caption_ext} caption). Check that "
+                        f"this is the dataset folder, fix these files and scan again:\n{listed}")
 
 
 def _tensor_digest(pixels: Tensor) -> str:

@@ -1,3 +1,6 @@
+"""Attention dispatch: dense attention against the softmax formula, backend checks and fallbacks, block-sparse
+attention; every attention of the tiny Kandinsky 5 and LTX-2 DiTs goes through the dispatch."""
+
 import math
 import sys
 import types
@@ -18,6 +21,7 @@ from cinetune.core.attention import (
     check_backend,
     flex_block_mask,
 )
+from families import each_family
 
 
 def _manual_attention(q, k, v, allowed=None):
@@ -158,6 +162,38 @@ def test_cuda_only_backend_falls_back_to_sdpa_on_cpu(monkeypatch):
     with pytest.warns(RuntimeWarning, match="falls back to 'sdpa'.*CUDA"):
         out = attention(q, k, v, backend="sageattention")
     assert _rel_err(out, _manual_attention(q, k, v)) < 1e-5
+
+
+#: Attention calls of one forward of the tiny DiTs: K5 self-attention in its text block, self- and cross-attention
+#: in each of its 2 visual blocks; LTX-2 six attentions (video/audio self, text, audio↔video) in each of 2 blocks.
+DIT_ATTENTIONS = {"k5": 1 + 2 * 2, "ltx2": 6 * 2}
+
+
+@each_family
+def test_every_attention_of_the_family_dits_goes_through_the_dispatch(fam, no_kernels, monkeypatch):
+    model, inputs = fam.build(), fam.inputs()
+    with torch.no_grad():
+        expected = fam.run(model, inputs)
+        with pytest.raises(AttentionBackendError, match="Unknown attention backend 'xformers'"):
+            fam.run(model, inputs, "xformers")
+        with pytest.raises(AttentionBackendError, match="not installed.*pip install sageattention"):
+            fam.run(model, inputs, "sageattention")
+
+        # a stand-in kernel, allowed on the CPU: each attention of the model reaches it with the chosen backend
+        calls = []
+
+        def sageattn(q, k, v, tensor_layout, is_causal):
+            assert tensor_layout == "HND" and not is_causal
+            calls.append(q.shape)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        fake = types.ModuleType("sageattention")
+        fake.sageattn = sageattn
+        monkeypatch.setitem(sys.modules, "sageattention", fake)
+        monkeypatch.setattr(att, "_kernels", {})
+        monkeypatch.setattr(att, "_fallback_reason", lambda *args: None)
+        assert torch.equal(fam.run(model, inputs, "sageattention"), expected)
+    assert len(calls) == DIT_ATTENTIONS[fam.id]
 
 
 # ------------------------------------------------------------------------------------------ block-sparse attention

@@ -207,12 +207,56 @@ def test_load_cached_dataset_names_what_is_missing(built, models, tmp_path):
     assert "latent entries are missing" not in message
 
 
+def test_damaged_entries_are_reported_as_damaged_and_reencoded_exactly(built, models, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(built.cache, cache)
+    load = dict(encoder_id=models.encoder_id, vae_id=models.vae_id, i2v=True, **SETTINGS)
+    samples = {s.item_id: s for s in load_cached_dataset(built.ds, cache, **load)}
+    latent, text = samples["bbb.mp4"].latent_path, samples["chelsea.png"].text_path
+    latent.write_bytes(latent.read_bytes()[: latent.stat().st_size // 2])  # truncated
+    text.write_bytes(b"\x00" * 16)  # not safetensors any more
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in cache.rglob("*.safetensors") if p not in (latent, text)}
+    with pytest.raises(CacheError) as err:
+        load_cached_dataset(built.ds, cache, **load)
+    message = str(err.value)
+    assert "the cache is damaged" in message and "missing" not in message and "other inputs" not in message
+    assert f"1 latent entries in {cache / 'latents'} are damaged" in message and latent.name in message
+    assert "bbb.mp4" in message and f"1 text entries in {cache / 'text'} are damaged" in message
+    assert text.name in message and "'a ginger cat'" in message and "re-encodes exactly the damaged" in message
+
+    te, vae = Counting(models.encoder), Counting(models.vae)
+    text_report = cache_text(built.ds, te, cache, encoder_id=models.encoder_id)
+    latent_report = cache_latents(built.ds, vae, cache, vae_id=models.vae_id, i2v=True, **SETTINGS)
+    assert te.calls == [("a ginger cat", "image")] and (text_report.written, text_report.skipped) == (1, 4)
+    assert (latent_report.written, latent_report.skipped) == (1, 2) and len(vae.calls) == 3  # clip, first, last
+    assert all(p.stat().st_mtime_ns == mtime and p.read_bytes() == data for p, (mtime, data) in before.items())
+    assert [s.item_id for s in load_cached_dataset(built.ds, cache, **load)] == ["astronaut.png", "bbb.mp4",
+                                                                                 "chelsea.png"]
+    assert set(text_report.entries) == set(entries(cache / "text"))
+    assert set(latent_report.entries) == set(entries(cache / "latents")) and latent in latent_report.entries
+
+
+def test_damaged_and_missing_entries_are_told_apart(built, models, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(built.cache, cache)
+    samples = load_cached_dataset(built.ds, cache, encoder_id=models.encoder_id, vae_id=models.vae_id, i2v=True,
+                                  **SETTINGS)
+    samples[0].latent_path.write_bytes(samples[0].latent_path.read_bytes()[:-10])
+    samples[1].latent_path.unlink()
+    with pytest.raises(CacheError) as err:
+        load_cached_dataset(built.ds, cache, encoder_id=models.encoder_id, vae_id=models.vae_id, i2v=True,
+                            **SETTINGS)
+    message = str(err.value)
+    assert "the cache is incomplete" in message and "1 latent entries in" in message and "are damaged" in message
+    assert "1 latent entries are missing" in message and "(0 files there are for other" in message
+
+
 def test_read_functions_reject_missing_and_damaged_files(built, models, tmp_path):
     sample = load_cached_dataset(built.ds, built.cache, encoder_id=models.encoder_id, vae_id=models.vae_id,
                                  i2v=True, **SETTINGS)[0]
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(sample.latent_path.read_bytes()[:-10])
-    with pytest.raises(CacheError, match="truncated.*latent cacher"):
+    with pytest.raises(CacheError, match="truncated.*damaged: run the latent cacher again"):
         read_latent(replace(sample, latent_path=cut))
     with pytest.raises(CacheError, match="not found.*text cacher"):
         read_text(tmp_path / "nothing.safetensors")

@@ -1,5 +1,6 @@
 """Model-file I/O: headers, the tensor-by-tensor reader (every dtype, errors, subsets, shards, conversion policy),
-every fp8 checkpoint layout on tiny files with the tools' key names, atomic writes, the checkpoint-kind registry."""
+every fp8 checkpoint layout on tiny files with the tools' key names, atomic writes, the checkpoint-kind registry;
+the shared weight loader (core.weights) on the tiny Kandinsky 5 and LTX-2 files."""
 
 import json
 import os
@@ -24,7 +25,9 @@ from cinetune.core.checkpoint import (
     strip_prefix,
 )
 from cinetune.core.offload import host_tensors
-from cinetune.core.quant import dequantize_fp8, quantize_fp8
+from cinetune.core.quant import FP8Linear, dequantize_fp8, quantize_fp8
+from cinetune.core.weights import load_weights
+from families import each_family
 
 
 def _tensors():
@@ -267,6 +270,40 @@ def test_policy_casts_quantises_and_keeps(tmp_path):
     assert all(kept[k].dtype == v.dtype and torch.equal(kept[k], v) for k, v in tensors.items())
     with pytest.raises(ValueError, match="fp8 quantisation is for '<layer>.weight' tensors"):
         ckpt.load(["lin.bias"], dtype=torch.float8_e4m3fn)
+
+
+@pytest.mark.parametrize("weight_dtype", ["default", "fp32", "fp8_e4m3fn"])
+@each_family
+def test_load_weights_from_each_family_tiny_file(tiny_file, fam, weight_dtype):
+    """core.weights on a family's tiny file (K5: official layout, fp32 modulations and bf16 elsewhere; LTX-2: the
+    combined file's DiT, bf16): stored dtypes kept, cast, or the layers the family's keep rule does not keep
+    quantised; one host buffer per block; a frozen eval model that runs."""
+    ckpt = fam.select(open_checkpoint(tiny_file(fam)))
+    with torch.device("meta"):
+        model = fam.new()
+    names = list(model.state_dict())
+    load_weights(model, ckpt, names, weight_dtype=weight_dtype, keep=fam.keep,
+                 block_prefixes=fam.block_prefixes(model))
+    stored = ckpt.load(names)
+    assert {v.dtype for v in stored.values()} == ({torch.float32, torch.bfloat16} if fam.id == "k5"
+                                                  else {torch.bfloat16})
+    fp8 = {n for n, m in model.named_modules() if isinstance(m, FP8Linear)}
+    assert sorted(fp8) == (sorted(fam.fp8_paths(model)) if weight_dtype == "fp8_e4m3fn" else [])
+    got = model.state_dict()
+    for name in names:
+        layer = name[: -len(".weight")]
+        if layer in fp8 and name.endswith(".weight"):
+            q, scale = quantize_fp8(stored[name])
+            assert torch.equal(_bits(got[name]), _bits(q)) and torch.equal(got[f"{layer}.scale_weight"], scale), name
+        elif weight_dtype == "fp32":
+            assert got[name].dtype == torch.float32 and torch.equal(got[name], stored[name].float()), name
+        else:
+            assert got[name].dtype == stored[name].dtype and torch.equal(got[name], stored[name]), name
+    for block in fam.blocks(model):
+        assert len({t.untyped_storage().data_ptr() for t in block.state_dict().values()}) == 1
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        assert torch.isfinite(fam.run(model, fam.inputs())).all()
 
 
 def test_allocate_puts_tensors_where_the_caller_wants(tmp_path):

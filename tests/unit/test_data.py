@@ -18,19 +18,23 @@ from cinetune.core.family import LatentFormat
 from cinetune.core.media import MediaError, read_video, write_video
 from cinetune.k5.family import K5_LATENT_FORMAT
 from cinetune.training.data import (
+    DATASET_ROOTS_ENV,
     Bucket,
     Dataset,
     DatasetError,
+    DatasetLocationError,
     FrameSpec,
     NoBucketError,
     TooShortError,
     assign_bucket,
     dataset_fingerprint,
+    dataset_roots,
     frame_indices,
     from_tensors,
     load_clip,
     make_buckets,
     plan_clips,
+    resolve_dataset_folder,
     scan_folder,
 )
 
@@ -154,6 +158,96 @@ def test_empty_and_unusable_folders_raise(tmp_path, test_data):
         scan_folder(tmp_path)
     with pytest.raises(DatasetError, match="not found"):
         scan_folder(tmp_path / "missing")
+
+
+def test_scan_stops_after_max_problems_and_counts_the_rest(tmp_path, test_data, monkeypatch):
+    import cinetune.training.data as data
+
+    for i in range(12):  # 12 photos without captions, then 3 captioned ones
+        shutil.copy(test_data["coffee"], tmp_path / f"a{i:02d}.png")
+    for i in range(3):
+        shutil.copy(test_data["coffee"], tmp_path / f"b{i}.png")
+        (tmp_path / f"b{i}.txt").write_text("a cup")
+    opened = []
+    real = data._image_size
+    monkeypatch.setattr(data, "_image_size", lambda path, verify: opened.append(path.name) or real(path, verify))
+    with pytest.raises(DatasetError) as info:
+        scan_folder(tmp_path, max_problems=5)
+    message = str(info.value)
+    assert "after 5 problems" in message and "10 more media files were not checked (7 of them have no .txt" in message
+    assert message.count(".png: caption file") == 5 and "a04.png" in message and "a05.png" not in message
+    assert opened == []  # nothing was decoded: the five problems are missing captions
+    with pytest.raises(DatasetError, match="after 12 problems; 3 more"):  # the 12th problem comes with files left
+        scan_folder(tmp_path, max_problems=12)
+    assert len(scan_folder(tmp_path, max_problems=13).problems) == 12
+    assert len(scan_folder(tmp_path, max_problems=None).problems) == 12
+    with pytest.raises(ValueError, match="max_problems"):
+        scan_folder(tmp_path, max_problems=0)
+
+
+def test_scan_stops_at_the_default_bound(tmp_path):
+    for i in range(60):
+        (tmp_path / f"clip{i:02d}.mp4").write_bytes(b"not a video")
+        (tmp_path / f"clip{i:02d}.txt").write_text("x")
+    with pytest.raises(DatasetError, match=r"after 50 problems; 10 more media files were not checked \(0 of them"):
+        scan_folder(tmp_path)
+
+
+@pytest.fixture
+def places(tmp_path):
+    """An input folder with a dataset, a dataset root with one, and a folder outside both."""
+    for name in ("input/mine", "roots/one/shared", "elsewhere/secret", "input/other"):
+        (tmp_path / name).mkdir(parents=True)
+    return tmp_path
+
+
+def test_relative_dataset_folders_stay_inside_the_input_folder(places):
+    inp = places / "input"
+    assert resolve_dataset_folder(" mine ", input_dir=inp, roots=[]) == inp / "mine"
+    assert resolve_dataset_folder("other/../mine", input_dir=inp, roots=[]) == inp / "mine"
+    for escaping in ("..", "../elsewhere/secret", "mine/../../elsewhere"):
+        with pytest.raises(DatasetLocationError, match="leaves ComfyUI's input folder"):
+            resolve_dataset_folder(escaping, input_dir=inp, roots=[places / "roots"])
+    with pytest.raises(DatasetError, match="not found"):
+        resolve_dataset_folder("missing", input_dir=inp, roots=[])
+    for bad in ("", "   ", "mine\x00", "mi\nne"):
+        with pytest.raises(DatasetLocationError):
+            resolve_dataset_folder(bad, input_dir=inp, roots=[])
+
+
+def test_absolute_dataset_folders_only_under_the_input_folder_or_a_root(places):
+    inp, root = places / "input", places / "roots" / "one"
+    assert resolve_dataset_folder(str(inp / "mine"), input_dir=inp, roots=[]) == inp / "mine"
+    assert resolve_dataset_folder(str(root / "shared"), input_dir=inp, roots=[root]) == root / "shared"
+    assert resolve_dataset_folder(str(root), input_dir=inp, roots=[root]) == root
+    for outside in ("/", str(places / "elsewhere" / "secret"), str(root / ".." / ".." / "elsewhere"),
+                    str(places / "roots")):
+        with pytest.raises(DatasetLocationError) as info:
+            resolve_dataset_folder(outside, input_dir=inp, roots=[root])
+        assert DATASET_ROOTS_ENV in str(info.value) and str(root) in str(info.value)
+    with pytest.raises(DatasetLocationError, match="dataset roots \\(none\\)"):
+        resolve_dataset_folder(str(root), input_dir=inp, roots=[])
+
+
+def test_a_link_placed_in_a_root_is_followed(places):
+    inp = places / "input"
+    os.symlink(places / "elsewhere" / "secret", inp / "linked")
+    assert resolve_dataset_folder("linked", input_dir=inp, roots=[]) == inp / "linked"
+
+
+def test_dataset_roots_come_from_the_environment(places, monkeypatch):
+    inp, root = places / "input", places / "roots" / "one"
+    monkeypatch.setenv(DATASET_ROOTS_ENV, f"{os.pathsep}{root}{os.pathsep} {places / 'roots'} ")
+    assert dataset_roots() == [root, places / "roots"]
+    assert resolve_dataset_folder(str(root / "shared"), input_dir=inp) == root / "shared"
+    monkeypatch.setenv(DATASET_ROOTS_ENV, "relative/folder")
+    with pytest.raises(DatasetLocationError, match=f"{DATASET_ROOTS_ENV} lists 'relative/folder'"):
+        resolve_dataset_folder(str(root / "shared"), input_dir=inp)
+    monkeypatch.delenv(DATASET_ROOTS_ENV)
+    assert dataset_roots() == []
+    with pytest.raises(DatasetLocationError):
+        resolve_dataset_folder(str(root / "shared"), input_dir=inp)
+    assert dataset_roots({DATASET_ROOTS_ENV: str(root)}) == [root]
 
 
 # ------------------------------------------------------------------------------------------- frames

@@ -3,7 +3,7 @@
 - Block formulas against the CPU allocator on real K5 blocks (two widths, fp32/bf16, with/without LoRA).
 - Whole-step estimates against the measured peak (``core.memory.measure_cpu_peak``) of the real sampler
   (``k5.pipeline.sample``, one step in ``inference_mode``) and of a LoRA training step written as
-  ``training/trainer.py`` runs it (``inject_lora``, AdamW, ``gradient_checkpointing``, ``flow_matching_loss``,
+  ``training/trainer.py`` runs it (``inject_lora``, AdamW, ``gradient_checkpointing``, ``k5/train.py``'s ``flow_matching_loss``,
   clipping, optimizer step) for the tiny and a medium DiT, fp32 and bf16, two token counts, with and without block
   swap on CPU (where the swapped blocks' masters live in the same memory: measured = ``total + host_bytes``).
   Tolerance 15 %.
@@ -44,7 +44,8 @@ from cinetune.k5.pipeline import SizeError, latent_shape, sample
 from cinetune.k5.tiny import TINY_DIT_DIMS
 from cinetune.k5.vae import SCALING_FACTOR
 from cinetune.training.schedules import make_optimizer
-from cinetune.training.trainer import flow_matching_loss, gradient_checkpointing
+from cinetune.k5.train import K5_TRAINING, flow_matching_loss
+from cinetune.training.trainer import gradient_checkpointing
 
 TOLERANCE = 0.15
 TINY = K5Config(**TINY_DIT_DIMS)
@@ -251,7 +252,7 @@ def measure_training(config, dtype, size, *, swap=0, rank=8, fp8=False) -> tuple
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        with gradient_checkpointing(model, True):
+        with gradient_checkpointing(K5_TRAINING.blocks(model), True):
             step()  # the optimizer state exists from the first step on
             state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
             buffers = [*bs._slots, *(b.master for b in bs._swapped.values())]

@@ -90,7 +90,38 @@ def test_prompt_longer_than_256_tokens_keeps_256(qwen_tok):
     assert ids[crop:] == _prompt_tokens(qwen_tok, prompt)[:256]
 
 
-def test_crop_is_found_in_an_edited_template(qwen_tok):
+def _official_kept_ids(tok, prompt, name):
+    """The official crop (kandinsky-5 text_embedders.py): the whole text tokenized with truncation at
+    ``crop_start + 256`` tokens, then ``[crop_start:]`` at the fixed ``crop_start`` of the template."""
+    crop_start = CROP_START[name]
+    full = tok(TEMPLATES[name].format(prompt), add_special_tokens=False, truncation=True,
+               max_length=crop_start + MAX_PROMPT_TOKENS)["input_ids"]
+    return list(full[crop_start:])
+
+
+@pytest.mark.parametrize("name", list(TEMPLATES))
+@pytest.mark.parametrize("prompt", [
+    "a cat", "", "\n", "\n\n", "\na cat", "\n\na cat", " \na cat", "\t\na cat", "\r\na cat", "\r\n\r\na cat",
+    "\ra cat", " a cat", "  a cat", "\ta cat", "\u3000a cat", "a cat\n", "\n" + " ".join(["lighthouse"] * 300),
+])
+def test_kept_tokens_equal_the_official_crop_for_every_prompt(qwen_tok, name, prompt):
+    ids, crop = qwen_prompt_ids(qwen_tok, prompt, TEMPLATES[name])
+    assert crop == CROP_START[name]
+    assert ids[crop:] == _official_kept_ids(qwen_tok, prompt, name)
+
+
+def test_a_leading_newline_merges_with_the_template_and_is_cut_as_officially(qwen_tok):
+    im_end = qwen_tok.convert_tokens_to_ids(IM_END)
+    for prompt in ("\na dog runs", " \na dog runs", "\n\na dog runs"):
+        ids, crop = qwen_prompt_ids(qwen_tok, prompt, TEMPLATES["video"])
+        leading = prompt[: len(prompt) - len(prompt.lstrip())]
+        assert qwen_tok.decode(ids[crop - 1: crop]) == "\n" + leading  # one token: template newline + prompt's
+        assert ids[crop:] == _prompt_tokens(qwen_tok, "a dog runs") + [im_end]
+    ids, crop = qwen_prompt_ids(qwen_tok, "\r\na dog runs", TEMPLATES["video"])  # no merge: "\r\n" is kept
+    assert ids[crop:] == _prompt_tokens(qwen_tok, "\r\na dog runs") + [im_end]
+
+
+def test_crop_follows_an_edited_template(qwen_tok):
     fixed = TEMPLATES["video"].replace("promt", "prompt").replace("scren", "screen")
     ids, crop = qwen_prompt_ids(qwen_tok, "a dog runs", fixed)
     # k5.md §5: fixing both typos removes one token each.
@@ -98,11 +129,11 @@ def test_crop_is_found_in_an_edited_template(qwen_tok):
     assert ids[crop:] == _prompt_tokens(qwen_tok, "a dog runs") + [qwen_tok.convert_tokens_to_ids(IM_END)]
 
 
-def test_template_without_user_turn_or_placeholder_raises(qwen_tok):
-    with pytest.raises(ValueError, match="user"):
-        qwen_prompt_ids(qwen_tok, "x", "<|im_start|>system\nhi<|im_end|>\n{}")
+def test_template_without_placeholder_raises(qwen_tok):
     with pytest.raises(ValueError, match=r"\{\}"):
         qwen_prompt_ids(qwen_tok, "x", "<|im_start|>user\nno placeholder")
+    with pytest.raises(ValueError, match=r"\{\}"):
+        qwen_prompt_ids(qwen_tok, "x", "<|im_start|>user\n{}{}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

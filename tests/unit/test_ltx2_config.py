@@ -94,7 +94,7 @@ TINY_DIT_KEYS = {  # the DiT tensors from_shapes reads, for the tiny config, wit
     "model.diffusion_model.transformer_blocks.0.attn2.to_k.weight": (32, 32),
     "model.diffusion_model.transformer_blocks.1.attn2.to_k.weight": (32, 32),
     "model.diffusion_model.transformer_blocks.0.audio_attn2.to_k.weight": (16, 16),
-    "model.diffusion_model.video_embeddings_connector.learnable_registers": (8, 24),
+    "model.diffusion_model.video_embeddings_connector.learnable_registers": (128, 24),
     "vae.decoder.conv_in.conv.weight": (64, 128, 3, 3, 3),
 }
 
@@ -240,8 +240,7 @@ def test_nvfp4_files_are_refused():
 def test_from_shapes_of_the_tiny_layout():
     expected = LTX2TransformerConfig.from_metadata(tiny_transformer_metadata())
     cfg = LTX2TransformerConfig.from_shapes(TINY_DIT_KEYS, attention_head_dim=16, audio_attention_head_dim=8,
-                                            connector_num_attention_heads=2, connector_attention_head_dim=12,
-                                            connector_num_learnable_registers=8)
+                                            connector_num_attention_heads=2, connector_attention_head_dim=12)
     assert cfg == expected
 
 

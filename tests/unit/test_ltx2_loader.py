@@ -565,3 +565,17 @@ def test_truncated_file(tmp_path, combined, tiny_gemma):
             load(cut)
     with pytest.raises(CheckpointError, match="not found"):
         load_ltx2_dit(tmp_path / "missing.safetensors")
+
+
+def test_tiny_default_sound_follows_the_audio_latent(combined):
+    """The embedded tiny model must make audio bugs visible: its waveform has to depend on the latent it decodes."""
+    from cinetune.ltx2.audio import decode_audio
+
+    vaes = load_ltx2_vae(combined, combined)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 8, 9, 16, generator=g), torch.randn(1, 8, 9, 16, generator=g)
+    with torch.no_grad():
+        wave_a, rate = decode_audio(a, vaes.audio, vaes.vocoder)
+        wave_b, _ = decode_audio(b, vaes.audio, vaes.vocoder)
+    assert rate == 24000 and wave_a.shape == (1, 2, (4 * 9 - 3) * 240)
+    assert (wave_a - wave_b).abs().mean() > 0.1 * wave_a.std()

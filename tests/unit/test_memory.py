@@ -1,7 +1,10 @@
 """Memory estimate: weight/LoRA/optimizer arithmetic, and the estimate against the CPU allocator's measured peak for
-a tiny and a medium block stack, inference and training (tolerance 15 %, method: core.memory.measure_cpu_peak)."""
+a tiny and a medium block stack, inference and training (tolerance 15 %, method: core.memory.measure_cpu_peak);
+the description of the tiny Kandinsky 5 and LTX-2 DiTs against their real fp8, LoRA and block-swap bytes."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -18,8 +21,10 @@ from cinetune.core.memory import (
     measure_cpu_peak,
     transformer_block_activations,
 )
-from cinetune.core.offload import BlockSwap
-from cinetune.core.quant import FP8Linear
+from cinetune.core.lora import inject_lora
+from cinetune.core.offload import ALIGN_BYTES, BlockSwap
+from cinetune.core.quant import FP8Linear, quantize_linear_weights_fp8
+from families import each_family
 
 TOLERANCE = 0.15
 
@@ -217,6 +222,49 @@ def test_describe_module_and_weight_terms():
     sw = estimate_peak_memory(desc, acts, tokens=10, blocks_to_swap=1)
     assert sw.swap_ring == sw.host_bytes == b1.tensor_bytes
     assert sw.resident_weights == desc.other_bytes + b0.tensor_bytes
+
+
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@each_family
+def test_describe_module_on_the_family_dits_matches_fp8_lora_and_swap_bytes(fam):
+    model = fam.build()
+    blocks = fam.blocks(model)
+    desc = describe_module(model, blocks)
+    assert len(desc.blocks) == len(blocks)
+    for info, block, prefix in zip(desc.blocks, blocks, fam.block_prefixes(model)):
+        assert info.tensor_bytes == _bytes([*block.parameters(), *block.buffers()])
+        assert [lin.name for lin in info.linears] == [prefix + n for n, m in block.named_modules()
+                                                      if isinstance(m, nn.Linear)]
+    everything = [*model.parameters(), *model.buffers()]
+    assert desc.other_bytes + sum(b.tensor_bytes for b in desc.blocks) == _bytes(everything)
+    acts = BlockActivations(hidden=32, forward=100, saved=50, backward=20)
+
+    # fp8 with the family's keep rule: the weights of the model quantised with the same rule
+    est8 = estimate_peak_memory(desc, acts, tokens=10, weight_dtype="fp8", fp8_keep=fam.keep)
+    quantised = copy.deepcopy(model)
+    assert quantize_linear_weights_fp8(quantised, keep=fam.keep) > 0
+    assert est8.resident_weights == _bytes([*quantised.parameters(), *quantised.buffers()])
+
+    # LoRA on the family's targets: the adapters inject_lora makes, their gradients and AdamW's two moments
+    est = estimate_peak_memory(desc, acts, tokens=10, training=True, lora_rank=4, lora_dtype="fp32",
+                               lora_targets=fam.family.lora_targets, optimizer="adamw")
+    modules = inject_lora(copy.deepcopy(model), rank=4, alpha=4, targets=fam.family.lora_targets,
+                          within=fam.family.lora_within)
+    lora_bytes = _bytes(p for m in modules.values() for p in (m.lora_down, m.lora_up))
+    assert est.lora == est.gradients == lora_bytes and est.optimizer_state == 2 * lora_bytes
+
+    # block swap of all but the first block: the masters BlockSwap packs (each tensor 256-byte aligned)
+    k = len(blocks) - 1
+    est_swap = estimate_peak_memory(desc, acts, tokens=10, blocks_to_swap=k, ring_size=1)
+    assert est_swap.resident_weights == desc.other_bytes + desc.blocks[0].tensor_bytes
+    swap = BlockSwap(blocks, k, device="cpu", ring_size=1)
+    packed = sum(len([*b.parameters(), *b.buffers()]) for b in blocks[1:])
+    assert est_swap.host_bytes <= swap.host_bytes <= est_swap.host_bytes + ALIGN_BYTES * packed
+    assert est_swap.swap_ring <= swap.ring_bytes <= est_swap.swap_ring + ALIGN_BYTES * packed
+    swap.close()
 
 
 def test_lora_optimizer_and_training_activations():

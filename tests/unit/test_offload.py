@@ -1,12 +1,12 @@
 """Block swap on CPU: schedule order, slot residency, numerics with and without swap, checkpointing, fallbacks,
-mixed dtypes, teardown. The adversarial transfer backend below delivers bytes only when the schedule waits for them
+mixed dtypes, teardown; on the tiny Kandinsky 5 and LTX-2 DiTs: inference, LoRA training, and loading straight into
+the swap's host layout. The adversarial transfer backend below delivers bytes only when the schedule waits for them
 and poisons a slot the moment it is released, so any schedule error shows up as NaN or a mismatch."""
 
 from __future__ import annotations
 
 import copy
 import gc
-import math
 import weakref
 
 import pytest
@@ -22,9 +22,12 @@ from cinetune.core.offload import (
     SyncTransfer,
     Transfer,
     default_transfer,
+    model_on_device,
     split_blocks_to_swap,
 )
+from cinetune.core.lora import inject_lora
 from cinetune.core.quant import CastLinear, FP8Linear
+from families import each_family
 
 D = 16
 
@@ -447,26 +450,74 @@ def test_split_blocks_to_swap_musubi():
         split_blocks_to_swap(2, 32, 32)
 
 
-def test_tiny_kandinsky5_dit_with_swap():
-    dit_mod = pytest.importorskip("cinetune.k5.dit")
-    from cinetune.k5.config import K5Config
-
-    cfg = K5Config(model_dim=64, ff_dim=128, time_dim=32, num_text_blocks=2, num_visual_blocks=3,
-                   axes_dims=(8, 12, 12), in_text_dim=48, in_text_dim2=24)
-    torch.manual_seed(0)
-    model = dit_mod.Kandinsky5DiT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape) / math.sqrt(p.shape[-1] if p.ndim > 1 else 16))
+@each_family
+def test_tiny_dit_inference_with_swap(fam):
+    """Every block streamed through a ring one slot smaller than the block count: bit-identical outputs, each block
+    in a slot with the right values at its compute, never more blocks in the ring than slots, blocks loaded in
+    execution order."""
+    model = fam.build()
     reference = copy.deepcopy(model)
-    x, text, pooled = torch.randn(1, 33, 2, 4, 4), torch.randn(1, 5, 48), torch.randn(1, 24)
-    blocks = [*model.text_transformer_blocks, *model.visual_transformer_blocks]
-    tr = PoisonTransfer()
-    swap = BlockSwap(blocks, 5, device="cpu", transfer=tr)
+    blocks = fam.blocks(model)
+    n = len(blocks)
+    inputs = [fam.inputs(seed) for seed in (1, 2)]
     with torch.no_grad():
-        for t in (500.0, 250.0):
-            assert torch.equal(model(x, text, pooled, t), reference(x, text, pooled, t))
-    assert tr.copies()[:5] == [0, 1, 2, 3, 4]
+        expected = [fam.run(reference, inp) for inp in inputs]
+    tr = PoisonTransfer()
+    swap = BlockSwap(blocks, n, device="cpu", transfer=tr, ring_size=n - 1)
+    assert swap.swapped == tuple(range(n)) and swap.num_slots == n - 1
+    log: list[int] = []
+    install_checker(blocks, fam.blocks(reference), swap, tr, log)
+    with torch.no_grad():
+        for inp, exp in zip(inputs, expected):
+            assert torch.equal(fam.run(model, inp), exp)
+    assert log == list(range(n)) * 2
+    assert tr.copies()[:n] == list(range(n))
+    swap.close()
+
+
+def _randomize_lora(modules, seed: int = 3) -> None:
+    """Trained-looking adapters: lora_up is zero after injection, which would leave every lora_down gradient 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in modules.values():
+            m.lora_up.copy_(torch.randn(m.lora_up.shape, generator=g) * 0.1)
+
+
+@each_family
+def test_tiny_dit_lora_training_with_swap_and_checkpointing(fam):
+    """LoRA on the family's targets, every block streamed through a ring one slot smaller than the block count:
+    losses and every adapter gradient bit-identical to the resident model; blocks run forward then recomputed in
+    reverse; without gradient checkpointing the swap refuses to train."""
+    model = fam.build()
+    modules = inject_lora(model, rank=4, alpha=4, targets=fam.family.lora_targets, within=fam.family.lora_within)
+    _randomize_lora(modules)
+    reference = copy.deepcopy(model)
+    blocks = fam.blocks(model)
+    n = len(blocks)
+    inputs = [fam.inputs(seed) for seed in (1, 2)]
+
+    def step(m, inp):
+        with fam.gradient_checkpointing(m):
+            loss = fam.run(m, inp).square().mean()
+            loss.backward()
+        return loss.detach()
+
+    ref_losses = [step(reference, inp) for inp in inputs]
+    tr = PoisonTransfer()
+    swap = BlockSwap(blocks, n, device="cpu", transfer=tr, ring_size=n - 1)
+    log: list[int] = []
+    install_checker(blocks, fam.blocks(reference), swap, tr, log)
+    losses = [step(model, inp) for inp in inputs]
+    assert all(torch.equal(a, b) for a, b in zip(losses, ref_losses))
+    ref_params = dict(reference.named_parameters())
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert sorted(grads) == sorted(f"{path}.lora_{h}" for path in modules for h in ("down", "up"))
+    for name, grad in grads.items():
+        assert grad is not None and grad.abs().sum() > 0, name
+        assert torch.equal(grad, ref_params[name].grad), name
+    assert log == (list(range(n)) + list(range(n - 1, -1, -1))) * 2
+    with pytest.raises(RuntimeError, match="without gradient checkpointing"):
+        fam.run(model, inputs[0])
     swap.close()
 
 
@@ -481,27 +532,20 @@ def _host_bytes(tensors) -> int:
 
 
 @pytest.mark.parametrize("weight_dtype", ["default", "fp8_e4m3fn"])
-def test_swapping_every_loaded_block_takes_the_loaded_buffers_over(tmp_path, monkeypatch, weight_dtype):
+@each_family
+def test_swapping_every_loaded_block_takes_the_loaded_buffers_over(tiny_file, monkeypatch, fam, weight_dtype):
     """The loader reads each block into one buffer of the master layout; attaching adopts it (registered in place
     when pinning) instead of copying, so host memory stays the model's size, not twice it."""
-    from cinetune.core.checkpoint import save_file_atomic
-    from cinetune.k5.config import K5Config
-    from cinetune.k5.dit import Kandinsky5DiT, load_k5_dit
-
-    cfg = K5Config(model_dim=64, ff_dim=128, time_dim=32, num_text_blocks=2, num_visual_blocks=3,
-                   axes_dims=(8, 12, 12), in_text_dim=48, in_text_dim2=24)
-    g = torch.Generator().manual_seed(0)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Kandinsky5DiT(cfg).state_dict().items()}
-    path = save_file_atomic({k: (torch.randn(s, generator=g) / 8).bfloat16() for k, s in shapes.items()},
-                            tmp_path / "k5.safetensors")
-    model = load_k5_dit(path, weight_dtype=weight_dtype).model
-    reference = load_k5_dit(path, weight_dtype=weight_dtype).model
+    path = tiny_file(fam)
+    model = fam.load(path, weight_dtype)
+    reference = fam.load(path, weight_dtype)
     tensors = [*model.parameters(), *model.buffers()]
     model_bytes = sum(t.numel() * t.element_size() for t in tensors)
     loaded_host = _host_bytes(tensors)
-    assert loaded_host < model_bytes * 1.1  # only the 256-byte alignment inside block buffers
-    blocks = [*model.text_transformer_blocks, *model.visual_transformer_blocks]
+    blocks = fam.blocks(model)
+    in_blocks = sum(len([*b.parameters(), *b.buffers()]) for b in blocks)
+    # only the 256-byte alignment of each tensor inside the block buffers
+    assert loaded_host <= model_bytes + offload.ALIGN_BYTES * in_blocks
     before = {id(t): t.data_ptr() for b in blocks for t in [*b.parameters(), *b.buffers()]}
     registered, unpinned = [], []
     monkeypatch.setattr(offload, "_register", lambda buf: registered.append(buf.data_ptr()) or buf)
@@ -511,9 +555,9 @@ def test_swapping_every_loaded_block_takes_the_loaded_buffers_over(tmp_path, mon
     assert {id(t): t.data_ptr() for b in blocks for t in [*b.parameters(), *b.buffers()]} == before  # no copy
     masters = [sb.master for sb in swap._swapped.values()]
     assert _host_bytes([*tensors, *masters]) == loaded_host  # not ~2× the model
-    x, text, pooled = torch.randn(1, 33, 2, 4, 4), torch.randn(1, 5, 48), torch.randn(1, 24)
+    inputs = fam.inputs()
     with torch.no_grad():
-        assert torch.equal(model(x, text, pooled, 500.0), reference(x, text, pooled, 500.0))
+        assert torch.equal(fam.run(model, inputs), fam.run(reference, inputs))
     swap.close()
     swap = BlockSwap(blocks, len(blocks), device="cpu", pin_memory=True)  # the kept masters are reused as they are
     assert swap.stats["masters_reused"] == len(blocks) and len(registered) == len(blocks)
@@ -549,23 +593,15 @@ def test_cuda_streams_match_resident_weights():
     swap.close(device="cuda")
 
 
-def test_model_on_device_streams_k5_blocks_and_restores():
-    from cinetune.core.offload import model_on_device
-    from cinetune.k5.config import K5Config
-    from cinetune.k5.dit import Kandinsky5DiT
-    from cinetune.k5.tiny import TINY_DIT_DIMS
-
-    torch.manual_seed(0)
-    model = Kandinsky5DiT(K5Config(**TINY_DIT_DIMS)).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    blocks = [*model.text_transformer_blocks, *model.visual_transformer_blocks]
-    x = torch.randn(1, 33, 2, 4, 4)
-    text, pooled, t = torch.randn(1, 5, TINY_DIT_DIMS["in_text_dim"]), torch.randn(1, TINY_DIT_DIMS["in_text_dim2"]), torch.tensor([500.0])
+@each_family
+def test_model_on_device_streams_the_blocks_and_restores(fam):
+    model = fam.build()
+    blocks = fam.blocks(model)
+    inputs = fam.inputs()
     with torch.inference_mode():
-        expected = model(x, text, pooled, t)
+        expected = fam.run(model, inputs)
         with model_on_device(model, blocks, "cpu", blocks_to_swap=len(blocks)) as swap:
-            got = model(x, text, pooled, t)
+            got = fam.run(model, inputs)
             assert swap.stats["copies"] >= len(blocks)
     assert torch.equal(got, expected)
     assert all(p.device.type == "cpu" for p in model.parameters())
@@ -574,14 +610,10 @@ def test_model_on_device_streams_k5_blocks_and_restores():
             pass
 
 
-def test_model_on_device_under_inference_mode_leaves_trainable_tensors():
-    from cinetune.core.offload import model_on_device
-    from cinetune.k5.config import K5Config
-    from cinetune.k5.dit import Kandinsky5DiT
-    from cinetune.k5.tiny import TINY_DIT_DIMS
-
-    model = Kandinsky5DiT(K5Config(**TINY_DIT_DIMS))
-    blocks = [*model.text_transformer_blocks, *model.visual_transformer_blocks]
+@each_family
+def test_model_on_device_under_inference_mode_leaves_trainable_tensors(fam):
+    model = fam.new()
+    blocks = fam.blocks(model)
     with torch.inference_mode(), model_on_device(model, blocks, "cpu", blocks_to_swap=2):
         pass
     assert not any(t.is_inference() for t in (*model.parameters(), *model.buffers()))
@@ -649,8 +681,6 @@ def test_refused_pinning_clears_the_cuda_error_it_leaves(monkeypatch):
 def test_swapped_model_is_left_on_the_cpu_whatever_the_offload_device(monkeypatch):
     # ComfyUI --highvram parks idle models on the GPU; a model that needed block swap must not be moved there whole.
     # Without a GPU the host's offload device is stood in for by "cpu:0" and the device given to close() is recorded.
-    from cinetune.core.offload import model_on_device
-
     closed_to: list[torch.device] = []
     close = BlockSwap.close
     monkeypatch.setattr(BlockSwap, "close", lambda self, device="cpu": closed_to.append(torch.device(device))

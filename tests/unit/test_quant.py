@@ -1,5 +1,6 @@
-"""Scaled fp8: block-wise and per-tensor scales, reading and writing pre-quantised Kandinsky 5 checkpoints
-(musubi-tuner and ComfyUI layouts), accuracy, LoRA merge into block-wise layers, bad files, device fallback."""
+"""Scaled fp8: block-wise and per-tensor scales, each family's keep rule on the tiny Kandinsky 5 and LTX-2 DiTs,
+reading and writing pre-quantised Kandinsky 5 checkpoints (musubi-tuner and ComfyUI layouts), accuracy, LoRA merge
+into block-wise layers, bad files, device fallback."""
 
 from __future__ import annotations
 
@@ -25,10 +26,12 @@ from cinetune.core.quant import (
 from cinetune.k5.config import K5Config
 from cinetune.k5.dit import Kandinsky5DiT, k5_fp8_keep_high_precision, load_k5_dit
 from cinetune.k5.tiny import TINY_DIT_DIMS, seeded_tensor
+from families import each_family
 
 CFG = K5Config(**TINY_DIT_DIMS)  # model_dim 64, ff_dim 128, time_dim 32: Linear inputs of 32, 64, 128 features
 # Relative L2 error of the tiny DiT's velocity with fp8 block weights vs float32, seed 0 (measured: per tensor 0.050,
-# block 64 0.038, block 16 0.032). e4m3 keeps 3 mantissa bits (≤ 2⁻⁴ per weight), averaged over a whole network.
+# block 64 0.038, block 16 0.032; tiny LTX-2 per tensor 0.016, half its blocks kept). e4m3 keeps 3 mantissa bits
+# (≤ 2⁻⁴ per weight), averaged over a whole network.
 FP8_OUTPUT_REL_ERROR_BOUND = 0.08
 
 
@@ -56,7 +59,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
 
 
 def musubi_keep(name: str) -> bool:
@@ -181,6 +185,68 @@ def test_requantize_keeps_the_block_layout():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The families' keep rules
+
+
+@each_family
+def test_family_keep_rule_quantises_exactly_the_layers_it_names(fam):
+    """Every Linear the rule does not keep becomes fp8 (K5: the attention and feed-forward layers of every block;
+    LTX-2: those of blocks 1–42, so block 0 of the tiny model stays high precision); every kept layer is untouched;
+    the velocity stays close to the float32 one."""
+    model = fam.build()
+    linears = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    inputs = fam.inputs()
+    with torch.no_grad():
+        expected = fam.run(model, inputs)
+    assert quantize_linear_weights_fp8(model, keep=fam.keep) == len(fam.fp8_paths(model))
+    quantised = fp8_layers(model)
+    assert sorted(quantised) == sorted(fam.fp8_paths(model))
+    kept = {n for n in linears if n not in quantised}
+    assert kept == {n for n in linears if fam.keep(n)} and kept  # the rule's own answer for every Linear
+    for name in kept:
+        layer = model.get_submodule(name)
+        assert not isinstance(layer, FP8Linear) and torch.equal(layer.weight, linears[name]), name
+    for name, layer in quantised.items():
+        q, scale = quantize_fp8(linears[name])
+        assert same_bits(layer.weight, q) and torch.equal(layer.scale_weight, scale), name
+    with torch.no_grad():
+        assert 0 < rel_err(fam.run(model, inputs), expected) < FP8_OUTPUT_REL_ERROR_BOUND
+
+
+@each_family
+def test_quantise_while_saving_equals_quantise_then_save(tmp_path, fam):
+    model = fam.build()
+    direct = save_fp8_checkpoint(model, tmp_path / "direct.safetensors", keep=fam.keep)
+    assert not fp8_layers(model)  # the model itself is not changed
+    quantised = copy.deepcopy(model)
+    quantize_linear_weights_fp8(quantised, keep=fam.keep, block_size=64)
+    two_step = save_fp8_checkpoint(quantised, tmp_path / "two_step.safetensors")
+    a, b = load_file(str(direct)), load_file(str(two_step))
+    assert a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
+    assert {k[: -len(".scale_weight")] for k in a if k.endswith(".scale_weight")} == set(fam.fp8_paths(model))
+
+
+@pytest.mark.parametrize("layout, block_size", [("musubi", 16), ("comfyui", None)])
+@each_family
+def test_fp8_file_written_here_loads_through_the_family_loader(tmp_path, fam, layout, block_size):
+    """A pre-quantised file of either layout, quantised with the family's keep rule: the family's loader keeps the
+    stored codes and scales of exactly those layers, and the model computes what the quantised model computes."""
+    writer = fam.build()
+    quantize_linear_weights_fp8(writer, keep=fam.keep, block_size=block_size)
+    path = save_fp8_checkpoint(writer, tmp_path / "fp8.safetensors", layout=layout, block_size=block_size,
+                               prefix=fam.dit_file_prefix, metadata=fam.dit_file_metadata)
+    loaded = fam.load(path, "default")
+    written, got = fp8_layers(writer), fp8_layers(loaded)
+    assert sorted(got) == sorted(written) == sorted(fam.fp8_paths(writer))
+    for name, layer in got.items():
+        assert same_bits(layer.weight, written[name].weight), name
+        assert torch.equal(layer.scale_weight, written[name].scale_weight), name
+    inputs = fam.inputs()
+    with torch.no_grad():  # in memory of the same alignment (see the round trip below)
+        assert torch.equal(fam.run(copy.deepcopy(loaded), inputs), fam.run(writer, inputs))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Round trips of the two pre-quantised formats
 
 
@@ -223,17 +289,6 @@ def test_round_trip_keeps_fp8_bits_scales_and_outputs(tmp_path, reference, layou
         # the same alignment the outputs are bit-identical.
         assert torch.equal(forward(copy.deepcopy(loaded.model)), expected)
         assert rel_err(forward(loaded.model), expected) < 1e-6
-
-
-def test_quantise_while_saving_equals_quantise_then_save(tmp_path, reference):
-    model = reference[0]
-    direct = save_fp8_checkpoint(model, tmp_path / "direct.safetensors", keep=k5_fp8_keep_high_precision)
-    assert not fp8_layers(model)  # the model itself is not changed
-    quantised = copy.deepcopy(model)
-    quantize_linear_weights_fp8(quantised, keep=k5_fp8_keep_high_precision, block_size=64)
-    two_step = save_fp8_checkpoint(quantised, tmp_path / "two_step.safetensors")
-    a, b = load_file(str(direct)), load_file(str(two_step))
-    assert a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
 
 
 def test_musubi_selection_with_per_tensor_fallback_and_bf16_scales(tmp_path, reference):

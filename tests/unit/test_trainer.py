@@ -1,5 +1,7 @@
 """LoRA training loop on a tiny Kandinsky 5 DiT (fp32, CPU): learning, exact resume, resume errors, optimizers and LR
-schedules, image-to-video and caption-dropout inputs, gradient checkpointing, saved files, cache adapter."""
+schedules, image-to-video and caption-dropout inputs, gradient checkpointing, saved files, cache adapter; and the
+training adapter contract, run on a tiny Kandinsky 5 and a tiny LTX-2 model alike: exact resume after an interrupt,
+gradient checkpointing and block swap give the same gradients, training under block swap and on fp8 weights."""
 
 from __future__ import annotations
 
@@ -13,22 +15,29 @@ import torch
 
 from cinetune.core.checkpoint import read_safetensors_header, save_file_atomic
 from cinetune.core.lora import LoRALinear, apply_lora_unmerged, inject_lora, load_lora, remove_lora
+from cinetune.core.offload import model_on_device
+from cinetune.core.quant import FP8Linear, quantize_linear_weights_fp8
 from cinetune.k5.config import K5Config
 from cinetune.k5.dit import Kandinsky5DiT, VisualBlock, load_k5_dit
 from cinetune.k5.family import K5_BLOCK_PREFIXES, K5_LORA_TARGETS
 from cinetune.k5.tiny import TINY_DIT_DIMS, write_tiny_dit
+from cinetune.k5.train import K5_TRAINING, K5Sample, flow_matching_loss
 from cinetune.k5.vae import SCALING_FACTOR
+from cinetune.ltx2.config import LTX2TransformerConfig, tiny_transformer_metadata
+from cinetune.ltx2.connectors import LTX2TextProjection, text_projection_config
+from cinetune.ltx2.dit import LTX2DiT
+from cinetune.ltx2.train import LTX2Sample, LTX2TrainingAdapter, ltx2_train_config
+from cinetune.training.adapter import training_adapter_for
 from cinetune.training.schedules import lr_multiplier
 from cinetune.training.trainer import (
-    MemorySample,
     ResumeError,
     TrainConfig,
     TrainingError,
     empty_texts_from_cache,
-    flow_matching_loss,
     gradient_checkpointing,
     list_checkpoints,
     plan_epoch,
+    sample_sigmas,
     samples_from_cache,
     train_lora,
 )
@@ -55,9 +64,9 @@ def load_dit(path: Path) -> Kandinsky5DiT:
 
 
 def sample(seed: int, T: int = 2, h: int = 4, w: int = 4, L: int = 3, *, item: str | None = None, repeats: int = 1,
-           first: bool = False, last: bool = False) -> MemorySample:
+           first: bool = False, last: bool = False) -> K5Sample:
     g = torch.Generator().manual_seed(seed)
-    return MemorySample(
+    return K5Sample(
         latent=torch.randn(16, T, h, w, generator=g), text=torch.randn(L, D, generator=g),
         pooled=torch.randn(D2, generator=g), bucket=(w * 8, h * 8), frames=4 * (T - 1) + 1,
         item_id=item or f"s{seed}", repeats=repeats,
@@ -335,7 +344,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(dit_file):
     def grads(checkpointed: bool) -> list[torch.Tensor]:
         model.zero_grad(set_to_none=True)
         calls.clear()
-        with gradient_checkpointing(model, checkpointed):
+        with gradient_checkpointing(K5_TRAINING.blocks(model), checkpointed):
             flow_matching_loss(model, x0, noise, torch.tensor([0.3, 0.9]), text, pooled, cond=zeros,
                                mask=zeros[:, :1]).backward()
         return [p.grad.clone() for m in modules.values() for p in (m.lora_down, m.lora_up)]
@@ -407,3 +416,207 @@ def test_cache_adapter_reads_cached_samples(dit_file, tmp_path):
     result = train_lora(load_dit(dit_file), [adapted], empties, config(i2v="first_last", caption_dropout=0.5),
                         tmp_path / "run")
     assert result.steps == 2 and read_safetensors_header(result.lora_path)[1]["cinetune.complete"] == "true"
+
+
+def test_saved_run_keeps_the_checkpoint_format(dit_file, tmp_path):
+    # A run started by an earlier version resumes: the run folder, state.pt and LoRA keys are unchanged.
+    result = train_lora(load_dit(dit_file), [sample(0)], None, config(max_steps=1), tmp_path / "run")
+    ckpt = result.checkpoint_dir
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints", "lora.safetensors", "run.json"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["lora.safetensors", "state.pt"]
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert sorted(state) == ["config", "dataset", "epoch", "fingerprint", "format", "generator", "losses",
+                             "optimizer", "order", "position", "rng", "scheduler", "step"]
+    assert state["format"] == 1 and sorted(state["fingerprint"]) == ["alpha", "layers", "model", "optimizer", "rank"]
+    assert sorted(state["rng"]) == ["numpy", "python", "torch"]
+    # the first release also wrote "targets" (then always the K5 list); it is left out while targets is None
+    assert sorted(state["config"]) == [
+        "alpha", "attention_backend", "batch_size", "betas", "caption_dropout", "compute_dtype", "epochs", "eps",
+        "flow_shift", "grad_accum", "gradient_checkpointing", "i2v", "i2v_prob", "keep_checkpoints", "learning_rate",
+        "lora_dtype", "lr_schedule", "max_grad_norm", "max_steps", "nabla", "optimizer", "rank", "rope_scale",
+        "save_dtype", "save_every", "seed", "sigmoid_scale", "timestep_sampling", "warmup_steps", "weight_decay"]
+    assert sorted(json.loads((tmp_path / "run" / "run.json").read_text())) == [
+        "batches_per_epoch", "config", "dataset_hash", "format", "max_steps", "metadata", "resumed_at_step",
+        "resumed_from", "samples", "steps_per_epoch"]
+    tensors, meta = read_safetensors_header(ckpt / "lora.safetensors")
+    path = "visual_transformer_blocks.0.self_attention.to_query"
+    assert {f"diffusion_model.{path}.{s}" for s in ("alpha", "lora_down.weight", "lora_up.weight")} <= set(tensors)
+    assert sorted(meta) == ["cinetune.complete", "cinetune.max_steps", "cinetune.steps", "cinetune.training",
+                            "modelspec.architecture", "ss_epoch", "ss_learning_rate", "ss_lr_scheduler",
+                            "ss_network_alpha", "ss_network_dim", "ss_optimizer", "ss_seed", "ss_steps", "trainer"]
+    assert config(targets=K5_LORA_TARGETS).to_dict()["targets"] == list(K5_LORA_TARGETS)
+
+
+def test_shifted_logit_normal_sigmas_follow_the_token_count():
+    for tokens in (256, 1024, 6144):
+        got = sample_sigmas("shifted_logit_normal", 5, flow_shift=1.0, tokens=tokens,
+                            generator=torch.Generator().manual_seed(3))
+        n = torch.randn(5, generator=torch.Generator().manual_seed(3))
+        mu = 0.95 + (2.05 - 0.95) * (tokens - 1024) / 3072  # ltx-trainer's line, not clamped
+        torch.testing.assert_close(got, torch.sigmoid(mu + n), rtol=0, atol=1e-6)
+    with pytest.raises(TrainingError, match="token count"):
+        sample_sigmas("shifted_logit_normal", 1, flow_shift=1.0, generator=torch.Generator())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The adapter contract: the same loop tests on a tiny Kandinsky 5 and a tiny LTX-2 model
+
+
+class K5Harness:
+    adapter = K5_TRAINING
+
+    def __init__(self, dit_file: Path) -> None:
+        self.dit_file = dit_file
+
+    def model(self):
+        return load_dit(self.dit_file)
+
+    def samples(self):
+        return [sample(1, first=True), sample(2, repeats=2), sample(3), sample(4, w=6), sample(5, w=6)]
+
+    def empty(self):
+        return torch.randn(2, D, generator=torch.Generator().manual_seed(9)), torch.zeros(D2)
+
+    def config(self, **kw) -> TrainConfig:
+        return config(**kw)
+
+
+class LTX2Harness:
+    def __init__(self) -> None:
+        meta = tiny_transformer_metadata()
+        self.dit_config = LTX2TransformerConfig.from_metadata(meta)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.projection = LTX2TextProjection(text_projection_config(meta, feature_dim=48)).requires_grad_(False)
+        self.adapter = LTX2TrainingAdapter(self.projection)
+        self.dim = self.projection.config.dim
+
+    def model(self):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            return LTX2DiT(self.dit_config)
+
+    def sample(self, seed: int, F: int = 2, H: int = 2, W: int = 3, **kw) -> LTX2Sample:
+        g = torch.Generator().manual_seed(seed)
+        mask = torch.arange(6) >= 6 - (2 + seed % 4)
+        return LTX2Sample(latent=torch.randn(128, F, H, W, generator=g), text=torch.randn(6, self.dim, generator=g),
+                          text_mask=mask, fps=24.0, bucket=(32 * W, 32 * H), frames=8 * (F - 1) + 1,
+                          item_id=f"s{seed}", audio=torch.randn(8, 3 * F, 16, generator=g), **kw)
+
+    def samples(self):
+        return [self.sample(1), self.sample(2, repeats=2), self.sample(3), self.sample(4, W=2), self.sample(5, W=2)]
+
+    def empty(self):
+        return torch.randn(6, self.dim, generator=torch.Generator().manual_seed(9)), torch.arange(6) >= 5
+
+    def config(self, **kw) -> TrainConfig:
+        return ltx2_train_config(**{"with_audio": True, "rank": 4, "alpha": 8.0, "learning_rate": 1e-3,
+                                    "max_steps": 2, "compute_dtype": "fp32", "lora_dtype": "fp32",
+                                    "save_dtype": "fp32", **kw})
+
+
+@pytest.fixture(params=["k5", "ltx2"])
+def harness(request, dit_file):
+    return K5Harness(dit_file) if request.param == "k5" else LTX2Harness()
+
+
+def test_contract_resume_is_exact_after_an_interrupt(harness, tmp_path):
+    samples, empty = harness.samples(), harness.empty()
+    # 2 groups: 4 + 2 samples -> 2 + 1 batches of <= 2; grad_accum 2 -> 2 steps per epoch; step 5 is mid-epoch 3
+    cfg = harness.config(max_steps=8, batch_size=2, grad_accum=2, lr_schedule="cosine", warmup_steps=1, i2v="first",
+                         i2v_prob=0.5, caption_dropout=0.3, save_every=3, keep_checkpoints=1, seed=5)
+    events = []
+    straight = train_lora(harness.model(), samples, empty, cfg, tmp_path / "a", adapter=harness.adapter,
+                          on_event=events.append)
+    with pytest.raises(Stop):
+        train_lora(harness.model(), samples, empty, cfg, tmp_path / "b", adapter=harness.adapter,
+                   check_interrupt=interrupt_at(6))
+    assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [5]  # interrupt checkpoint; step 3 pruned
+    part = load_lora(tmp_path / "b" / "lora.safetensors")
+    assert part.metadata["cinetune.steps"] == "5" and part.metadata["cinetune.complete"] == "false"
+    resumed = train_lora(harness.model(), samples, empty, cfg, tmp_path / "b", adapter=harness.adapter, resume=True)
+    assert resumed.steps == 8 and resumed.losses == straight.losses
+    for name in ("lora.safetensors", "checkpoints/step_000008/lora.safetensors"):
+        a, b = lora_tensors(tmp_path / "a" / name), lora_tensors(tmp_path / "b" / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[p][0], b[p][0]) and torch.equal(a[p][1], b[p][1]) for p in a), name
+    assert any(u.abs().sum() > 0 for _, u in lora_tensors(straight.lora_path).values())
+    # per-part losses sum to the step loss (LTX-2: video + audio)
+    for e in events:
+        assert not e.loss_terms or sum(e.loss_terms.values()) == pytest.approx(e.loss, rel=1e-6)
+
+
+def _lora_with_random_up(harness, model, cfg):
+    modules = inject_lora(model, rank=cfg.rank, alpha=cfg.alpha, targets=harness.adapter.lora_targets(cfg),
+                          within=harness.adapter.lora_within, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in modules.values():
+            m.lora_up.copy_(0.1 * torch.randn(m.lora_up.shape, generator=g))
+    return modules
+
+
+def _grads(harness, model, modules, cfg, checkpointed: bool) -> list[torch.Tensor]:
+    adapter = harness.adapter
+    samples = harness.samples()[:2]
+    batch = adapter.load_batch(model, samples, cfg)
+    model.zero_grad(set_to_none=True)
+    with adapter.running(model, cfg, torch.device("cpu")), gradient_checkpointing(adapter.blocks(model), checkpointed):
+        terms = adapter.loss(model, batch, torch.tensor([0.3, 0.9]), generator=torch.Generator().manual_seed(2),
+                             empty=None, config=cfg, device=torch.device("cpu"))
+        terms.total.backward()
+    return [p.grad.clone() for m in modules.values() for p in (m.lora_down, m.lora_up)]
+
+
+def test_contract_gradient_checkpointing_and_block_swap_give_the_same_gradients(harness):
+    model = harness.model().requires_grad_(False)  # as loaded: frozen weights, which block swap streams
+    cfg = harness.config(i2v="first", i2v_prob=1.0)
+    modules = _lora_with_random_up(harness, model, cfg)
+    blocks = harness.adapter.blocks(model)
+    calls = []
+    blocks[-1].register_forward_pre_hook(lambda *_: calls.append(1))
+    plain = _grads(harness, model, modules, cfg, False)
+    assert len(calls) == 1
+    checkpointed = _grads(harness, model, modules, cfg, True)
+    assert len(calls) == 3  # the block (with its hooks) ran again in backward
+    assert not any(type(b).__name__.startswith("Checkpointed") for b in blocks)  # restored
+    for p, c in zip(plain, checkpointed):
+        torch.testing.assert_close(c, p, rtol=0, atol=1e-6)
+    assert any(float(p.abs().sum()) > 0 for p in plain)
+    with model_on_device(model, blocks, "cpu", blocks_to_swap=len(blocks), ring_size=1) as swap:
+        swapped = _grads(harness, model, modules, cfg, True)
+        # every block loaded in forward and again in backward (the last one is still in the slot at the turn)
+        assert swap.stats["copies"] == 2 * len(blocks) - 1
+    assert all(torch.equal(s, c) for s, c in zip(swapped, checkpointed))
+
+
+def test_contract_training_under_block_swap_and_fp8_weights(harness, tmp_path):
+    samples, cfg = harness.samples()[:2], harness.config(max_steps=2)
+    plain = train_lora(harness.model().requires_grad_(False), samples, None, cfg, tmp_path / "plain",
+                       adapter=harness.adapter)
+    model = harness.model().requires_grad_(False)
+    blocks = harness.adapter.blocks(model)
+    with model_on_device(model, blocks, "cpu", blocks_to_swap=len(blocks), ring_size=1) as swap:
+        swapped = train_lora(model, samples, None, cfg, tmp_path / "swap", adapter=harness.adapter)
+        assert swap.stats["copies"] > 0
+    assert swapped.losses == plain.losses
+    a, b = lora_tensors(plain.lora_path), lora_tensors(swapped.lora_path)
+    assert all(torch.equal(a[p][0], b[p][0]) and torch.equal(a[p][1], b[p][1]) for p in a)
+
+    model = harness.model().requires_grad_(False)
+    assert quantize_linear_weights_fp8(model, keep=harness.adapter.fp8_keep) > 0
+    fp8 = train_lora(model, samples, None, cfg, tmp_path / "fp8", adapter=harness.adapter)
+    assert all(math.isfinite(x) for x in fp8.losses)
+    trained = lora_tensors(fp8.lora_path)
+    assert trained.keys() == a.keys() and any(float(u.abs().sum()) > 0 for _, u in trained.values())
+    assert any(isinstance(m, FP8Linear) for m in model.modules())
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_an_adapter_is_found_for_registered_families_only(dit_file, tmp_path):
+    ltx2 = LTX2Harness()
+    assert training_adapter_for(load_dit(dit_file)) is K5_TRAINING
+    with pytest.raises(TrainingError, match="No training adapter accepts a LTX2DiT.*adapter="):
+        train_lora(ltx2.model(), ltx2.samples(), None, ltx2.config(), tmp_path / "run")
+    with pytest.raises(TrainingError, match="lacks text_mask, fps"):
+        train_lora(ltx2.model(), [sample(0)], None, ltx2.config(), tmp_path / "run", adapter=ltx2.adapter)
