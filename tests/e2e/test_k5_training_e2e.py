@@ -60,7 +60,8 @@ def test_training_reports_every_step_over_the_websocket(trained, comfy_client):
     steps = [e["data"]["step"] for e in comfy_client.events if e.get("type") == "cinetune.train.progress"
              and e["data"]["run"] == "e2e_lora"]
     assert steps[:TINY_TRAINING["max_steps"]] == list(range(1, TINY_TRAINING["max_steps"] + 1))
-    event = next(e["data"] for e in comfy_client.events if e.get("type") == "cinetune.train.progress")
+    event = next(e["data"] for e in comfy_client.events if e.get("type") == "cinetune.train.progress"
+                 and e["data"]["run"] == "e2e_lora")
     assert event["node"] == "13" and event["max_steps"] == TINY_TRAINING["max_steps"]
     assert all(k in event for k in ("loss", "loss_ema", "lr", "steps_per_s", "eta_s"))
     statuses = [e["data"]["status"] for e in comfy_client.events if e.get("type") == "cinetune.train.status"
