@@ -113,3 +113,14 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, names: Sequence[str], *, we
     state = dict(ckpt.iter_load(names, dtype=policy, device=device, allocate=allocate))
     model.load_state_dict(state, strict=True, assign=True)
     model.eval().requires_grad_(False)
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model with these stored weights computes in: bf16 where the weights are bf16 or fp8, fp16 for
+    fp16-only weights, fp32 otherwise."""
+    dtypes = {p.dtype for p in model.parameters()}
+    if torch.float16 in dtypes and torch.bfloat16 not in dtypes:
+        return torch.float16
+    if dtypes & {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}:
+        return torch.bfloat16
+    return torch.float32

@@ -142,16 +142,6 @@ class SamplingRequest:
                                         rescale=self.rescale))
 
 
-def compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    """bf16 where the weights are half precision or fp8, fp16 for fp16-only weights, fp32 otherwise."""
-    dtypes = {p.dtype for p in model.parameters()}
-    if torch.float16 in dtypes and torch.bfloat16 not in dtypes:
-        return torch.float16
-    if dtypes & {torch.bfloat16, torch.float8_e4m3fn}:
-        return torch.bfloat16
-    return torch.float32
-
-
 def _stage_2_inputs(request: SamplingRequest, video_latent: Tensor | None, audio_latent: Tensor | None,
                     shape: tuple[int, ...], audio_steps: int) -> tuple[Tensor, Tensor | None]:
     """Clean tokens of stage 2 (the upsampled video latent and stage 1's audio latent), checked against the size."""

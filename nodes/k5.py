@@ -7,15 +7,16 @@ inputs at the end, with defaults.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from comfy_api.latest import io, ui
 
 from ..core.attention import BACKENDS, check_backend
-from ..core.lora import LoRAWeights, check_lora_fits, load_lora, loras_applied
+from ..core.lora import LoRAWeights, loras_applied
 from ..core.offload import model_on_device
+from ..core.weights import compute_dtype
 from ..k5.config import DEFAULT_NEGATIVE_PROMPT, VARIANTS, K5Config, K5Variant, resolve_variant
 from ..k5.dit import Kandinsky5DiT, load_k5_dit
 from ..k5.memory import estimate_k5_memory, format_k5_estimate, smallest_fitting_swap
@@ -26,6 +27,7 @@ from ..k5.vae import load_k5_vae
 from ..training.cache import encoder_identity
 from . import host
 from .checks import CinetuneNode
+from .handles import PlacedModel
 from .types import K5VAE, K5Conditioning, K5Model, K5TextEncoder
 
 CATEGORY = "Cinetune/Kandinsky 5"
@@ -37,7 +39,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
-class K5ModelHandle:
+class K5ModelHandle(PlacedModel):
     """A loaded K5 DiT and the settings the sampler needs (variant defaults, attention, NABLA)."""
 
     model: Kandinsky5DiT
@@ -56,12 +58,6 @@ class K5ModelHandle:
         """Transformer blocks in execution order (text blocks, then visual blocks)."""
         return [*self.model.text_transformer_blocks, *self.model.visual_transformer_blocks]
 
-    def placement(self) -> dict:
-        """Keyword arguments of :func:`~cinetune.core.offload.model_on_device` for this model: its block swap,
-        pinned host memory only where it helps (a CUDA device; ``None`` lets the swap decide), ComfyUI's offload
-        device."""
-        return dict(blocks_to_swap=self.blocks_to_swap, pin_memory=None if self.use_pinned_memory else False,
-                    offload_device=host.offload_device())
 
 
 def _nabla_for(variant: K5Variant, mode: str) -> NablaConfig | None:
@@ -75,16 +71,6 @@ def _nabla_for(variant: K5Variant, mode: str) -> NablaConfig | None:
 def training_dtype(device) -> torch.dtype:
     """Activation dtype of LoRA training: bf16 on CUDA, fp32 elsewhere (bf16 matmuls are slow on CPUs)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    """bf16 where the weights are half precision or fp8, fp32 otherwise; fp16 weights compute in fp16."""
-    dtypes = {p.dtype for p in model.parameters()}
-    if torch.float16 in dtypes and torch.bfloat16 not in dtypes:
-        return torch.float16
-    if dtypes & {torch.bfloat16, torch.float8_e4m3fn}:
-        return torch.bfloat16
-    return torch.float32
 
 
 class K5ModelLoader(CinetuneNode):
@@ -263,7 +249,7 @@ class K5Sampler(CinetuneNode):
                 start_latent=None) -> io.NodeOutput:
         handle: K5ModelHandle = model
         device = host.compute_device()
-        dtype = _compute_dtype(handle.model)
+        dtype = compute_dtype(handle.model)
         progress = host.Progress(steps)
         host.free_host_models()
         loras = [(weights, strength) for _, weights, strength in handle.loras]
@@ -354,10 +340,7 @@ class K5LoRALoader(CinetuneNode):
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
         handle: K5ModelHandle = model
-        names = [name for name, _ in handle.model.named_modules()]
-        weights = load_lora(host.model_path("loras", lora_name), module_names=names)
-        check_lora_fits(handle.model, weights, lora_name)
-        return io.NodeOutput(replace(handle, loras=(*handle.loras, (lora_name, weights, strength))))
+        return io.NodeOutput(handle.with_lora(lora_name, strength))
 
 
 class K5MemoryEstimate(CinetuneNode):
@@ -393,7 +376,7 @@ class K5MemoryEstimate(CinetuneNode):
         settings = dict(width=width, height=height, frames=frames, training=training, device_type=device.type,
                         cfg=cfg and not training, lora_rank=lora_rank if training else 0)
         model_settings = dict(settings, weight_dtype="default", model=handle.model, optimizer=optimizer,
-                              compute_dtype=training_dtype(device) if training else _compute_dtype(handle.model),
+                              compute_dtype=training_dtype(device) if training else compute_dtype(handle.model),
                               nabla=handle.nabla is not None)
         estimate = estimate_k5_memory(handle.config, blocks_to_swap=handle.blocks_to_swap, **model_settings)
         available = host.free_device_memory()

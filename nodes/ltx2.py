@@ -9,16 +9,16 @@ them. Widget order is frozen once released: add new inputs at the end, with defa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from comfy_api.latest import io, ui
 
 from ..core.attention import BACKENDS, check_backend
-from ..core.lora import LoRAWeights, check_lora_fits, loras_applied
-from ..core.lora_formats import load_lora
+from ..core.lora import LoRAWeights, loras_applied
 from ..core.offload import model_on_device
+from ..core.weights import compute_dtype
 from ..ltx2 import pipeline
 from ..ltx2.config import LTX2TransformerConfig
 from ..ltx2.dit import LTX2DiT
@@ -28,6 +28,7 @@ from ..ltx2.text import DEFAULT_NEGATIVE_PROMPT
 from ..ltx2.upsampler import load_ltx2_upsampler
 from . import host
 from .checks import CinetuneNode
+from .handles import PlacedModel
 from .types import LTX2VAE, LTX2Conditioning, LTX2Model, LTX2TextEncoder, LTX2Upsampler
 
 CATEGORY = "Cinetune/LTX-2"
@@ -41,7 +42,7 @@ CHECKPOINT_FOLDERS = ("checkpoints", "diffusion_models")
 
 
 @dataclass
-class LTX2ModelHandle:
+class LTX2ModelHandle(PlacedModel):
     """A loaded LTX-2 DiT and what the sampler needs: its variant, attention kernel, block swap, LoRAs."""
 
     model: LTX2DiT
@@ -58,10 +59,6 @@ class LTX2ModelHandle:
     def blocks(self) -> list[torch.nn.Module]:
         return list(self.model.blocks)
 
-    def placement(self) -> dict:
-        """Keyword arguments of :func:`~cinetune.core.offload.model_on_device` (as the K5 handle)."""
-        return dict(blocks_to_swap=self.blocks_to_swap, pin_memory=None if self.use_pinned_memory else False,
-                    offload_device=host.offload_device())
 
 
 def _file(folders: tuple[str, ...], name: str) -> Path:
@@ -308,7 +305,7 @@ class LTX2Sampler(CinetuneNode):
                 video_latent=None if video_latent is None else video_latent["samples"],
                 audio_latent=None if audio_latent is None else audio_latent["samples"],
                 attention_backend=handle.attention_backend, device=device,
-                dtype=pipeline.compute_dtype(handle.model), progress=progress.update,
+                dtype=compute_dtype(handle.model), progress=progress.update,
                 check_interrupt=host.check_interrupt)
         audio_dict = {"samples": audio_out if audio_out is not None else torch.zeros(video.shape[0], 8, 0, 16),
                       "type": "audio"}
@@ -387,10 +384,7 @@ class LTX2LoRALoader(CinetuneNode):
     @classmethod
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
         handle: LTX2ModelHandle = model
-        names = [name for name, _ in handle.model.named_modules()]
-        weights = load_lora(host.model_path("loras", lora_name), module_names=names)
-        check_lora_fits(handle.model, weights, lora_name)
-        return io.NodeOutput(replace(handle, loras=(*handle.loras, (lora_name, weights, strength))))
+        return io.NodeOutput(handle.with_lora(lora_name, strength))
 
 
 class LTX2MemoryEstimate(CinetuneNode):
@@ -419,7 +413,7 @@ class LTX2MemoryEstimate(CinetuneNode):
         device = host.compute_device()
         estimate = estimate_ltx2_memory(handle.model, width=width, height=height, frames=frames, fps=fps,
                                         blocks_to_swap=handle.blocks_to_swap, device_type=device.type,
-                                        compute_dtype=pipeline.compute_dtype(handle.model))
+                                        compute_dtype=compute_dtype(handle.model))
         text = format_ltx2_estimate(estimate, available_bytes=host.free_device_memory(), model=handle.path.name)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 
