@@ -81,3 +81,31 @@ def write_folder_atomic(folder: Path, fill) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def write_hf_folder(folder: str | os.PathLike, config: dict, tensors: dict[str, torch.Tensor], first_shard: str,
+                    tokenizer_dir: str | os.PathLike) -> Path:
+    """Write a Hugging Face snapshot folder atomically: ``config.json``, the tensors in two safetensors shards (the
+    tensor ``first_shard`` alone in the first, as published snapshots put the embeddings apart) with
+    ``model.safetensors.index.json``, and the tokenizer files of ``tokenizer_dir``.
+
+    Raises:
+        FileNotFoundError: ``tokenizer_dir`` has no tokenizer files.
+    """
+    from .checkpoint import save_file_atomic
+
+    shards = {"model-00001-of-00002.safetensors": {first_shard},
+              "model-00002-of-00002.safetensors": set(tensors) - {first_shard}}
+
+    def fill(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        weight_map = {}
+        for fname, names in shards.items():
+            save_file_atomic({k: tensors[k] for k in names}, tmp / fname, metadata={"format": "pt"})
+            weight_map.update({k: fname for k in names})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        copy_tokenizer(Path(tokenizer_dir), tmp)
+
+    return write_folder_atomic(Path(folder), fill)

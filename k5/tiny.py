@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..core.checkpoint import save_file_atomic
-from ..core.tiny import copy_tokenizer, seeded_tensor, tokenizer_vocab_size, write_folder_atomic
+from ..core.tiny import copy_tokenizer, seeded_tensor, tokenizer_vocab_size, write_folder_atomic, write_hf_folder
 
 #: Hidden size of the tiny Qwen (the tiny DiT's ``in_text_dim``).
 TINY_QWEN_HIDDEN = 64
@@ -117,21 +117,7 @@ def write_tiny_qwen(folder: str | os.PathLike, tokenizer_dir: str | os.PathLike,
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config))
     shapes = {_published_qwen_name(k): s for k, s in _meta_shapes(model).items() if not k.startswith("lm_head.")}
     tensors = {k: seeded_tensor(seed, k, s, torch.bfloat16) for k, s in sorted(shapes.items())}
-    shards = {"model-00001-of-00002.safetensors": {"model.embed_tokens.weight"},
-              "model-00002-of-00002.safetensors": set(tensors) - {"model.embed_tokens.weight"}}
-
-    def fill(tmp: Path) -> None:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        weight_map = {}
-        for fname, names in shards.items():
-            save_file_atomic({k: tensors[k] for k in names}, tmp / fname, metadata={"format": "pt"})
-            weight_map.update({k: fname for k in names})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        copy_tokenizer(tokenizer_dir, tmp)
-
-    return write_folder_atomic(Path(folder), fill)
+    return write_hf_folder(folder, config, tensors, "model.embed_tokens.weight", tokenizer_dir)
 
 
 def tiny_clip_config() -> dict:

@@ -598,7 +598,7 @@ def write_tiny_gemma(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, 
     """
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    from ..core.tiny import copy_tokenizer, seeded_tensor, tokenizer_vocab_size, write_folder_atomic
+    from ..core.tiny import seeded_tensor, tokenizer_vocab_size, write_hf_folder
 
     path, tokenizer_dir = Path(path), Path(tokenizer_dir)
     config = _tiny_gemma_folder_config(tokenizer_vocab_size(tokenizer_dir))
@@ -612,19 +612,4 @@ def write_tiny_gemma(path: str | os.PathLike, tokenizer_dir: str | os.PathLike, 
                 if k.startswith("language_model.model.")}
         return save_file_atomic(text, path, metadata={"format": "pt"})
 
-    embed = "language_model.model.embed_tokens.weight"
-    shards = {"model-00001-of-00002.safetensors": {embed},
-              "model-00002-of-00002.safetensors": set(tensors) - {embed}}
-
-    def fill(tmp: Path) -> None:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        weight_map = {}
-        for fname, names in shards.items():
-            save_file_atomic({k: tensors[k] for k in names}, tmp / fname, metadata={"format": "pt"})
-            weight_map.update({k: fname for k in names})
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        copy_tokenizer(tokenizer_dir, tmp)
-
-    return write_folder_atomic(path, fill)
+    return write_hf_folder(path, config, tensors, "language_model.model.embed_tokens.weight", tokenizer_dir)
