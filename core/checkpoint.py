@@ -847,6 +847,38 @@ class Checkpoint:
         return result
 
 
+def hf_model_folder(path: str | os.PathLike, model_types: Sequence[str], expected: str) -> Path | None:
+    """The Hugging Face model folder ``path`` is or lies in, when its ``config.json`` names one of ``model_types``.
+
+    Args:
+        path: a folder, or a file inside one. model_types: accepted ``model_type`` values.
+        expected: what the caller wants, for messages (e.g. ``"Gemma 3 12B"``).
+
+    Returns:
+        The folder, or None when ``path`` is a file beside no (readable, matching) ``config.json``.
+
+    Raises:
+        CheckpointError: ``path`` is a folder without ``config.json``, or one whose ``model_type`` is another.
+    """
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        if path.is_dir():
+            raise CheckpointError(f"{folder}: not a Hugging Face model folder (no config.json); pass the folder that "
+                                  "has config.json, or a single .safetensors file.")
+        return None
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type", "")
+    except (OSError, json.JSONDecodeError):
+        return None
+    if model_type in model_types:
+        return folder
+    if path.is_dir():
+        raise CheckpointError(f"{folder}: config.json says model_type '{model_type}'; expected {expected}.")
+    return None
+
+
 def _index_files(path: Path) -> tuple[list[Path], dict[str, str]]:
     try:
         weight_map = json.loads(path.read_text())["weight_map"]

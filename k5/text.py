@@ -60,6 +60,7 @@ from ..core.checkpoint import (
     CheckpointError,
     assign_state_dict,
     check_materialised,
+    hf_model_folder,
     describe_checkpoint,
     open_checkpoint,
 )
@@ -141,27 +142,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 # Recognising files
 
 
-def _model_folder(path: Path, config_types: tuple[str, ...]) -> Path | None:
-    """The Hugging Face folder ``path`` is or lies in (has a config.json of one of ``config_types``), else None."""
-    folder = path if path.is_dir() else path.parent
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        if path.is_dir():
-            raise CheckpointError(f"{folder}: not a Hugging Face model folder (no config.json); pass the folder "
-                                  "that has config.json, or a single .safetensors file.")
-        return None
-    try:
-        model_type = json.loads(cfg.read_text()).get("model_type", "")
-    except (OSError, json.JSONDecodeError):
-        return None
-    if model_type in config_types:
-        return folder
-    if path.is_dir():
-        raise CheckpointError(
-            f"{folder}: config.json says model_type '{model_type}', expected one of {list(config_types)}.")
-    return None
-
-
 def _weight_files(folder: Path) -> list[Path]:
     """Safetensors files of a Hugging Face folder (from the shard index when present)."""
     index = folder / "model.safetensors.index.json"
@@ -188,7 +168,7 @@ def _open_weights(path, config_types: tuple[str, ...], key_of) -> tuple[Path, Pa
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: not found.")
-    folder = _model_folder(path, config_types)
+    folder = hf_model_folder(path, config_types, f"one of {list(config_types)}")
     files = _weight_files(folder) if folder else [path]
     for f in files:
         if f.suffix.lower() != ".safetensors":

@@ -66,6 +66,7 @@ from ..core.checkpoint import (
     TensorInfo,
     assign_state_dict,
     check_materialised,
+    hf_model_folder,
     describe_checkpoint,
     is_fp8_code,
     open_checkpoint,
@@ -212,26 +213,6 @@ def check_gemma3_12b(hidden_size: int, num_layers: int, source: str | os.PathLik
                           f"needs {EXPECTED_GEMMA}.")
 
 
-def _gemma_folder(path: Path) -> Path | None:
-    """The Hugging Face folder ``path`` is or lies in (with a Gemma 3 ``config.json``), else None."""
-    folder = path if path.is_dir() else path.parent
-    cfg = folder / "config.json"
-    if not cfg.is_file():
-        if path.is_dir():
-            raise CheckpointError(f"{folder}: not a Hugging Face model folder (no config.json); pass the folder that "
-                                  "has config.json, or a single .safetensors file.")
-        return None
-    try:
-        model_type = json.loads(cfg.read_text()).get("model_type", "")
-    except (OSError, json.JSONDecodeError):
-        return None
-    if model_type in _GEMMA_CONFIG_TYPES:
-        return folder
-    if path.is_dir():
-        raise CheckpointError(f"{folder}: config.json says model_type '{model_type}'; expected {EXPECTED_GEMMA}.")
-    return None
-
-
 def _check_stored_dtypes(infos: Mapping[str, TensorInfo], source: str) -> None:
     odd = [f"{n} ({i.dtype})" for n, i in infos.items() if i.dtype not in _HIGH_PRECISION_CODES + _FP8_CODES]
     if odd:
@@ -270,7 +251,7 @@ def load_gemma_text_model(path: str | os.PathLike, *, dtype: torch.dtype = torch
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: not found.")
-    folder = _gemma_folder(path)
+    folder = hf_model_folder(path, _GEMMA_CONFIG_TYPES, EXPECTED_GEMMA)
     ckpt = _open_gemma(path, folder)
     prefix = gemma_text_prefix(ckpt.infos)
     text = ckpt.select(prefix or "")
