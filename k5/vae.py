@@ -80,16 +80,6 @@ _PREFIXES = ("vae.", "first_stage_model.")
 _ATTN_LDM_TO_DIFFUSERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
-def _nearest(value: int, ok) -> tuple[int, int]:
-    lo = value
-    while lo > 0 and not ok(lo):
-        lo -= 1
-    hi = value
-    while not ok(hi):
-        hi += 1
-    return lo, hi
-
-
 class K5VAE(WrappedVideoVAE):
     """HunyuanVideo VAE with Kandinsky 5 conventions (raw latents, 4k+1 frames, [-1, 1] pixels).
 
@@ -126,27 +116,6 @@ class K5VAE(WrappedVideoVAE):
         m.tile_sample_stride_height = m.tile_sample_stride_width = self.tile_stride
         m.tile_sample_min_num_frames = self.tile_frames
         m.tile_sample_stride_num_frames = self.tile_frames_stride
-
-    def check_video_shape(self, shape: Sequence[int]) -> None:
-        """Raise ``ValueError`` unless ``shape`` is ``[B, 3, 4k+1, H, W]`` with H, W multiples of 8; the message
-        names the nearest valid sizes."""
-        if len(shape) != 5:
-            raise ValueError(f"Expected a video tensor [B, 3, F, H, W]; got shape {tuple(shape)}. "
-                             "A single image is [B, 3, 1, H, W].")
-        _, c, f, h, w = shape
-        t, s = self.temporal_ratio, self.spatial_ratio
-        if c != self.model.config.in_channels:
-            raise ValueError(f"Expected {self.model.config.in_channels} colour channels in dim 1; got {c} "
-                             f"(shape {tuple(shape)}). Layout is [B, C, F, H, W].")
-        if f < 1 or (f - 1) % t:
-            lo, hi = _nearest(f, lambda n: n >= 1 and (n - 1) % t == 0)
-            near = f"{hi}" if lo < 1 else f"{lo} or {hi}"
-            raise ValueError(f"The VAE needs {t}k+1 frames (1, {t + 1}, {2 * t + 1}, …); got {f}: use {near} frames.")
-        for name, v in (("height", h), ("width", w)):
-            if v < s or v % s:
-                lo, hi = _nearest(v, lambda n: n >= s and n % s == 0)
-                near = f"{hi}" if lo < s else f"{lo} or {hi}"
-                raise ValueError(f"Video {name} must be a multiple of {s} px; got {v}: use {near}.")
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor, *, tiling: bool | None = None, sample: bool = False,

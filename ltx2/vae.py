@@ -367,14 +367,6 @@ def _encode_axis(spans: list[tuple[int, int]], scale: int, extra: int,
             for k, (s, e) in enumerate(spans)]
 
 
-def _nearest(value: int, multiple: int, offset: int) -> str:
-    """The valid values ``multiple·k + offset`` around ``value`` (the least valid value is ``offset``, or
-    ``multiple`` when ``offset`` is 0)."""
-    lowest = offset or multiple
-    below = value - (value - offset) % multiple
-    return f"{max(below + multiple, lowest)}" if below < lowest else f"{below} or {below + multiple}"
-
-
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -549,24 +541,6 @@ class LTX2VideoVAE(WrappedVideoVAE):
         return latents * std + mean
 
     # -- encode / decode ---------------------------------------------------------------------------------------
-
-    def check_video_shape(self, shape: Sequence[int]) -> None:
-        """Raise ``ValueError`` unless ``shape`` is ``[B, 3, 8k+1, H, W]`` with H, W multiples of 32; the message
-        names the nearest valid values."""
-        if len(shape) != 5:
-            raise ValueError(f"Expected a video tensor [B, 3, F, H, W]; got shape {tuple(shape)}. "
-                             "A single image is [B, 3, 1, H, W].")
-        _, c, f, h, w = shape
-        t, s = self.temporal_ratio, self.spatial_ratio
-        if c != self.model.config.in_channels:
-            raise ValueError(f"Expected {self.model.config.in_channels} colour channels in dim 1; got {c} "
-                             f"(shape {tuple(shape)}). Layout is [B, C, F, H, W].")
-        if f < 1 or (f - 1) % t:
-            raise ValueError(f"LTX-2 needs {t}k+1 frames (1, {t + 1}, {2 * t + 1}, …); got {f}: use "
-                             f"{_nearest(f, t, 1)} frames.")
-        for name, v in (("height", h), ("width", w)):
-            if v < s or v % s:
-                raise ValueError(f"Video {name} must be a multiple of {s} px; got {v}: use {_nearest(v, s, 0)}.")
 
     def _use_tiling(self, tiling: bool | None) -> bool:
         return self.tiling if tiling is None else bool(tiling)
