@@ -580,6 +580,25 @@ class Checkpoint:
     def __repr__(self) -> str:
         return f"Checkpoint({self.source}, {len(self)} tensors)"
 
+    def config(self) -> dict:
+        """The ``config`` entry of the safetensors metadata as a dict (``{}`` when absent): the model config some
+        files carry (the LTX-2 combined checkpoint, ComfyUI single-file text encoders).
+
+        Raises:
+            CheckpointError: the entry is not a JSON object.
+        """
+        raw = self.metadata.get("config")
+        if raw is None:
+            return {}
+        try:
+            config = json.loads(raw)
+        except (TypeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.source}: the 'config' metadata is not valid JSON ({e}); the file is "
+                                  "damaged.") from e
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{self.source}: the 'config' metadata is not a JSON object.")
+        return config
+
     def stored_name(self, name: str) -> str:
         """The name in its file of this view's tensor ``name`` (e.g. with the prefix :meth:`select` removed)."""
         return self._entries[name].stored

@@ -130,7 +130,6 @@ CLIP_L_TEXT_CONFIG: dict = {
 
 # Safetensors metadata key holding a JSON text config (written by Cinetune for tiny test models; ComfyUI's files
 # have none and are recognised by their shapes).
-CONFIG_METADATA_KEY = "config"
 
 _QWEN_OUTER_PREFIXES = ("text_encoders.qwen25_7b.transformer.", "qwen25_7b.transformer.")
 _CLIP_OUTER_PREFIXES = ("text_encoders.clip_l.transformer.", "clip_l.transformer.", "cond_stage_model.transformer.",
@@ -203,16 +202,6 @@ def _fill_text_model(model: torch.nn.Module, ckpt: Checkpoint, dtype: torch.dtyp
         return None if layer is not None and layer.layer in fp8 else dtype
 
     assign_state_dict(model, ckpt.load(dtype=policy), path)
-
-
-def _json_config(metadata: Mapping[str, str], path: Path) -> dict | None:
-    raw = metadata.get(CONFIG_METADATA_KEY)
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: the '{CONFIG_METADATA_KEY}' metadata is not valid JSON ({e}).") from e
 
 
 def _first(names: Sequence[str], n: int = 5) -> str:
@@ -314,7 +303,7 @@ def load_qwen_text_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.
         config = getattr(config, "text_config", config)
     else:
         shapes = {n: i.shape for n, i in ckpt.model_infos().items()}
-        config = Qwen2_5_VLTextConfig(**(_json_config(ckpt.metadata, path) or qwen_text_config_from_shapes(shapes)))
+        config = Qwen2_5_VLTextConfig(**(ckpt.config() or qwen_text_config_from_shapes(shapes)))
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = Qwen2_5_VLTextModel(config)
@@ -398,7 +387,7 @@ def load_clip_text_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.
         config = getattr(config, "text_config", config)
     else:
         shapes = {n: i.shape for n, i in ckpt.model_infos().items()}
-        config = CLIPTextConfig(**(_json_config(ckpt.metadata, path) or clip_text_config_from_shapes(shapes)))
+        config = CLIPTextConfig(**(ckpt.config() or clip_text_config_from_shapes(shapes)))
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         model = CLIPTextModel(config)

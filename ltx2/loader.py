@@ -95,22 +95,8 @@ _DIFFUSERS_CONNECTORS = "LTX2TextConnectors"
 
 
 def file_config(ckpt: Checkpoint) -> dict[str, Any]:
-    """The file's ``config`` metadata as a dict (``{}`` when absent).
-
-    Raises:
-        CheckpointError: the metadata is not a JSON object.
-    """
-    raw = ckpt.metadata.get("config")
-    if raw is None:
-        return {}
-    try:
-        config = json.loads(raw)
-    except (TypeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt.source}: the 'config' metadata is not valid JSON ({e}); the file is "
-                              "damaged.") from e
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{ckpt.source}: the 'config' metadata is not a JSON object.")
-    return config
+    """The file's ``config`` metadata as a dict (``{}`` when absent); see :meth:`Checkpoint.config`."""
+    return ckpt.config()
 
 
 # ------------------------------------------------------------------------------------------------ what a file holds

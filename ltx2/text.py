@@ -53,7 +53,6 @@ target device), which also recognises the fp8 layouts.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
@@ -125,7 +124,6 @@ EXPECTED_GEMMA = ("Gemma 3 12B (hidden size 3840, 48 layers): ComfyUI's gemma_3_
 
 #: Safetensors metadata key holding a JSON config (LTX-2 checkpoints: ``{"transformer": {...}, ...}``; single-file
 #: Gemma written by Cinetune's tiny models: the text config).
-CONFIG_METADATA_KEY = "config"
 
 _GEMMA_CONFIG_TYPES = ("gemma3", "gemma3_text")
 _TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "model.", "")
@@ -137,16 +135,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Files
-
-
-def _json_metadata(metadata: Mapping[str, str], source: str) -> dict | None:
-    raw = metadata.get(CONFIG_METADATA_KEY)
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{source}: the '{CONFIG_METADATA_KEY}' metadata is not valid JSON ({e}).") from e
 
 
 def _open_gemma(path: Path, folder: Path | None) -> Checkpoint:
@@ -265,7 +253,7 @@ def load_gemma_text_model(path: str | os.PathLike, *, dtype: torch.dtype = torch
         config = getattr(config, "text_config", None) or config
     else:
         shapes = {n: i.shape for n, i in text.infos.items()}
-        config = Gemma3TextConfig(**(_json_metadata(ckpt.metadata, ckpt.source)
+        config = Gemma3TextConfig(**(ckpt.config()
                                      or gemma_text_config_from_shapes(shapes)))
     if expect_12b:
         check_gemma3_12b(config.hidden_size, config.num_hidden_layers, path)
@@ -504,7 +492,7 @@ def load_text_projection(path: str | os.PathLike, *, dtype: torch.dtype | None =
         raise CheckpointError(f"{path}: this looks like {what}; it holds no LTX-2 text projection "
                               "(text_embedding_projection.*, model.diffusion_model.*_embeddings_connector.*). Use the "
                               "LTX-2 checkpoint the DiT comes from.")
-    transformer = dict((_json_metadata(ckpt.metadata, ckpt.source) or {}).get("transformer") or {})
+    transformer = dict((ckpt.config() or {}).get("transformer") or {})
     config = text_projection_config(transformer, {k: tuple(v.shape) for k, v in tensors.items()})
     with torch.device("meta"):
         model = LTX2TextProjection(config)
