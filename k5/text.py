@@ -128,9 +128,6 @@ CLIP_L_TEXT_CONFIG: dict = {
     "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
 }
 
-# Safetensors metadata key holding a JSON text config (written by Cinetune for tiny test models; ComfyUI's files
-# have none and are recognised by their shapes).
-
 _QWEN_OUTER_PREFIXES = ("text_encoders.qwen25_7b.transformer.", "qwen25_7b.transformer.")
 _CLIP_OUTER_PREFIXES = ("text_encoders.clip_l.transformer.", "clip_l.transformer.", "cond_stage_model.transformer.",
                         "conditioner.embedders.0.transformer.")

@@ -122,7 +122,6 @@ GEMMA3_SIZES: dict[tuple[int, int], str] = {
 EXPECTED_GEMMA = ("Gemma 3 12B (hidden size 3840, 48 layers): ComfyUI's gemma_3_12B_it(_fp8_scaled).safetensors in "
                   "models/text_encoders, or the google/gemma-3-12b-it-qat-q4_0-unquantized folder")
 
-
 _GEMMA_CONFIG_TYPES = ("gemma3", "gemma3_text")
 _TEXT_PREFIXES = ("language_model.model.", "model.language_model.", "model.", "")
 _HIGH_PRECISION_CODES = ("F32", "F16", "BF16")
