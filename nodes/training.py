@@ -23,7 +23,15 @@ from pathlib import Path
 from comfy_api.latest import io, ui
 
 from ..k5.family import K5_LATENT_FORMAT, NABLA_SIZE_MULTIPLE
-from ..training.cache import CacheReport, cache_latents, cache_text
+from ..training.cache import (
+    DEFAULT_LAYOUT,
+    CachedSample,
+    CacheLayout,
+    CacheReport,
+    cache_latents,
+    cache_text,
+    load_cached_dataset,
+)
 from ..training.data import Dataset, FrameSpec, resolve_dataset_folder, scan_folder
 from . import host
 from .checks import CinetuneNode, FileName, check_file_name, widget_values
@@ -38,16 +46,35 @@ TrainingDataType = io.Custom("CINETUNE_K5_TRAINING_DATA")
 
 @dataclass(frozen=True)
 class TextCache:
-    """A dataset whose captions are encoded in ``cache_dir`` by the encoder with id ``encoder_id``."""
+    """A dataset whose captions are encoded in ``cache_dir`` by the encoder with id ``encoder_id``.
+
+    Attributes:
+        dataset: the scanned dataset. cache_dir: the cache folder (``text/`` and ``latents/`` below it).
+        encoder_id: the text encoder's id (part of every text key).
+        layout: the family's cache layout (:class:`~cinetune.training.cache.CacheLayout`; the default is Kandinsky
+            5's, :data:`~cinetune.training.samples.LTX2_CACHE_LAYOUT` LTX-2's).
+    """
 
     dataset: Dataset
     cache_dir: Path
     encoder_id: str
+    layout: CacheLayout = DEFAULT_LAYOUT
 
 
 @dataclass(frozen=True)
 class TrainingData:
-    """Everything the trainer needs to find the cached samples (see ``training.cache.load_cached_dataset``)."""
+    """Everything the trainer needs to find the cached samples (see ``training.cache.load_cached_dataset``).
+
+    Attributes:
+        dataset, cache_dir, encoder_id, layout: as :class:`TextCache`.
+        vae_id: the VAE's id (and the audio VAE's, with sound; part of every latent key).
+        frame_spec: frames per clip, selection, fps and the family's latent format.
+        base_resolution, bucket_step, allow_upscale: the buckets.
+        i2v: image-to-video training was asked for when caching (Kandinsky 5: first/last frame latents cached;
+            LTX-2: nothing more to cache, the clip's first latent frame is the condition).
+        audio: the latents hold each clip's sound latent (``"audio"``). missing_audio: what was done with clips
+            without sound (``"error"`` or ``"silence"``).
+    """
 
     dataset: Dataset
     cache_dir: Path
@@ -58,6 +85,23 @@ class TrainingData:
     bucket_step: int
     allow_upscale: bool
     i2v: bool
+    layout: CacheLayout = DEFAULT_LAYOUT
+    audio: bool = False
+    missing_audio: str = "error"
+
+    def cached_samples(self) -> list[CachedSample]:
+        """The cached samples (``training.cache.load_cached_dataset`` with these settings; nothing is encoded).
+
+        Raises:
+            CacheError: entries missing or damaged (the message says which cacher to run).
+            NoAudioError: clips without sound where sound is needed.
+            DatasetError: nothing usable.
+        """
+        return load_cached_dataset(
+            self.dataset, self.cache_dir, encoder_id=self.encoder_id, vae_id=self.vae_id, frame_spec=self.frame_spec,
+            base_resolution=self.base_resolution, bucket_step=self.bucket_step, allow_upscale=self.allow_upscale,
+            i2v=self.i2v, layout=self.layout, audio=self.audio,
+            missing_audio=self.missing_audio)
 
 
 CACHE_NAME = FileName()

@@ -8,6 +8,7 @@ The pieces, in the order a latent cacher uses them (``fmt`` is the model family'
     buckets = make_buckets(512, fmt)                                    # equal-area sizes, sides % size_multiple == 0
     bucket = assign_bucket(item.width, item.height, buckets)
     pixels = load_clip(item, indices, bucket)                           # [3, F, H, W] float in [-1, 1]
+    sound = load_clip_audio(item, indices, spec)                        # [2, S] at the format's audio rate
 
 Decisions (the model's facts — frame rule ``temporal_factor·k + 1``, default frame rate, pixel size multiple —
 come from its latent format; nothing here is specific to one model):
@@ -53,6 +54,17 @@ come from its latent format; nothing here is specific to one model):
   smaller than ``step`` in either side raises :class:`NoBucketError`.
 - **Resizing**: crop the centre to the bucket's aspect, then resize to the bucket with antialiased
   bicubic interpolation (torch), clamped to 0..255 — the same as "resize to cover, centre-crop".
+- **Audio tracks** (families with sound; the latent format's ``audio`` geometry gives the rate). ``scan_folder``
+  records whether each video has an audio stream (``DatasetItem.has_audio``; images and in-memory frames have
+  none). :func:`load_clip_audio` decodes a clip's span of the first audio stream with PyAV
+  (:func:`~cinetune.core.media.read_audio`): downmixed to stereo (5.1 with the ITU weights, mono duplicated),
+  resampled to the format's rate (16 kHz for LTX-2) and trimmed or padded with silence to exactly the clip's
+  duration. The span starts at the first selected frame's timestamp (``index / source fps``) and lasts
+  ``frames / clip fps``, as ltx-trainer trims the track to the clip's duration. ``uniform`` selection plays the
+  motion faster than real time, so no sound track can follow it: audio clips need ``head`` or ``chunks``.
+- **Clip frame rate**: :func:`clip_fps` = the frame spec's target rate, or with ``target_fps=None`` the clip's own
+  source rate (each clip keeps its own, as ltx-trainer stores each video's fps), and the format's ``default_fps``
+  for images and frames without a rate (24 for LTX-2).
 - **Video orientation** metadata and non-square pixels are not applied (the same frames
   :func:`~cinetune.core.media.read_video` returns); EXIF orientation of photos is applied; image
   alpha is composited over white.
@@ -76,7 +88,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from ..core.family import LatentFormat
-from ..core.media import MediaError, count_decodable_frames, decode_frames, probe_video
+from ..core.media import MediaError, count_decodable_frames, decode_frames, probe_audio, probe_video, read_audio
 
 __all__ = [
     "VIDEO_EXTS", "IMAGE_EXTS", "DATASET_ROOTS_ENV", "DatasetError", "DatasetLocationError", "TooShortError",
@@ -84,6 +96,8 @@ __all__ = [
     "scan_folder", "from_tensors",
     "FrameSpec", "frame_indices", "Clip", "plan_clips",
     "Bucket", "make_buckets", "assign_bucket", "load_clip", "dataset_fingerprint",
+    "AUDIO_CHANNELS", "MISSING_AUDIO", "NoAudioError", "clip_fps", "clip_audio_span", "has_audio_track",
+    "check_clip_audio", "load_clip_audio",
 ]
 
 VIDEO_EXTS = (".mp4", ".mov", ".webm", ".mkv", ".gif")
@@ -128,6 +142,18 @@ class NoBucketError(DatasetError):
     """No bucket fits an item (it is smaller than ``step`` pixels and upscaling is off)."""
 
 
+class NoAudioError(DatasetError):
+    """Clips without an audio track where the training needs sound; the message lists the files and the fixes.
+
+    Attributes:
+        files: the names (paths or in-memory ids) of the items without sound.
+    """
+
+    def __init__(self, message: str, *, files: list[str]):
+        super().__init__(message)
+        self.files = files
+
+
 # ---------------------------------------------------------------------------------------------- items
 
 
@@ -147,6 +173,8 @@ class DatasetItem:
             ``tensor-<index>-<content hash>`` for in-memory frames.
         pixels: in-memory frames ``[F, H, W, 3]`` float 0..1 on CPU (ComfyUI IMAGE layout), else None.
             Not part of equality or repr.
+        has_audio: the file has an audio stream (found by :func:`scan_folder`); False for images and in-memory
+            frames; None = not known (probed when audio is needed).
     """
 
     path: Path | None
@@ -159,6 +187,7 @@ class DatasetItem:
     repeats: int
     source_id: str
     pixels: Tensor | None = field(default=None, compare=False, repr=False)
+    has_audio: bool | None = None
 
     @property
     def name(self) -> str:
@@ -202,8 +231,9 @@ class Dataset:
     def summary(self) -> str:
         """Multi-line text: item counts by kind, then one line per problem (for node outputs / logs)."""
         videos = sum(item.kind == "video" for item in self.items)
-        lines = [f"{len(self.items)} items ({videos} videos, {len(self.items) - videos} images), "
-                 f"{len(self.problems)} problems"]
+        sound = sum(bool(item.has_audio) for item in self.items)
+        lines = [f"{len(self.items)} items ({videos} videos, {sound} of them with sound, "
+                 f"{len(self.items) - videos} images), {len(self.problems)} problems"]
         lines += [f"  - {problem}" for problem in self.problems]
         return "\n".join(lines)
 
@@ -333,6 +363,14 @@ def _image_size(path: Path, verify: bool) -> tuple[int, int]:
     return width, height
 
 
+def _has_audio(path: Path) -> bool:
+    """Whether a file has an audio stream (one whose header is damaged counts: decoding it reports the damage)."""
+    try:
+        return probe_audio(path) is not None
+    except MediaError:
+        return True
+
+
 def _describe_video(path: Path, verify: bool) -> tuple[int, int, int, float]:
     info = probe_video(path)
     frames = info["frames"]
@@ -429,8 +467,9 @@ def scan_folder(folder: str | os.PathLike, *, repeats: int = 1, trigger_word: st
         try:
             if kind == "video":
                 width, height, frames, fps = _describe_video(path, verify)
+                has_audio = _has_audio(path)
             else:
-                (width, height), frames, fps = _image_size(path, verify), 1, None
+                (width, height), frames, fps, has_audio = _image_size(path, verify), 1, None, False
         except (MediaError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             message = str(exc).removeprefix(f"{path}: ")
             problems.append(DatasetProblem(path, f"cannot be read: {message}; re-export or re-encode the "
@@ -438,7 +477,7 @@ def scan_folder(folder: str | os.PathLike, *, repeats: int = 1, trigger_word: st
             continue
         items.append(DatasetItem(path=path, caption=_apply_trigger(caption, trigger_word), kind=kind,
                                  width=width, height=height, frames=frames, fps=fps, repeats=repeats,
-                                 source_id=path.relative_to(folder).as_posix()))
+                                 source_id=path.relative_to(folder).as_posix(), has_audio=has_audio))
     if not items:
         listed = "\n".join(f"  - {problem}" for problem in problems) or "  (all uncaptioned and skipped)"
         raise DatasetError(f"no usable training files in {folder}; fix these and scan again:\n{listed}")
@@ -514,7 +553,7 @@ def from_tensors(frames_list: Sequence[Tensor], captions: str | Sequence[str], *
         items.append(DatasetItem(path=None, caption=_apply_trigger(str(caption).strip(), trigger_word),
                                  kind=kind, width=width, height=height, frames=count,
                                  fps=fps if kind == "video" else None, repeats=repeats,
-                                 source_id=f"{label}-{_tensor_digest(pixels)}", pixels=pixels))
+                                 source_id=f"{label}-{_tensor_digest(pixels)}", pixels=pixels, has_audio=False))
     if not items:
         raise DatasetError("no usable frame batches:\n" + "\n".join(f"  - {p}" for p in problems))
     return Dataset(items=items, problems=problems)
@@ -945,3 +984,129 @@ def load_clip(item: DatasetItem, indices: Sequence[int], bucket: Bucket) -> Tens
         decoded = decode_frames(item.path, indices, transform=lambda rgb: _fit(rgb, bucket))
         frames = [decoded[i] for i in indices]
     return (torch.stack(frames, dim=1) / 127.5 - 1.0).clamp_(-1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------- audio
+
+#: Waveform channels of a clip's sound: stereo (the LTX-2 audio VAE's mel input is stereo; ltx-trainer downmixes to
+#: two channels too).
+AUDIO_CHANNELS = 2
+
+#: What a cacher does with a clip without sound where sound is needed: ``"error"`` refuses it (naming the file),
+#: ``"silence"`` trains it with a silent track.
+MISSING_AUDIO = ("error", "silence")
+
+_AUDIO_FIXES = ("use clips with sound, remove these files from the dataset, set missing audio to 'silence' to train "
+                "them with a silent track, or turn audio off")
+
+
+def clip_fps(item: DatasetItem, spec: FrameSpec) -> float:
+    """The frame rate a clip of ``item`` plays at (see the module notes): ``spec.target_fps``; with ``target_fps``
+    None the item's own rate; the latent format's ``default_fps`` for items without a rate."""
+    if spec.target_fps is not None:
+        return float(spec.target_fps)
+    if item.fps is not None:
+        return float(item.fps)
+    return float(spec.latent_format.default_fps)
+
+
+def clip_audio_span(item: DatasetItem, indices: Sequence[int], spec: FrameSpec) -> tuple[float, float]:
+    """``(start, duration)`` in seconds of the sound that goes with a clip: from the first selected source frame's
+    timestamp ``indices[0] / item.fps`` (0 for images and items without a rate) for ``len(indices) / clip_fps``
+    seconds.
+
+    Raises:
+        ValueError: empty ``indices``.
+    """
+    if not indices:
+        raise ValueError(f"{item.name}: no frame indices given")
+    start = indices[0] / item.fps if item.kind == "video" and item.fps else 0.0
+    return start, len(indices) / clip_fps(item, spec)
+
+
+def _audio_format(spec: FrameSpec):
+    audio = spec.latent_format.audio
+    if audio is None:
+        raise ValueError(f"latent format {spec.latent_format.name!r} has no audio latents; turn audio off for this "
+                         "model family")
+    return audio
+
+
+def _check_missing(missing: str) -> None:
+    if missing not in MISSING_AUDIO:
+        raise ValueError(f"missing audio must be one of {', '.join(repr(m) for m in MISSING_AUDIO)}, got {missing!r}")
+
+
+def has_audio_track(item: DatasetItem) -> bool:
+    """Whether an item has an audio stream: ``item.has_audio``, probed from the file when that is None."""
+    if item.has_audio is not None:
+        return item.has_audio
+    return item.path is not None and item.kind == "video" and _has_audio(item.path)
+
+
+def check_clip_audio(clips: Iterable[Clip], spec: FrameSpec, missing: str = "error") -> None:
+    """Check, before anything is decoded or written, that clips can get their sound (see the module notes).
+
+    Args:
+        clips: from :func:`plan_clips`.
+        spec: the frame spec the clips were planned with (its latent format must have audio).
+        missing: ``"error"`` or ``"silence"`` (:data:`MISSING_AUDIO`).
+
+    Raises:
+        NoAudioError: with ``"error"``, the items without an audio stream (images and in-memory frames included);
+            the message lists them (up to 10) and the fixes.
+        ValueError: a format without audio, ``uniform`` selection (the sound cannot follow sped-up motion), or an
+            unknown ``missing``.
+    """
+    _audio_format(spec)
+    _check_missing(missing)
+    if spec.mode == "uniform":
+        raise ValueError("frame selection 'uniform' spreads a clip over the whole video, so its motion plays faster "
+                         "than its sound; with audio use 'head' or 'chunks'")
+    if missing == "silence":
+        return
+    silent: dict[str, None] = {}
+    for clip in clips:
+        if clip.item.name not in silent and not has_audio_track(clip.item):
+            silent[clip.item.name] = None
+    if silent:
+        names = list(silent)
+        listed = "\n".join(f"  - {name}" for name in names[:10]) + (f"\n  … and {len(names) - 10} more"
+                                                                      if len(names) > 10 else "")
+        raise NoAudioError(f"{len(names)} training items have no audio track, which audio+video training needs:\n"
+                           f"{listed}\n{_AUDIO_FIXES}", files=names)
+
+
+def load_clip_audio(item: DatasetItem, indices: Sequence[int], spec: FrameSpec, *, missing: str = "error",
+                    channels: int = AUDIO_CHANNELS) -> Tensor:
+    """Decode the sound of a clip (the span of :func:`clip_audio_span`), as the family's audio VAE takes it.
+
+    Args:
+        item: the clip's item. indices: its source frame indices (from :func:`frame_indices`).
+        spec: the frame spec; its latent format's ``audio.sample_rate`` is the output rate.
+        missing: ``"silence"`` returns zeros for an item without an audio stream; ``"error"`` raises.
+        channels: output channels (stereo by default; 5.1 is downmixed with the ITU weights, mono duplicated).
+
+    Returns:
+        ``[channels, round(duration · sample_rate)]`` float32 in -1..1 on CPU; past the end of the track, silence.
+
+    Raises:
+        NoAudioError: no audio stream and ``missing="error"`` (names the file and the fixes).
+        MediaError: the audio track cannot be decoded (corrupt or truncated; the message names the file), or the clip
+            starts after the track ends.
+        FileNotFoundError: the file is gone.
+        ValueError: a format without audio, an unknown ``missing``, empty ``indices``.
+    """
+    audio = _audio_format(spec)
+    _check_missing(missing)
+    start, duration = clip_audio_span(item, indices, spec)
+    wave = None
+    if item.path is not None and item.kind == "video" and item.has_audio is not False:
+        wave = read_audio(item.path, sample_rate=audio.sample_rate, channels=channels, start=start,
+                          duration=duration, allow_missing=True)
+    if wave is None:
+        if missing == "error":
+            raise NoAudioError(f"{item.name} has no audio track, which audio+video training needs; {_AUDIO_FIXES}",
+                               files=[item.name])
+        wave = torch.zeros(channels, round(duration * audio.sample_rate))
+    return wave

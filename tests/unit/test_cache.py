@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from cinetune.core.checkpoint import read_safetensors_header
 from cinetune.core.family import LatentFormat
 from cinetune.core.media import write_video
 from cinetune.k5.family import K5_LATENT_FORMAT
@@ -22,6 +23,7 @@ from cinetune.k5.tiny import write_tiny_clip, write_tiny_qwen, write_tiny_vae
 from cinetune.k5.vae import load_k5_vae
 from cinetune.training.cache import (
     CacheError,
+    CacheLayout,
     cache_latents,
     cache_text,
     empty_text_path,
@@ -29,6 +31,7 @@ from cinetune.training.cache import (
     load_cached_dataset,
     read_latent,
     read_text,
+    weights_identity,
 )
 from cinetune.training.data import (
     Bucket,
@@ -405,6 +408,60 @@ def test_encoder_identity_follows_files_and_settings(tmp_path):
     assert encoder_identity(model, dtype=torch.bfloat16) != base
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         encoder_identity(tmp_path / "missing.safetensors")
+
+
+def test_weights_identity_follows_the_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.LayerNorm(200))
+    base = weights_identity(model)
+    assert len(base) == 32 and weights_identity(model.state_dict()) == base
+    twin = torch.nn.Sequential(torch.nn.Linear(300, 200), torch.nn.LayerNorm(200))
+    twin.load_state_dict(model.state_dict())
+    assert weights_identity(twin) == base  # the same weights loaded again
+    with torch.no_grad():
+        twin[0].weight[0, 0] += 1.0
+    assert weights_identity(twin) != base  # other values (a fine-tune changes every weight)
+    assert weights_identity({k: v.bfloat16() for k, v in model.state_dict().items()}) != base  # another dtype
+    assert weights_identity(model, "tiling=512") != base and weights_identity("tiling=512", model) != \
+        weights_identity(model, "tiling=512")
+    odd = {"w": torch.ones(4, 4).to(torch.float8_e4m3fn), "mask": torch.tensor([True, False])}
+    assert weights_identity(odd) != weights_identity({**odd, "mask": torch.tensor([True, True])})
+    with pytest.raises(ValueError, match="holds no tensors"):
+        weights_identity(torch.nn.ReLU())
+    with pytest.raises(TypeError, match="modules, tensor mappings or strings"):
+        weights_identity(3)
+    with pytest.raises(ValueError, match="at least one"):
+        weights_identity()
+
+
+def test_cache_layout_checks_its_values():
+    assert CacheLayout().describe() == "no model family (a format-1 Kandinsky 5 cache)"
+    assert CacheLayout("ltx-2").describe() == "model family 'ltx-2'"
+    with pytest.raises(ValueError, match="start with 'text'"):
+        CacheLayout("x", text_tensors=("mask", "text"))
+    with pytest.raises(ValueError, match="family must be a non-empty string"):
+        CacheLayout("")
+
+
+def test_a_family_layout_keys_its_entries_apart(built, models, tmp_path):
+    """The same dataset, encoder and VAE ids under a layout with a family: other keys, the family in each file, and
+    the family-less reader refuses those files."""
+    layout = CacheLayout("some-family")
+    cache = tmp_path / "cache"
+    cache_text(built.ds, models.encoder, cache, encoder_id=models.encoder_id, layout=layout)
+    cache_latents(built.ds, models.vae, cache, vae_id=models.vae_id, layout=layout, **SETTINGS)
+    ours = load_cached_dataset(built.ds, cache, encoder_id=models.encoder_id, vae_id=models.vae_id, layout=layout,
+                               **SETTINGS)
+    k5 = load_cached_dataset(built.ds, built.cache, encoder_id=models.encoder_id, vae_id=models.vae_id, i2v=True,
+                             **SETTINGS)
+    assert not {s.key for s in ours} & {s.key for s in k5} and not {s.text_key for s in ours} & {s.text_key for s in k5}
+    assert {read_safetensors_header(s.latent_path)[1]["family"] for s in ours} == {"some-family"}
+    assert [s.fps for s in ours] == [24.0, 24.0, 24.0]
+    with pytest.raises(CacheError, match="was made by model family 'some-family'.*never reused"):
+        read_text(ours[0].text_path)
+    with pytest.raises(CacheError) as err:
+        load_cached_dataset(built.ds, cache, encoder_id=models.encoder_id, vae_id=models.vae_id, **SETTINGS)
+    assert "3 by model family 'some-family'" in str(err.value)
 
 
 # ----------------------------------------------------------------------------------------------- interruption

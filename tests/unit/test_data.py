@@ -9,6 +9,7 @@ import shutil
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -17,6 +18,7 @@ from PIL import Image
 from cinetune.core.family import LatentFormat
 from cinetune.core.media import MediaError, read_video, write_video
 from cinetune.k5.family import K5_LATENT_FORMAT
+from cinetune.ltx2.family import LTX2_LATENT_FORMAT
 from cinetune.training.data import (
     DATASET_ROOTS_ENV,
     Bucket,
@@ -24,14 +26,19 @@ from cinetune.training.data import (
     DatasetError,
     DatasetLocationError,
     FrameSpec,
+    NoAudioError,
     NoBucketError,
     TooShortError,
     assign_bucket,
+    check_clip_audio,
+    clip_audio_span,
+    clip_fps,
     dataset_fingerprint,
     dataset_roots,
     frame_indices,
     from_tensors,
     load_clip,
+    load_clip_audio,
     make_buckets,
     plan_clips,
     resolve_dataset_folder,
@@ -482,3 +489,95 @@ def test_fingerprint_follows_captions_only(tmp_path, test_data):
     assert dataset_fingerprint(scan_folder(tmp_path)) == first
     assert dataset_fingerprint(scan_folder(tmp_path, trigger_word="sks")) != first
     assert dataset_fingerprint(scan_folder(tmp_path, repeats=2)) != first
+
+
+# ------------------------------------------------------------------------------------------- sound (LTX-2)
+
+
+def test_scan_records_which_items_have_sound(mixed):
+    by_id = {item.source_id: item for item in mixed.items}
+    assert by_id["bbb.mp4"].has_audio is True  # 5.1 AAC
+    assert by_id["tiny.gif"].has_audio is False and by_id["astronaut.png"].has_audio is False
+    assert from_tensors([torch.rand(2, 8, 8, 3)], "x").items[0].has_audio is False
+    assert "(2 videos, 1 of them with sound, 2 images)" in mixed.summary()
+
+
+def itu_stereo_16k(path: Path) -> np.ndarray:
+    """Independent reference: the whole 5.1 track decoded with PyAV, downmixed by ITU-R BS.775 (front 1, centre and
+    surround 1/√2, LFE 0, each side normalised by the sum of its weights) and resampled 48 → 16 kHz by scipy."""
+    from scipy.signal import resample_poly
+
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        names = [c.name for c in stream.layout.channels]
+        assert names == ["FL", "FR", "FC", "LFE", "BL", "BR"] and stream.codec_context.sample_rate == 48000
+        pcm = np.concatenate([f.to_ndarray() for f in container.decode(stream)], axis=1).astype(np.float64)
+    c = 1 / math.sqrt(2)
+    left = np.array([1, 0, c, 0, c, 0]) / (1 + 2 * c)
+    right = np.array([0, 1, c, 0, 0, c]) / (1 + 2 * c)
+    return resample_poly(np.stack([left @ pcm, right @ pcm]), 1, 3, axis=1)
+
+
+def test_bbb_sound_is_read_per_clip(mixed, test_data):
+    bbb = next(item for item in mixed.items if item.source_id == "bbb.mp4")
+    spec = FrameSpec(17, "chunks", target_fps=None, latent_format=LTX2_LATENT_FORMAT)  # keep BBB's 25 fps
+    clips = frame_indices(bbb.frames, bbb.fps, spec)
+    indices = clips[2]  # frames 34..50
+    start, duration = clip_audio_span(bbb, indices, spec)
+    assert (start, duration) == (34 / 25, 17 / 25) and clip_fps(bbb, spec) == 25.0
+    wave = load_clip_audio(bbb, indices, spec)
+    assert wave.dtype == torch.float32 and wave.shape == (2, round(17 / 25 * 16000))  # stereo, 16 kHz, 0.68 s
+    ref = itu_stereo_16k(test_data["bbb"])[:, round(start * 16000):][:, :wave.shape[1]]
+    ours = wave.double().numpy()
+    for ch in range(2):
+        assert np.corrcoef(ours[ch], ref[ch])[0, 1] > 0.99
+        assert abs(np.sqrt((ours[ch] ** 2).mean() / (ref[ch] ** 2).mean()) - 1) < 0.02
+    assert not np.allclose(ours[0], ours[1])  # the surround channels keep left and right apart
+    # at 24 fps the same 17 frames last 17/24 s: the track follows the clip's duration
+    resampled = FrameSpec(17, "head", latent_format=LTX2_LATENT_FORMAT)
+    (head,) = frame_indices(bbb.frames, bbb.fps, resampled)
+    assert load_clip_audio(bbb, head, resampled).shape == (2, round(17 / 24 * 16000))
+
+
+def test_frame_rate_is_kept_per_clip():
+    spec_keep = FrameSpec(9, target_fps=None, latent_format=LTX2_LATENT_FORMAT)
+    video = from_tensors([torch.rand(9, 8, 8, 3)], "x", fps=30.0).items[0]
+    image = from_tensors([torch.rand(1, 8, 8, 3)], "x").items[0]
+    unknown = from_tensors([torch.rand(9, 8, 8, 3)], "x").items[0]
+    assert clip_fps(video, spec_keep) == 30.0
+    assert clip_fps(image, spec_keep) == clip_fps(unknown, spec_keep) == 24.0  # the LTX-2 default
+    assert clip_fps(video, FrameSpec(9, target_fps=25.0, latent_format=LTX2_LATENT_FORMAT)) == 25.0
+    assert clip_audio_span(image, [0], spec_keep) == (0.0, 1 / 24)
+
+
+def test_ltx2_buckets_and_frames_come_from_its_latent_format(mixed):
+    buckets = make_buckets(512, LTX2_LATENT_FORMAT)
+    assert all(b.width % 32 == 0 and b.height % 32 == 0 for b in buckets) and Bucket(512, 512) in buckets
+    with pytest.raises(ValueError, match=r"8k\+1.*16 is not: use 9 or 17"):
+        FrameSpec(16, latent_format=LTX2_LATENT_FORMAT)
+    # BBB has 132 frames at 25 fps: a 137-frame clip fits no 8k+1 bucket; the problem names the file and 129
+    clips, problems = plan_clips(mixed, FrameSpec(137, target_fps=None, latent_format=LTX2_LATENT_FORMAT))
+    bbb = next(p for p in problems if p.path.name == "bbb.mp4")
+    assert "needs 137 frames but only 132" in bbb.message and "target_frames ≤ 129" in bbb.message
+    assert [c.item.kind for c in clips] == ["image", "image"]
+
+
+def test_sound_checks_name_the_clips_without_sound(mixed):
+    spec = FrameSpec(17, latent_format=LTX2_LATENT_FORMAT)
+    clips, _ = plan_clips(mixed, spec)
+    with pytest.raises(NoAudioError) as err:
+        check_clip_audio(clips, spec)
+    assert sorted(Path(f).name for f in err.value.files) == ["astronaut.png", "chelsea.png", "tiny.gif"]
+    assert "3 training items have no audio track" in str(err.value) and "'silence'" in str(err.value)
+    check_clip_audio(clips, spec, "silence")
+    with pytest.raises(ValueError, match="'uniform'"):
+        check_clip_audio(clips, FrameSpec(17, "uniform", latent_format=LTX2_LATENT_FORMAT), "silence")
+    with pytest.raises(ValueError, match="missing audio must be one of 'error', 'silence'"):
+        check_clip_audio(clips, spec, "drop")
+    with pytest.raises(ValueError, match="'kandinsky-5' has no audio latents"):
+        check_clip_audio(clips, FrameSpec(17, latent_format=K5), "silence")
+    gif = next(c for c in clips if c.item.source_id == "tiny.gif")
+    with pytest.raises(NoAudioError, match="no_time_for_that_tiny.gif|tiny.gif has no audio track"):
+        load_clip_audio(gif.item, gif.indices, spec)
+    silence = load_clip_audio(gif.item, gif.indices, spec, missing="silence")
+    assert silence.shape == (2, round(17 / 24 * 16000)) and not silence.any()
