@@ -115,6 +115,38 @@ def ltx2_decode_and_save(src: int, prefix: str):
              {"images": (6, 0, "IMAGE"), "audio": (6, 1, "AUDIO")}, [])]
 
 
+def ltx2_training_nodes():
+    """Cache a dataset (captions, video and sound latents), train an LTX-2 LoRA with validation clips, then sample
+    with the trained LoRA."""
+    text = ltx2_text_encode("ohwx, a big white rabbit walks out of his burrow in a green meadow and stretches, "
+                            "cartoon style. Birds chirp and leaves rustle in a light breeze.")
+    return [*LTX2_LOADERS,
+            (10, "CinetuneDatasetFolder", [("folder", "ltx2_lora_dataset"), ("repeats", 1), ("trigger_word", "ohwx"),
+                                            ("default_caption", "")], {}, [("dataset", "CINETUNE_DATASET")]),
+            (11, "CinetuneLTX2CacheText", [("cache_name", "ltx2_lora_dataset")],
+             {"dataset": (10, 0, "CINETUNE_DATASET"), "text_encoder": (2, 0, "CINETUNE_LTX2_TEXT_ENCODER")},
+             [("text_cache", "CINETUNE_LTX2_TEXT_CACHE")]),
+            (12, "CinetuneLTX2CacheLatents", [("frames", 121), ("frame_selection", "head"), ("resolution", 512),
+                                              ("audio", True), ("image_to_video", False), ("allow_upscale", False),
+                                              ("missing_audio", "silence"), ("fps", 0.0)],
+             {"text_cache": (11, 0, "CINETUNE_LTX2_TEXT_CACHE"), "vae": (3, 0, "CINETUNE_LTX2_VAE")},
+             [("training_data", "CINETUNE_LTX2_TRAINING_DATA")]),
+            (13, "CinetuneLTX2TrainLoRA",
+             [("output_name", "ltx2_lora"), ("rank", 32), ("alpha", 32.0), ("learning_rate", 1e-4),
+              ("optimizer", "adamw"), ("lr_schedule", "linear"), ("warmup_steps", 0), ("max_steps", 2000),
+              ("epochs", 0), ("batch_size", 1), ("gradient_accumulation", 1),
+              ("timestep_sampling", "shifted_logit_normal"), ("flow_shift", 1.0), ("gradient_checkpointing", True),
+              ("audio", True), ("first_frame_conditioning", 0.5), ("caption_dropout", 0.0), ("seed", 0),
+              ("save_every", 250), ("resume", False), ("validate_every", 250), ("validation_steps", ""),
+              ("validation_sampling_steps", 30), ("blocks_to_swap", -1), ("use_pinned_memory", True)],
+             {"model": (1, 0, "CINETUNE_LTX2_MODEL"), "training_data": (12, 0, "CINETUNE_LTX2_TRAINING_DATA"),
+              "validation_conditioning": (4, 0, "CINETUNE_LTX2_CONDITIONING"), "vae": (3, 0, "CINETUNE_LTX2_VAE")},
+             [("model", "CINETUNE_LTX2_MODEL"), ("lora_name", "STRING")]),
+            text,
+            ltx2_sampler(5, width=768, height=512, mode="dev", links={"model": (13, 0, "CINETUNE_LTX2_MODEL")}),
+            *ltx2_decode_and_save(5, "Cinetune/ltx2_lora_sample")]
+
+
 LTX2_PROMPT = ("A red fox trots through fresh snow in a birch forest at sunrise, the camera tracks it from the side. "
                "Snow crunches under its paws, a light wind rustles the branches and a crow calls in the distance.")
 
@@ -153,6 +185,7 @@ WORKFLOWS = {
                                links={"vae": (3, 0, "CINETUNE_LTX2_VAE"), "start_image": (8, 0, "IMAGE")}),
                   *ltx2_decode_and_save(5, "Cinetune/ltx2_i2v")],
     },
+    "ltx2_lora_training": {"nodes": ltx2_training_nodes()},
     "ltx2_two_stage": {
         "nodes": [*LTX2_LOADERS, ltx2_text_encode(LTX2_PROMPT),
                   ltx2_sampler(5, width=384, height=256, mode="dev", links={}),

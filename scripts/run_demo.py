@@ -5,7 +5,11 @@ Kandinsky 5 and LTX-2 models:
 2. example_workflows/k5_lora_training.json on a real dataset (the Big Buck Bunny clip and two photos, with
    captions): caches text and latents, trains a LoRA for 30 steps, samples with it — prints where the LoRA and the
    sampled mp4 are;
-3. example_workflows/ltx2_text_to_video.json — video with sound: prints where the mp4 is and its audio stream.
+3. example_workflows/ltx2_text_to_video.json — video with sound: prints where the mp4 is and its audio stream;
+4. example_workflows/ltx2_lora_training.json on the same dataset (the clip's AAC 5.1 sound, the photos with a silent
+   track): caches captions, video and sound latents, trains an LTX-2 LoRA for 10 steps (video and audio losses) with
+   a validation clip at the last step, samples with it — prints where the LoRA, the validation clip and the sampled
+   mp4 (with sound) are.
 
 Each UI-format example workflow is converted to API format with the running server's /object_info; its model
 widgets are pointed at the tiny models and sizes and step counts are made small, so everything takes about a
@@ -30,17 +34,29 @@ from models import populate_models, tiny_workflow  # noqa: E402
 from provision_host import provision_host  # noqa: E402
 
 
+TRAINERS = ("CinetuneK5TrainLoRA", "CinetuneLTX2TrainLoRA")
+
+
+def _sound(path: Path) -> str:
+    """", with sound (codec, channels, rate, duration)" for an mp4 with an audio stream, else ""."""
+    audio = probe_audio(path)
+    if not audio:
+        return ""
+    return (f", with sound ({audio['codec']}, {audio['channels']} channels, {audio['sample_rate']} Hz, "
+            f"{audio['duration'] or 0:.2f} s)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workflow", action="append", help="example workflow name(s) without .json "
-                        "(default: k5_text_to_video, k5_lora_training and ltx2_text_to_video)")
+                        "(default: k5_text_to_video, k5_lora_training, ltx2_text_to_video and ltx2_lora_training)")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "demo", help="folder for models, logs and outputs")
     args = parser.parse_args()
 
     host_dir = provision_host()
     layout = make_layout(args.out, {"cinetune": ROOT})
     names = populate_models(layout)
-    workflows = args.workflow or ["k5_text_to_video", "k5_lora_training", "ltx2_text_to_video"]
+    workflows = args.workflow or ["k5_text_to_video", "k5_lora_training", "ltx2_text_to_video", "ltx2_lora_training"]
     print(f"ComfyUI host: {host_dir}\nTiny models: {names}")
     ok = True
     with ComfyServer(host_dir, layout, log_path=args.out / "comfyui.log") as server:
@@ -53,13 +69,11 @@ def main() -> int:
             entry = client.run(prompt, timeout=1800)
             videos = [p for p in client.output_files(entry, layout.output) if p.suffix == ".mp4"]
             print(f"Workflow {name} finished in {time.time() - started:.1f} s.")
-            if any(n["class_type"] == "CinetuneK5TrainLoRA" for n in prompt.values()):
+            if any(n["class_type"] in TRAINERS for n in prompt.values()):
                 print(f"LoRA: {layout.models / 'loras' / (lora_name + '.safetensors')}")
-            for path in videos:
-                audio = probe_audio(path)
-                sound = (f", with sound ({audio['codec']}, {audio['channels']} channels, {audio['sample_rate']} Hz, "
-                         f"{audio['duration'] or 0:.2f} s)") if audio else ""
-                print(f"Video: {path}{sound}")
+            for path in videos:  # the trainer shows its newest validation clip, kept in its run folder
+                kind = "Validation clip" if "runs" in path.relative_to(layout.output).parts[:2] else "Video"
+                print(f"{kind}: {path}{_sound(path)}")
             ok = ok and bool(videos)
     return 0 if ok else 1
 

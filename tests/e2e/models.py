@@ -18,6 +18,10 @@ from cinetune.ltx2.tiny import write_tiny_ltx2_defaults  # noqa: E402
 TINY_SIZE = {"width": 128, "height": 64, "frames": 9, "steps": 4}
 TINY_LTX2 = {"width": 128, "height": 64, "frames": 9, "steps": 3, "fps": 24.0, "stg_block": 1}
 TINY_TRAINING = {"frames": 17, "resolution": 128, "max_steps": 30, "save_every": 10}
+# LTX-2 training: 9-frame clips in 32 px buckets around 96² (the Big Buck Bunny clip lands in 128×64), 10 steps of a
+# rank-4 LoRA, one 2-step validation clip with sound at the last step.
+TINY_LTX2_TRAINING = {"frames": 9, "resolution": 96, "max_steps": 10, "save_every": 5, "rank": 4,
+                      "validation_sampling_steps": 2}
 DATASET_FOLDER = "k5_lora_dataset"  # inside the host's input folder, as the example workflow expects
 
 
@@ -48,13 +52,14 @@ def populate_models(layout) -> dict[str, str]:
     return names
 
 
-def tiny_workflow(api: dict, names: dict[str, str], *, output_name: str = "tiny_lora",
-                  max_steps: int = TINY_TRAINING["max_steps"], **sizes) -> dict:
-    """A copy of an API-format K5 workflow with model files replaced by the tiny ones, a small video size and, for
-    training workflows, a small clip size, 30 steps and the given run/LoRA name."""
+def tiny_workflow(api: dict, names: dict[str, str], *, output_name: str = "tiny_lora", max_steps: int | None = None,
+                  **sizes) -> dict:
+    """A copy of an API-format workflow with model files replaced by the tiny ones, a small video size and, for
+    training workflows, the small dataset, a small clip size, few steps (K5 30, LTX-2 10; or ``max_steps``) and the
+    given run/LoRA name. ``sizes`` override the K5 sampler's widgets."""
     api = copy.deepcopy(api)
     size = {**TINY_SIZE, **sizes}
-    _tiny_ltx2(api, names)
+    _tiny_ltx2(api, names, output_name=output_name, max_steps=max_steps or TINY_LTX2_TRAINING["max_steps"])
     for node in api.values():
         inputs, ctype = node["inputs"], node["class_type"]
         if ctype == "CinetuneK5ModelLoader":
@@ -69,15 +74,18 @@ def tiny_workflow(api: dict, names: dict[str, str], *, output_name: str = "tiny_
             inputs.update(width=size["width"], height=size["height"])
         elif ctype == "CinetuneK5CacheLatents":
             inputs.update(frames=TINY_TRAINING["frames"], resolution=TINY_TRAINING["resolution"])
+        elif ctype == "CinetuneDatasetFolder":
+            inputs["folder"] = DATASET_FOLDER
         elif ctype == "CinetuneK5TrainLoRA":
-            inputs.update(max_steps=max_steps, save_every=TINY_TRAINING["save_every"],
+            inputs.update(max_steps=max_steps or TINY_TRAINING["max_steps"], save_every=TINY_TRAINING["save_every"],
                           output_name=output_name, rank=8, alpha=8.0, learning_rate=1e-3)
     return api
 
 
-def _tiny_ltx2(api: dict, names: dict[str, str]) -> None:
+def _tiny_ltx2(api: dict, names: dict[str, str], *, output_name: str, max_steps: int) -> None:
     """Point the LTX-2 nodes of an API workflow at the tiny LTX-2 models, a small size and few steps (a two-stage
-    workflow's first stage at half the size)."""
+    workflow's first stage at half the size); training: small clips (photos with a silent track), ``max_steps``
+    steps and one validation clip at the last step."""
     two_stage = any(n["class_type"] == "CinetuneLTX2Sampler" and n["inputs"].get("mode") == "stage 2"
                     for n in api.values())
     for node in api.values():
@@ -96,6 +104,15 @@ def _tiny_ltx2(api: dict, names: dict[str, str]) -> None:
             inputs.update(TINY_LTX2)
             if two_stage and inputs["mode"] != "stage 2":
                 inputs.update(width=TINY_LTX2["width"] // 2, height=TINY_LTX2["height"] // 2)
+        elif ctype == "CinetuneLTX2CacheLatents":
+            inputs.update(frames=TINY_LTX2_TRAINING["frames"], resolution=TINY_LTX2_TRAINING["resolution"],
+                          missing_audio="silence")
+        elif ctype == "CinetuneLTX2TrainLoRA":
+            rank = TINY_LTX2_TRAINING["rank"]
+            inputs.update(output_name=output_name, max_steps=max_steps, save_every=TINY_LTX2_TRAINING["save_every"],
+                          rank=rank, alpha=float(rank), learning_rate=1e-3, validate_every=0,
+                          validation_steps=str(max_steps),
+                          validation_sampling_steps=TINY_LTX2_TRAINING["validation_sampling_steps"])
 
 
 def tiny_ui_workflow(name: str, names: dict[str, str], **overrides) -> dict:

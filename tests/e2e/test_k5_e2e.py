@@ -57,6 +57,15 @@ FROZEN_INPUT_ORDER = {
     "CinetuneLTX2Decode": ["vae", "video_latent", "tiling", "audio_latent"],
     "CinetuneLTX2LoRALoader": ["model", "lora_name", "strength"],
     "CinetuneLTX2MemoryEstimate": ["model", "width", "height", "frames", "fps"],
+    "CinetuneLTX2CacheText": ["dataset", "text_encoder", "cache_name"],
+    "CinetuneLTX2CacheLatents": ["text_cache", "vae", "frames", "frame_selection", "resolution", "audio",
+                                 "image_to_video", "allow_upscale", "missing_audio", "fps"],
+    "CinetuneLTX2TrainLoRA": ["model", "training_data", "output_name", "rank", "alpha", "learning_rate", "optimizer",
+                              "lr_schedule", "warmup_steps", "max_steps", "epochs", "batch_size",
+                              "gradient_accumulation", "timestep_sampling", "flow_shift", "gradient_checkpointing",
+                              "audio", "first_frame_conditioning", "caption_dropout", "seed", "save_every", "resume",
+                              "validate_every", "validation_steps", "validation_sampling_steps", "blocks_to_swap",
+                              "use_pinned_memory", "validation_conditioning", "vae", "text_encoder"],
 }
 
 

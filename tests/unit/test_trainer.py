@@ -1,7 +1,9 @@
 """LoRA training loop on a tiny Kandinsky 5 DiT (fp32, CPU): learning, exact resume, resume errors, optimizers and LR
 schedules, image-to-video and caption-dropout inputs, gradient checkpointing, saved files, cache adapter; and the
 training adapter contract, run on a tiny Kandinsky 5 and a tiny LTX-2 model alike: exact resume after an interrupt,
-gradient checkpointing and block swap give the same gradients, training under block swap and on fp8 weights."""
+gradient checkpointing and block swap give the same gradients, training under block swap and on fp8 weights; and
+what the trainer nodes share (checks, finished-run reuse, LoRA install, validation steps and clips) with the LTX-2
+validation sampler (video with sound, showing the LoRA being trained)."""
 
 from __future__ import annotations
 
@@ -620,3 +622,143 @@ def test_an_adapter_is_found_for_registered_families_only(dit_file, tmp_path):
         train_lora(ltx2.model(), ltx2.samples(), None, ltx2.config(), tmp_path / "run")
     with pytest.raises(TrainingError, match="lacks text_mask, fps"):
         train_lora(ltx2.model(), [sample(0)], None, ltx2.config(), tmp_path / "run", adapter=ltx2.adapter)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the trainer nodes share (training.runs) and the LTX-2 validation sampler (ltx2.validation)
+
+
+def test_a_finished_run_is_reused_only_with_the_same_settings_and_dataset(dit_file, tmp_path):
+    from cinetune.training.runs import finished_run
+
+    cfg, meta = config(max_steps=2), {"dataset_hash": "abc"}
+    run = tmp_path / "run"
+    assert finished_run(run, cfg, meta) is None  # nothing there yet
+    result = train_lora(load_dit(dit_file), [sample(1)], None, cfg, run, metadata=meta)
+    reused = finished_run(run, cfg, meta)
+    assert reused is not None and reused.lora_path == result.lora_path and reused.steps == 2
+    assert finished_run(run, config(max_steps=3), meta) is None
+    assert finished_run(run, cfg, {"dataset_hash": "other"}) is None
+    with pytest.raises(Stop):  # an interrupted run is not finished
+        train_lora(load_dit(dit_file), [sample(1)], None, cfg, tmp_path / "cut", metadata=meta,
+                   check_interrupt=interrupt_at(2))
+    assert finished_run(tmp_path / "cut", cfg, meta) is None
+
+
+def test_the_checks_before_a_run_name_the_fix():
+    from cinetune.training import runs
+
+    runs.check_base_model((), lora_loader="L", model_loader="M", trainer="T")
+    with pytest.raises(TrainingError, match="LoRAs applied \\(L\\).*connect the M directly to T"):
+        runs.check_base_model([("x", None, 1.0)], lora_loader="L", model_loader="M", trainer="T")
+    runs.check_blocks_to_swap(4, 4, "m.safetensors")
+    with pytest.raises(TrainingError, match="blocks_to_swap=5 is more than the 4 .*m.safetensors: use at most 4"):
+        runs.check_blocks_to_swap(5, 4, "m.safetensors")
+    runs.check_bucket_step(256, 128, attention="NABLA", widget="nabla", cacher="C")
+    with pytest.raises(TrainingError, match="NABLA attention, which needs 128 px buckets: turn on 'nabla' in C"):
+        runs.check_bucket_step(16, 128, attention="NABLA", widget="nabla", cacher="C")
+    runs.check_i2v_cache("off", False, cacher="C")
+    runs.check_i2v_cache("first", True, cacher="C")
+    with pytest.raises(TrainingError, match="turn on 'image_to_video' in C"):
+        runs.check_i2v_cache("first", False, cacher="C")
+    runs.check_audio_cache(False, False, cacher="C")
+    runs.check_audio_cache(True, True, cacher="C")
+    with pytest.raises(TrainingError, match="turn on 'audio' in C .*or turn audio off"):
+        runs.check_audio_cache(True, False, cacher="C")
+
+
+def test_install_lora_replaces_its_own_file_and_never_a_foreign_one(tmp_path):
+    from cinetune.training.runs import install_lora
+
+    lora = save_file_atomic({"a.lora_down.weight": torch.ones(1, 2)}, tmp_path / "run" / "lora.safetensors",
+                            {"cinetune.run": "mine"})
+    loras = tmp_path / "loras"
+    first = install_lora(lora, loras, "mine")
+    assert first == loras / "mine.safetensors" and first.read_bytes() == lora.read_bytes()
+    assert install_lora(lora, loras, "mine") == first  # the same run may replace its own LoRA
+    foreign = save_file_atomic({"x": torch.zeros(1)}, loras / "theirs.safetensors", {})
+    before = foreign.read_bytes()
+    with pytest.raises(FileExistsError, match="left untouched.*another output_name"):
+        install_lora(lora, loras, "theirs")
+    assert foreign.read_bytes() == before
+
+
+def test_validation_plan_runs_at_every_n_and_at_the_listed_steps(dit_file, tmp_path):
+    from cinetune.training.runs import ValidationClip, ValidationPlan, latest_validation, validation_path
+
+    plan = ValidationPlan.parse(4, "3, 9;  3")
+    assert plan.steps == (3, 9) and plan.cadence == 1 and plan.active
+    assert [s for s in range(1, 10) if plan.due(s)] == [3, 4, 8, 9]
+    assert ValidationPlan.parse(0, "").validator(lambda s, m: None, tmp_path) is None
+    assert ValidationPlan.parse(250, "500, 1000").cadence == 250
+    for bad in ("3, x", "0", "-2", "2.5"):
+        with pytest.raises(TrainingError, match="step numbers"):
+            ValidationPlan.parse(0, bad)
+    with pytest.raises(TrainingError, match="after the last step"):
+        ValidationPlan.parse(0, "12").check_within(10)
+
+    plan = ValidationPlan.parse(0, "2, 3")
+    rendered, written = [], []
+    frames = torch.rand(5, 16, 16, 3, generator=torch.Generator().manual_seed(0))
+    sound = 0.2 * torch.randn(2, 4800, generator=torch.Generator().manual_seed(1))
+
+    def render(step, model):
+        rendered.append((step, model.training))
+        return ValidationClip(frames, 24.0, sound, 24000)
+
+    validate = plan.validator(render, tmp_path / "run", lambda step, path: written.append((step, path)))
+    train_lora(load_dit(dit_file), [sample(1)], None, config(max_steps=4), tmp_path / "run", validate=validate,
+               validate_every=plan.cadence)
+    assert rendered == [(2, False), (3, False)]  # due steps only, model in eval mode
+    assert written == [(s, validation_path(tmp_path / "run", s)) for s in (2, 3)]
+    assert latest_validation(tmp_path / "run") == validation_path(tmp_path / "run", 3)
+    from cinetune.core.media import probe_audio, probe_video
+
+    assert probe_video(written[0][1])["frames"] == 5
+    assert probe_audio(written[0][1])["codec"] == "aac"
+
+
+def test_ltx2_validation_clips_have_sound_and_show_the_lora_being_trained(tmp_path):
+    from cinetune.core.media import probe_audio, probe_video
+    from cinetune.ltx2.audio import LTX2AudioVAE, LTX2Vocoder
+    from cinetune.ltx2.loader import LTX2VAEs
+    from cinetune.ltx2.pipeline import LTX2Conditioning, LTX2Prompt
+    from cinetune.ltx2.validation import render_validation, validation_request, validation_size
+    from cinetune.ltx2.vae import LTX2VideoVAE
+    from cinetune.ltx2.vae import tiny_config as tiny_vae_config
+    from cinetune.training.runs import ValidationPlan
+
+    h = LTX2Harness()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vaes = LTX2VAEs(LTX2VideoVAE.from_config(tiny_vae_config()), LTX2AudioVAE.from_config(
+            LTX2AudioVAE.tiny_config()), LTX2Vocoder.from_config(LTX2Vocoder.tiny_config()))
+    g = torch.Generator().manual_seed(4)
+    width = h.dit_config.caption_channels
+    prompt = LTX2Prompt(torch.randn(1, 6, width, generator=g), torch.randn(1, 6, width, generator=g))
+    conditioning = LTX2Conditioning(prompt, LTX2Prompt(torch.zeros(1, 6, width), torch.zeros(1, 6, width)))
+    samples = [h.sample(1, F=1, H=2, W=2), h.sample(2, F=2, H=2, W=3)]  # an image, then a clip: the clip sets the size
+    assert validation_size(samples) == (96, 64, 9, 24.0)
+    request = validation_request(96, 64, 9, 24.0, seed=3, steps=2, num_blocks=len(h.model().blocks))
+    assert request.stg == 0.0 and request.mode == "dev"  # the tiny DiT has no block 29
+    assert validation_request(96, 64, 9, 24.0, seed=3, steps=2, num_blocks=48).stg == 1.0
+
+    model = h.model().requires_grad_(False)
+    base = render_validation(model, conditioning, vaes, request)
+    assert base.frames.shape == (9, 64, 96, 3) and base.audio.shape[0] == 2 and base.sample_rate == 24000
+    clips = {}
+
+    def render(step, net):
+        clips[step] = render_validation(net, conditioning, vaes, request)
+        return clips[step]
+
+    plan = ValidationPlan.parse(0, "2")
+    cfg = h.config(max_steps=2, learning_rate=5e-2, i2v="off")
+    train_lora(model, samples[1:], None, cfg, tmp_path / "run", adapter=h.adapter,
+               validate=plan.validator(render, tmp_path / "run"), validate_every=plan.cadence)
+    clip = tmp_path / "run" / "validation" / "step_000002.mp4"
+    assert probe_video(clip)["frames"] == 9 and probe_audio(clip)["channels"] == 2
+    assert (clips[2].frames - base.frames).abs().max() > 1e-3  # the LoRA of the run changed the clip
+    assert (clips[2].audio - base.audio).abs().max() > 0
+    after = render_validation(model, conditioning, vaes, request)  # LoRA removed after the run
+    torch.testing.assert_close(after.frames, base.frames, rtol=0, atol=1e-6)

@@ -1,7 +1,10 @@
 // Live loss chart for the Cinetune LoRA trainer node.
 //
 // The trainer sends one websocket event per optimizer step:
-//   "cinetune.train.progress" {node, prompt_id, run, step, max_steps, loss, loss_ema, lr, steps_per_s, eta_s}
+//   "cinetune.train.progress" {node, prompt_id, run, step, max_steps, loss, loss_ema, lr, steps_per_s, eta_s,
+//                              loss_terms}
+// where loss_terms names the parts of the loss (LTX-2: {video, audio}; empty for a one-part loss). Each part is drawn
+// as its own thin line and shown in the readout.
 // and status events:
 //   "cinetune.train.status"   {node, prompt_id, run, status: started|checkpoint|finished|interrupted, step, message}
 // `node` is the trainer's unique id (a string). Each trainer node on the canvas gets a DOM widget with a
@@ -13,13 +16,14 @@
 // at a coarser resolution; later steps are averaged into buckets of the current size before they are stored.
 //
 // For tests, the chart canvas carries data-cinetune-chart="loss", data-node-id, data-points (stored points
-// plus a partly filled bucket), data-last-step, data-run and data-status, refreshed on every redraw.
+// plus a partly filled bucket), data-last-step, data-run, data-status and data-terms (the loss parts drawn, comma
+// separated), refreshed on every redraw.
 // The only global is window.cinetune.lossChart ({liveCount(), maxPoints}).
 
 const { app } = window.comfyAPI.app;
 const { api } = window.comfyAPI.api;
 
-const NODE_CLASS = "CinetuneK5TrainLoRA";
+const NODE_CLASSES = new Set(["CinetuneK5TrainLoRA", "CinetuneLTX2TrainLoRA"]);
 const WIDGET_NAME = "loss_chart";
 const WIDGET_TYPE = "cinetune_loss_chart";
 const PROGRESS_EVENT = "cinetune.train.progress";
@@ -36,6 +40,9 @@ const COLORS = {
     checkpoint: "rgba(140, 220, 140, 0.55)",
     empty: "#6b737c",
 };
+// Loss parts by name; other names take the spare colours in order.
+const TERM_COLORS = { video: "#7ee787", audio: "#d2a8ff" };
+const SPARE_TERM_COLORS = ["#ff7b72", "#79c0ff", "#e3b341"];
 
 const liveCharts = new Set();
 
@@ -50,8 +57,13 @@ class LossSeries {
         this.steps = [];
         this.loss = [];
         this.ema = [];
+        this.terms = {}; // loss part name -> values parallel to steps (NaN where a step lacks the part)
         this.bucketSize = 1;
-        this.pending = null; // {n, lossSum, step, ema}: a bucket being filled when bucketSize > 1
+        this.pending = null; // {n, lossSum, step, ema, termSums, termCounts}: a bucket being filled (bucketSize > 1)
+    }
+
+    get termNames() {
+        return Object.keys(this.terms);
     }
 
     get lastStep() {
@@ -64,19 +76,24 @@ class LossSeries {
         return this.steps.length + (this.pending ? 1 : 0);
     }
 
-    add(step, loss, ema) {
+    /** Adds one step; `terms` maps loss part names to finite values (may be empty). */
+    add(step, loss, ema, terms = {}) {
         if (this.lastStep !== null && step <= this.lastStep) this.truncateFrom(step);
         if (this.bucketSize === 1) {
-            this._push(step, loss, ema);
+            this._push(step, loss, ema, terms);
         } else {
-            const p = this.pending ?? (this.pending = { n: 0, lossSum: 0, step, ema });
+            const p = this.pending ?? (this.pending = { n: 0, lossSum: 0, step, ema, termSums: {}, termCounts: {} });
             p.n += 1;
             p.lossSum += loss;
             p.step = step;
             p.ema = ema;
+            for (const [name, value] of Object.entries(terms)) {
+                p.termSums[name] = (p.termSums[name] ?? 0) + value;
+                p.termCounts[name] = (p.termCounts[name] ?? 0) + 1;
+            }
             if (p.n >= this.bucketSize) {
                 this.pending = null;
-                this._push(p.step, p.lossSum / p.n, p.ema);
+                this._push(p.step, p.lossSum / p.n, p.ema, pendingTerms(p));
             }
         }
     }
@@ -89,12 +106,17 @@ class LossSeries {
         this.steps.length = keep;
         this.loss.length = keep;
         this.ema.length = keep;
+        for (const values of Object.values(this.terms)) values.length = keep;
     }
 
-    _push(step, loss, ema) {
+    _push(step, loss, ema, terms) {
+        for (const name of Object.keys(terms)) {
+            if (!this.terms[name]) this.terms[name] = new Array(this.steps.length).fill(NaN);
+        }
         this.steps.push(step);
         this.loss.push(loss);
         this.ema.push(ema);
+        for (const [name, values] of Object.entries(this.terms)) values.push(terms[name] ?? NaN);
         if (this.steps.length > this.maxPoints) this._halve();
     }
 
@@ -114,7 +136,21 @@ class LossSeries {
         this.steps = steps;
         this.loss = loss;
         this.ema = ema;
+        for (const [name, values] of Object.entries(this.terms)) {
+            const merged = [];
+            for (let i = 0; i + 1 < n; i += 2) merged.push(meanOfFinite(values[i], values[i + 1]));
+            if (n % 2 === 1) merged.push(values[n - 1]);
+            this.terms[name] = merged;
+        }
         this.bucketSize *= 2;
+    }
+
+    /** Calls fn(step, value) for every point of loss part `name` that has a value, in step order. */
+    forEachTerm(name, fn) {
+        const values = this.terms[name] ?? [];
+        for (let i = 0; i < this.steps.length; i++) if (finite(values[i])) fn(this.steps[i], values[i]);
+        const p = this.pending;
+        if (p && p.termCounts[name]) fn(p.step, p.termSums[name] / p.termCounts[name]);
     }
 
     /** Calls fn(step, loss, ema) for every point to draw, in step order. */
@@ -126,6 +162,30 @@ class LossSeries {
 
 function finite(value) {
     return typeof value === "number" && Number.isFinite(value);
+}
+
+function meanOfFinite(a, b) {
+    if (finite(a) && finite(b)) return (a + b) / 2;
+    return finite(a) ? a : b;
+}
+
+function pendingTerms(p) {
+    const terms = {};
+    for (const name of Object.keys(p.termSums)) terms[name] = p.termSums[name] / p.termCounts[name];
+    return terms;
+}
+
+/** The finite parts of an event's loss_terms, as {name: value}. */
+function lossTerms(data) {
+    const terms = {};
+    if (data && typeof data.loss_terms === "object" && data.loss_terms !== null) {
+        for (const [name, value] of Object.entries(data.loss_terms)) if (finite(value)) terms[name] = value;
+    }
+    return terms;
+}
+
+function termColor(name, index) {
+    return TERM_COLORS[name] ?? SPARE_TERM_COLORS[index % SPARE_TERM_COLORS.length];
 }
 
 function formatNumber(value, digits = 4) {
@@ -219,7 +279,7 @@ class LossChart {
         if (!this.matches(data) || !finite(data.step)) return;
         if (this.isNewRun(data)) this.reset(data.run, data.prompt_id);
         if (finite(data.loss)) {
-            this.series.add(data.step, data.loss, finite(data.loss_ema) ? data.loss_ema : data.loss);
+            this.series.add(data.step, data.loss, finite(data.loss_ema) ? data.loss_ema : data.loss, lossTerms(data));
         }
         this.latest = data;
         this.schedule();
@@ -250,8 +310,9 @@ class LossChart {
         if (!d) return this.status ? `${this.status.status}: ${this.status.message ?? ""}` : "waiting for training";
         const lr = finite(d.lr) ? d.lr.toExponential(2) : "–";
         const speed = finite(d.steps_per_s) ? d.steps_per_s.toFixed(2) : "–";
+        const parts = Object.entries(lossTerms(d)).map(([name, value]) => ` · ${name} ${formatNumber(value)}`).join("");
         return `step ${d.step}/${d.max_steps ?? "?"} · loss ${formatNumber(d.loss)} · ema ${formatNumber(d.loss_ema)}`
-            + ` · lr ${lr} · ${speed} it/s · ETA ${formatDuration(d.eta_s)}${status}`;
+            + `${parts} · lr ${lr} · ${speed} it/s · ETA ${formatDuration(d.eta_s)}${status}`;
     }
 
     draw() {
@@ -263,6 +324,7 @@ class LossChart {
         ds.lastStep = series.lastStep === null ? "" : String(series.lastStep);
         ds.run = this.run ?? "";
         ds.status = this.status?.status ?? "";
+        ds.terms = series.termNames.join(",");
         const text = this.readoutText();
         if (this.readout.textContent !== text) this.readout.textContent = text;
 
@@ -296,8 +358,16 @@ class LossChart {
             emaMin = Math.min(emaMin, ema);
             emaMax = Math.max(emaMax, ema);
         });
-        let yMin = Math.min(emaMin, ...losses);
-        let yMax = robustMax(losses, emaMax);
+        const termNames = series.termNames;
+        let termMin = Infinity, termMax = -Infinity;
+        for (const name of termNames) {
+            series.forEachTerm(name, (_step, value) => {
+                termMin = Math.min(termMin, value);
+                termMax = Math.max(termMax, value);
+            });
+        }
+        let yMin = Math.min(emaMin, termMin, ...losses);
+        let yMax = robustMax(losses, Math.max(emaMax, termMax));
         if (!(yMax > yMin)) {
             const half = Math.abs(yMax) * 0.5 || 1;
             yMin -= half;
@@ -377,6 +447,33 @@ class LossChart {
             first = false;
         });
         ctx.stroke();
+
+        // Loss parts (e.g. video and audio) as thin lines, with a legend in the top right corner.
+        ctx.lineWidth = 1.5;
+        termNames.forEach((name, index) => {
+            ctx.strokeStyle = termColor(name, index);
+            ctx.beginPath();
+            let start = true;
+            series.forEachTerm(name, (step, value) => {
+                const x = px(step), y = py(value);
+                if (start) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+                start = false;
+            });
+            ctx.stroke();
+        });
+        if (termNames.length) {
+            const legend = [["loss", COLORS.loss], ["ema", COLORS.ema],
+                ...termNames.map((name, index) => [name, termColor(name, index)])];
+            ctx.textAlign = "right";
+            ctx.textBaseline = "top";
+            let x = left + plotW - 4;
+            for (let i = legend.length - 1; i >= 0; i--) {
+                const [label, color] = legend[i];
+                ctx.fillStyle = color;
+                ctx.fillText(label, x, top + 3);
+                x -= ctx.measureText(label).width + 10;
+            }
+        }
     }
 
     dispose() {
@@ -417,7 +514,7 @@ function attachChart(node) {
 }
 
 function isTrainer(node) {
-    return (node?.comfyClass ?? node?.constructor?.comfyClass) === NODE_CLASS;
+    return NODE_CLASSES.has(node?.comfyClass ?? node?.constructor?.comfyClass);
 }
 
 window.cinetune = window.cinetune || {};

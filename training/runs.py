@@ -1,0 +1,262 @@
+"""What every trainer node shares, for any model family: where a run lives, the checks before a run starts,
+reusing a finished run, installing its LoRA where the host's LoRA loaders look, and validation clips (when they
+are due, where they are written, how they are muxed).
+
+::
+
+    run_dir = run_directory(output_dir, "my_lora")                 # <output>/cinetune/runs/my_lora
+    plan = ValidationPlan.parse(every=250, steps="100, 1000")
+    result = finished_run(run_dir, config, metadata) or train_lora(
+        ..., validate=plan.validator(render, run_dir), validate_every=plan.cadence)
+    install_lora(result.lora_path, loras_dir, "my_lora")           # <loras>/my_lora.safetensors
+
+Decisions:
+
+- **Finished runs are reused**, not retrained or refused, when the run folder's ``lora.safetensors`` is complete and
+  was trained with exactly the same :meth:`~cinetune.training.config.TrainConfig.to_dict` on the same dataset
+  (``dataset_hash`` metadata): a host that dropped the trainer's cached output can run an unchanged workflow again.
+  Any difference goes through the loop's new-run / resume rules.
+- **Installing never overwrites a file another run (or a person) wrote**: the destination is replaced only when its
+  ``cinetune.run`` metadata names this run.
+- **Validation steps**: a clip is due at every multiple of ``every`` and at each listed step. The loop is asked to
+  call back every ``gcd`` of those numbers (:attr:`ValidationPlan.cadence`) and the callback skips the steps that
+  are not due, so the loop keeps one ``validate_every``.
+- Validation clips are ``<run>/validation/step_NNNNNN.mp4`` (H.264, with an AAC track when the clip has sound).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from torch import Tensor, nn
+
+from ..core.checkpoint import atomic_path, read_safetensors_header
+from ..core.media import write_video
+from .checkpointing import LORA_FILE
+from .config import TrainConfig, TrainingError, TrainResult
+
+__all__ = ["RUNS_FOLDER", "VALIDATION_FOLDER", "run_directory", "finished_run", "install_lora", "check_base_model",
+           "check_blocks_to_swap", "check_bucket_step", "check_i2v_cache", "check_audio_cache", "ValidationClip",
+           "ValidationPlan", "validation_path", "write_validation", "latest_validation"]
+
+#: Run folders live in ``<output>/cinetune/runs/<name>``.
+RUNS_FOLDER = ("cinetune", "runs")
+#: Validation clips of a run live in ``<run>/validation``.
+VALIDATION_FOLDER = "validation"
+
+
+def run_directory(output_dir: str | Path, name: str) -> Path:
+    """``<output_dir>/cinetune/runs/<name>`` (``name`` must already be checked as one file name)."""
+    return Path(output_dir).joinpath(*RUNS_FOLDER, name)
+
+
+def finished_run(run_dir: str | Path, config: TrainConfig, metadata: Mapping[str, Any]) -> TrainResult | None:
+    """The result of a complete run in ``run_dir`` trained with exactly ``config`` on the same dataset, else None.
+
+    Args:
+        run_dir: the run folder. config: the settings of the run about to start.
+        metadata: the LoRA metadata the run is about to write; its ``dataset_hash`` must equal the finished run's.
+    """
+    lora = Path(run_dir) / LORA_FILE
+    if not lora.is_file():
+        return None
+    meta = read_safetensors_header(lora)[1]
+    same = (meta.get("cinetune.complete") == "true" and meta.get("dataset_hash") == metadata.get("dataset_hash")
+            and meta.get("cinetune.training") == json.dumps(config.to_dict(), sort_keys=True))
+    return TrainResult(lora, int(meta.get("cinetune.steps", 0))) if same else None
+
+
+def install_lora(lora_path: str | Path, loras_dir: str | Path, name: str) -> Path:
+    """Copy a finished LoRA atomically to ``<loras_dir>/<name>.safetensors`` and return that path.
+
+    Raises:
+        FileExistsError: the destination exists and its ``cinetune.run`` metadata does not name ``name`` (it is
+            left untouched; the message says where this run's LoRA is).
+    """
+    dest = Path(loras_dir) / f"{name}.safetensors"
+    if dest.exists() and read_safetensors_header(dest)[1].get("cinetune.run") != name:
+        raise FileExistsError(f"{dest} exists and was not written by the run '{name}'; it is left untouched. Pick "
+                              f"another output_name; this run's LoRA is in {lora_path}.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(lora_path, tmp)
+    return dest
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks before a run
+
+
+def check_base_model(loras: Iterable[Any], *, lora_loader: str, model_loader: str, trainer: str) -> None:
+    """Refuse a model that has LoRAs applied: training starts from the base weights.
+
+    Raises:
+        TrainingError: ``loras`` is not empty (names the nodes to connect directly).
+    """
+    if tuple(loras):
+        raise TrainingError(f"the model has LoRAs applied ({lora_loader}); training starts from the base model, so "
+                            f"connect the {model_loader} directly to {trainer}.")
+
+
+def check_blocks_to_swap(blocks_to_swap: int, total: int, model_name: str) -> None:
+    """Raise :class:`TrainingError` when more blocks are to be swapped than the model has."""
+    if blocks_to_swap > total:
+        raise TrainingError(f"blocks_to_swap={blocks_to_swap} is more than the {total} transformer blocks of "
+                            f"{model_name}: use at most {total}.")
+
+
+def check_bucket_step(bucket_step: int, multiple: int, *, attention: str, widget: str, cacher: str) -> None:
+    """Refuse cached buckets whose sides are not multiples of what the model's sparse attention needs.
+
+    Args:
+        bucket_step: the side step of the cached buckets (px). multiple: what the attention needs (px).
+        attention: its name for the message (``"NABLA"``). widget: the switch that sets it on the cacher and the
+            loader (``"nabla"``). cacher: the cache node's name.
+
+    Raises:
+        TrainingError: ``bucket_step`` is not a multiple of ``multiple``.
+    """
+    if bucket_step % multiple:
+        raise TrainingError(f"this model runs {attention} attention, which needs {multiple} px buckets: turn on "
+                            f"'{widget}' in {cacher}, or load the model with {widget} 'off'.")
+
+
+def check_i2v_cache(mode: str, cached: bool, *, cacher: str) -> None:
+    """Refuse image-to-video training (``mode`` ≠ ``"off"``) on a cache without first/last-frame latents.
+
+    Raises:
+        TrainingError: naming the cacher switch to turn on.
+    """
+    if mode != "off" and not cached:
+        raise TrainingError(f"image_to_video training needs first/last frame latents: turn on 'image_to_video' in "
+                            f"{cacher} and run it again.")
+
+
+def check_audio_cache(with_audio: bool, cached: bool, *, cacher: str) -> None:
+    """Refuse audio+video training on a cache without sound latents.
+
+    Raises:
+        TrainingError: naming the cacher switch to turn on.
+    """
+    if with_audio and not cached:
+        raise TrainingError(f"training the sound needs audio latents: turn on 'audio' in {cacher} and run it again, "
+                            "or turn audio off to train the video only.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+@dataclass
+class ValidationClip:
+    """A validation sample ready to be written.
+
+    Attributes:
+        frames: ``[F, H, W, 3]`` float in 0..1 (ComfyUI IMAGE layout). fps: frames per second.
+        audio: optional waveform ``[C, S]`` float in -1..1; sample_rate: its rate in Hz (required with audio).
+    """
+
+    frames: Tensor
+    fps: float = 24.0
+    audio: Tensor | None = None
+    sample_rate: int | None = None
+
+
+def validation_path(run_dir: str | Path, step: int) -> Path:
+    """``<run_dir>/validation/step_NNNNNN.mp4``."""
+    return Path(run_dir) / VALIDATION_FOLDER / f"step_{step:06d}.mp4"
+
+
+def write_validation(clip: ValidationClip, path: str | Path) -> Path:
+    """Write ``clip`` as an mp4 (H.264; AAC when it has sound) atomically (:func:`cinetune.core.media.write_video`).
+
+    Raises:
+        MediaError: bad frames, audio or rates.
+    """
+    sound = {} if clip.audio is None else dict(audio=clip.audio, audio_sample_rate=clip.sample_rate)
+    return write_video(clip.frames, path, fps=clip.fps, **sound)
+
+
+def latest_validation(run_dir: str | Path) -> Path | None:
+    """The run's newest validation clip (highest step), or None."""
+    clips = sorted((Path(run_dir) / VALIDATION_FOLDER).glob("step_*.mp4"))
+    return clips[-1] if clips else None
+
+
+_STEP_LIST = re.compile(r"[\s,;]+")
+
+
+@dataclass(frozen=True)
+class ValidationPlan:
+    """When validation clips are made: every ``every`` steps (0 = never) and at the listed ``steps``.
+
+    Raises:
+        TrainingError: ``every`` < 0 or a listed step < 1.
+    """
+
+    every: int = 0
+    steps: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 0:
+            raise TrainingError(f"validate_every must be an integer ≥ 0 (0 = off); got {self.every!r}.")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.steps):
+            raise TrainingError(f"validation steps must be step numbers ≥ 1; got {list(self.steps)}.")
+        object.__setattr__(self, "steps", tuple(sorted(set(self.steps))))
+
+    @classmethod
+    def parse(cls, every: int = 0, steps: str = "") -> "ValidationPlan":
+        """A plan from a widget's text of step numbers separated by commas or spaces (``"250, 1000"``; empty =
+        none).
+
+        Raises:
+            TrainingError: a part that is not a whole number ≥ 1 (the message shows the expected form).
+        """
+        parts = [p for p in _STEP_LIST.split(str(steps).strip()) if p]
+        bad = [p for p in parts if not p.isdigit() or int(p) < 1]
+        if bad:
+            raise TrainingError(f"validation steps must be step numbers ≥ 1 separated by commas, e.g. '250, 1000'; "
+                                f"{bad[0]!r} is not one.")
+        return cls(every, tuple(int(p) for p in parts))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.every or self.steps)
+
+    @property
+    def cadence(self) -> int:
+        """The loop's ``validate_every``: the gcd of ``every`` and the listed steps (0 when inactive)."""
+        return math.gcd(self.every, *self.steps)
+
+    def due(self, step: int) -> bool:
+        """Whether a clip is made after optimizer step ``step``."""
+        return bool(self.every and step % self.every == 0) or step in self.steps
+
+    def check_within(self, max_steps: int) -> None:
+        """Raise :class:`TrainingError` when a listed step comes after the run's last step ``max_steps``."""
+        late = [s for s in self.steps if s > max_steps]
+        if late:
+            raise TrainingError(f"validation step {late[0]} comes after the last step ({max_steps}): list steps up "
+                                f"to max_steps, or raise max_steps.")
+
+    def validator(self, render: Callable[[int, nn.Module], ValidationClip], run_dir: str | Path,
+                  on_written: Callable[[int, Path], Any] | None = None) -> Callable[[int, nn.Module], None] | None:
+        """The loop's ``validate`` callback: at due steps ``render(step, model)`` and write the clip to
+        :func:`validation_path`, then ``on_written(step, path)``. None when the plan is inactive."""
+        if not self.active:
+            return None
+
+        def validate(step: int, model: nn.Module) -> None:
+            if not self.due(step):
+                return
+            path = write_validation(render(step, model), validation_path(run_dir, step))
+            if on_written is not None:
+                on_written(step, path)
+
+        return validate
