@@ -10,7 +10,8 @@ LoRA files and the trainer never name a family:
   model.
 - :class:`LoRAKeyGrammar` — how its LoRA layer names look: a pattern that recognises them (to name the model a
   foreign LoRA was made for), the resolver of kohya names (``lora_unet_`` + the module path with every ``.``
-  replaced by ``_``, which is ambiguous where names contain ``_``) and how its block numbers are reported.
+  replaced by ``_``, which is ambiguous where names contain ``_``), the converter of diffusers module names (for
+  families whose diffusers port renames modules) and how its block numbers are reported.
 - :class:`ModelFamily` — name (also the ``modelspec.architecture`` written into saved LoRAs), display name, the
   two objects above, and the module-name suffixes and prefixes its LoRAs target.
 
@@ -26,7 +27,7 @@ import operator
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 __all__ = [
     "AudioLatentFormat", "LatentFormat", "LoRAKeyGrammar", "ModelFamily",
@@ -339,9 +340,14 @@ class LoRAKeyGrammar:
         block_kinds: the values of the ``kind`` group, in the order they are reported.
         block_counts: how many blocks the family's models have, appended to the report (e.g.
             ``"the small model has 2 text / 32 visual blocks, the large one 4 / 60"``).
+        diffusers_to_official: maps a module path in the naming of the family's diffusers port (the names in LoRA
+            files with the ``transformer.`` prefix that diffusers writes) to the family's own module path, e.g.
+            ``"proj_in"`` → ``"patchify_proj"``; it must return the family's own paths unchanged, because files
+            without a prefix may use either naming. None = the diffusers names are the family's own.
 
     Raises:
         ValueError: a pattern that does not compile, or a ``block_index`` without an ``index`` group.
+        TypeError: ``diffusers_to_official`` is neither None nor callable.
     """
 
     pattern: str
@@ -349,6 +355,7 @@ class LoRAKeyGrammar:
     block_index: str | None = None
     block_kinds: tuple[str, ...] = ()
     block_counts: str = ""
+    diffusers_to_official: Callable[[str], str] | None = None
     _compiled: tuple = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -361,6 +368,9 @@ class LoRAKeyGrammar:
                 raise ValueError(f"LoRAKeyGrammar: {attr} {text!r} is not a regular expression ({e})") from e
         if compiled[2] is not None and "index" not in compiled[2].groupindex:
             raise ValueError(f"LoRAKeyGrammar: block_index {self.block_index!r} needs a group named 'index'")
+        if self.diffusers_to_official is not None and not callable(self.diffusers_to_official):
+            raise TypeError("LoRAKeyGrammar: diffusers_to_official must be a function str → str or None, got "
+                            f"{type(self.diffusers_to_official).__name__}")
         object.__setattr__(self, "block_kinds", tuple(self.block_kinds))
         object.__setattr__(self, "_compiled", tuple(compiled))
 
@@ -375,6 +385,21 @@ class LoRAKeyGrammar:
             return None
         m = self._compiled[1].fullmatch(body)
         return ".".join(g for g in m.groups() if g is not None) if m else None
+
+    def official_path(self, path: str) -> str:
+        """The family's own module path of ``path``, which may be in the naming of its diffusers port
+        (:attr:`diffusers_to_official`; unchanged when there is no converter).
+
+        Raises:
+            TypeError: the converter did not return a string.
+        """
+        if self.diffusers_to_official is None:
+            return path
+        out = self.diffusers_to_official(path)
+        if not isinstance(out, str):
+            raise TypeError(f"LoRAKeyGrammar.diffusers_to_official returned {type(out).__name__} for {path!r}, "
+                            "not a module path")
+        return out
 
     def describe_blocks(self, names: Iterable[str]) -> str:
         """``"highest text block 3, visual block 59; <block_counts>"`` for the given names (−1 for a kind that

@@ -11,7 +11,8 @@ Layouts read by :func:`load_lora` (``<p>`` = module path, e.g. ``blocks.0.attn.t
 - ``peft``: ``base_model.model.<p>.lora_A.weight`` / ``.lora_B.weight``, or ``transformer.``/no prefix with
   ``.lora_A.default.weight`` — the PEFT config, else PEFT's default 8.
 - ``diffusers``: ``transformer.<p>.lora_A.weight`` / ``.lora_B.weight``; ``bare``: ``<p>.lora_A.weight`` (or
-  ``lora_down``) — the PEFT config if one is found (then reported as ``peft``), else alpha = rank.
+  ``lora_down``) — the PEFT config if one is found (then reported as ``peft``), else alpha = rank. ``<p>`` may be
+  in the naming of the family's diffusers port (e.g. LTX-2 ``proj_in`` for ``patchify_proj``); see below.
 
 Weight suffixes accepted with any prefix: ``.lora_down.weight``/``.lora_up.weight``, ``.lora_A.weight``/
 ``.lora_B.weight``, ``.lora_A.default.weight``/``.lora_B.default.weight``, ``.lora_A``/``.lora_B`` — the plain LoRA
@@ -40,6 +41,14 @@ Decisions (where the sources leave a choice):
 - **kohya names** replace every ``.`` of the module path with ``_``, which is ambiguous for names that contain
   ``_``. They are resolved against ``module_names`` when given, else with the kohya resolvers of the registered
   model families (:class:`cinetune.core.family.LoRAKeyGrammar`); a family without one needs ``module_names``.
+- **diffusers module names.** Where a family's diffusers port renames modules, the paths of ``diffusers``,
+  ``peft`` and ``bare`` files are converted to the family's own names with the family's
+  :attr:`cinetune.core.family.LoRAKeyGrammar.diffusers_to_official` (the family is recognised from the LoRA's
+  paths, else from ``module_names``); ``comfyui`` and ``kohya`` files already use the family's own names (ComfyUI
+  maps ``diffusion_model.`` keys onto the original model). The PEFT config diffusers saves beside such a LoRA
+  (``lora_adapter_metadata``, each field prefixed with ``transformer.`` by diffusers ``loaders/lora_base.py``
+  ``_save_lora_weights``) is read with that prefix removed, and its ``alpha_pattern``/``rank_pattern`` are matched
+  against the paths as the file names them.
 - **Architecture** of a saved LoRA (``modelspec.architecture``) is the name of the registered family its module
   paths belong to (:func:`cinetune.core.family.guess_family`) unless given.
 """
@@ -52,7 +61,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -285,6 +294,17 @@ def _resolve_kohya(rest: str, table: dict[str, list[str]] | None) -> str | None:
     return None
 
 
+def _official_names(fmt: str, paths: list[str], module_names: list[str] | None) -> Callable[[str], str] | None:
+    """The converter of diffusers module names of the family the LoRA (else the model) belongs to, for the layouts
+    diffusers and PEFT write; None where names need no conversion."""
+    if fmt not in ("diffusers", "peft", "bare"):
+        return None
+    family = guess_family(paths)
+    if family is None and module_names is not None:
+        family = guess_family(module_names)
+    return None if family is None else family.lora_grammar.official_path
+
+
 def _peft_config_from_metadata(md: Mapping[str, Any]) -> dict[str, Any] | None:
     for key in ("lora_adapter_metadata", "config_lora", "peft_config"):
         if key in md:
@@ -293,6 +313,8 @@ def _peft_config_from_metadata(md: Mapping[str, Any]) -> dict[str, Any] | None:
                 cfg = json.loads(raw) if isinstance(raw, str) else dict(raw)
             except (TypeError, ValueError) as e:
                 raise LoRAError(f"metadata entry {key!r} is not a JSON PEFT config ({e}).") from e
+            if "lora_alpha" not in cfg and "r" not in cfg:
+                cfg = {k[len(_DIFFUSERS_PREFIX):]: v for k, v in cfg.items() if k.startswith(_DIFFUSERS_PREFIX)}
             if "lora_alpha" in cfg or "r" in cfg:
                 return cfg
     if "lora_alpha" in md:
@@ -366,17 +388,19 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]
         path_or_state_dict: a ``.safetensors`` (or PyTorch pickle) file, or a state dict.
         module_names: module paths of the target model (e.g. ``[n for n, _ in model.named_modules()]``). When given,
             every LoRA layer must name one of them, and kohya names are resolved against them. When None, kohya
-            names are resolved with the kohya resolvers of the registered model families.
+            names are resolved with the kohya resolvers of the registered model families. They also tell the
+            family whose diffusers names to convert when the LoRA's own paths do not (module docstring).
         metadata: extra metadata (overrides the file's); may carry a PEFT config (``lora_alpha``, ``r``,
             ``alpha_pattern``, ``use_rslora`` keys, or a JSON config under ``lora_adapter_metadata``).
         default_alpha: alpha for layers without any alpha information in the file or a PEFT config.
 
     Returns:
-        :class:`LoRAWeights` with tensors in their stored dtypes on the CPU (or the state dict's device).
+        :class:`LoRAWeights` keyed by the family's own module paths, with tensors in their stored dtypes on the
+        CPU (or the state dict's device).
 
     Raises:
         LoRAError: not a LoRA (names some keys); mixed or unknown key layouts (names the keys); a layer with only
-            one half or mismatched ranks; conv (non 2-D) LoRAs; kohya names that cannot be resolved; layers absent
+            one half or mismatched ranks; the same layer under its own and its diffusers name; conv (non 2-D) LoRAs; kohya names that cannot be resolved; layers absent
             from ``module_names`` (lists them and names the model the LoRA seems to be for); a PEFT config that
             contradicts the tensors.
         CheckpointError: the file is missing or not a readable safetensors/pickle file.
@@ -440,14 +464,21 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]
     name_set = set(names) if names is not None else None
 
     # Group halves by layer and resolve names.
+    to_official = _official_names(fmt, [rest for rest, _ in parsed], names)
     halves: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    file_paths: dict[str, str] = {}  # layer → its path as the file names it (PEFT config patterns match that)
     unresolved: list[str] = []
     for (rest, role), (key, tensor) in parsed.items():
-        layer = _resolve_kohya(rest, table) if fmt == "kohya" else rest
-        if layer is None:
+        path = _resolve_kohya(rest, table) if fmt == "kohya" else rest
+        if path is None:
             unresolved.append(_KOHYA_PREFIX + rest)
             continue
+        layer = path if to_official is None else to_official(path)
+        if role in halves.get(layer, {}):
+            raise LoRAError(f"{where}: {halves[layer][role][0]} and {key} are the same LoRA weight of {layer}, once "
+                            "in the model's own module names and once in its diffusers names; keep one of them.")
         halves.setdefault(layer, {})[role] = (key, tensor)
+        file_paths[layer] = path
     unresolved = sorted(set(unresolved))
     if unresolved and names is None:
         known = ", ".join(f.display_name for f in registered_families()) or "none registered"
@@ -505,7 +536,7 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]
                 raise LoRAError(f"{where}: {akey} = {alpha} is not a valid alpha.")
             alpha, source = (alpha, "file") if alpha > 0 else (float(rank), "rank")
         elif cfg is not None:
-            alpha, source = _alpha_from_peft(cfg, layer, rank, cfg_where), "config"
+            alpha, source = _alpha_from_peft(cfg, file_paths[layer], rank, cfg_where), "config"
         elif default_alpha is not None:
             alpha, source = default_alpha, "default_alpha"
         elif fmt == "peft":

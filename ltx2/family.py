@@ -13,6 +13,11 @@ Facts (reference ltx2.md §4–6, §9.3, §11.1):
 - **LoRA targets**: ltx-trainer's default ``to_k, to_q, to_v, to_out.0`` inside ``transformer_blocks`` (the six
   attention modules of each of the 48 blocks), Lightricks/LTX-2 ``packages/ltx-trainer`` ``configs/ltx2_av_lora.yaml``.
 - **kohya names** (``lora_unet_transformer_blocks_<i>_<module>_<layer>``) resolve with the block grammar below.
+- **diffusers names**: diffusers' port renames some modules (``patchify_proj`` → ``proj_in``, ``adaln_single`` →
+  ``time_embed``, ``av_ca_*`` → ``av_cross_attn_*``, ``q_norm`` → ``norm_q``, …; huggingface/diffusers
+  ``scripts/convert_ltx2_to_diffusers.py``); LoRAs saved by diffusers are read back onto the official names with
+  :func:`cinetune.ltx2.config.diffusers_to_official_key`. The block attention and feed-forward names are the same in
+  both.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections.abc import Mapping, Sequence
 
 from ..core.checkpoint import register_checkpoint_kind
 from ..core.family import AudioLatentFormat, LatentFormat, LoRAKeyGrammar, ModelFamily, register_family
-from .config import LTX2_BLOCK_PREFIXES, LTX2_LORA_TARGETS
+from .config import LTX2_BLOCK_PREFIXES, LTX2_LORA_TARGETS, diffusers_to_official_key
 
 __all__ = ["LTX2_LATENT_FORMAT", "LTX2_AUDIO_LATENT_FORMAT", "LTX2_LORA_GRAMMAR", "LTX2_FAMILY"]
 
@@ -41,6 +46,7 @@ LTX2_LORA_GRAMMAR = LoRAKeyGrammar(
            r"|(ff|audio_ff)_(net)_(?:(0)_(proj)|(2)))"),
     block_index=rf"transformer_blocks[._](?P<index>\d+)[._](?:{_ATTENTION}|ff|audio_ff)",
     block_counts="LTX-2 19B has 48 blocks",
+    diffusers_to_official=diffusers_to_official_key,
 )
 
 #: LTX-2, registered on import.

@@ -34,15 +34,17 @@ audio↔video attentions, exactly as at inference without audio; the audio modul
 
 LoRA (reference ltx2.md §9.3–9.4): targets ``to_q``, ``to_k``, ``to_v``, ``to_out.0`` of every attention of every
 block (:func:`ltx2_lora_targets`), optionally the feed-forwards. The final LoRA (:func:`save_ltx2_lora`) is
-``diffusion_model.transformer_blocks.N.<module>.lora_A.weight`` / ``.lora_B.weight`` / ``.alpha``.
+``diffusion_model.transformer_blocks.N.<module>.lora_A.weight`` / ``.lora_B.weight`` (no ``.alpha``).
 
 Decisions (where the sources leave a choice):
 
-- **Saved layout: lora_A/lora_B with alpha/rank baked into lora_B, and ``.alpha`` = rank.** Official ltx-pipelines
+- **Saved layout: lora_A/lora_B with alpha/rank baked into lora_B, no ``.alpha``.** Official ltx-pipelines
   fuses ``W += strength · lora_B @ lora_A`` and reads only ``.lora_A.weight``/``.lora_B.weight`` keys (after
   removing ``diffusion_model.``; ``ltx_core/loader/fuse_loras.py``, ``sd_ops.py`` ``LTXV_LORA_COMFY_RENAMING_MAP``):
-  it ignores alpha and would skip ``lora_down``/``lora_up`` keys. ComfyUI reads the same names and applies
-  ``alpha/rank`` = 1. Both therefore add exactly ``(α/r)·B·A``, the trained update. Checkpoint LoRAs (for resuming)
+  it ignores alpha and would skip ``lora_down``/``lora_up`` keys. ComfyUI reads the same names and, without
+  ``.alpha``, applies scale 1; diffusers' ``load_lora_weights`` refuses files with ``.alpha`` keys and also applies
+  scale 1. All three therefore add exactly ``(α/r)·B·A``, the trained update (official ltx-trainer files carry no
+  ``.alpha`` either). Checkpoint LoRAs (for resuming)
   keep the raw tensors in the Cinetune layout (``lora_down``/``lora_up`` + ``.alpha``), which ComfyUI loads as
   well; use ``run_dir/lora.safetensors`` for ltx-pipelines.
 - **Draws.** Per micro-batch of B samples, after the loop's B σ-draws: video ε ``[B, Nv, 128]``, audio ε
@@ -419,7 +421,7 @@ def ltx2_lora_state_dict(weights: LoRAWeights | Mapping[str, LoRALinear], *,
     """The LoRA in the layout official ltx-pipelines and native ComfyUI both apply as trained (module notes).
 
     Keys per layer ``<p>``: ``diffusion_model.<p>.lora_A.weight`` = A ``[r, in]``, ``.lora_B.weight`` =
-    ``(α/r)·B`` ``[out, r]`` (computed in float32), ``.alpha`` = r (0-dim float32).
+    ``(α/r)·B`` ``[out, r]`` (computed in float32); no ``.alpha`` (scale 1 wherever it is applied).
 
     Args:
         weights: :class:`~cinetune.core.lora.LoRAWeights` or the dict of :func:`~cinetune.core.lora.inject_lora`.
@@ -436,7 +438,6 @@ def ltx2_lora_state_dict(weights: LoRAWeights | Mapping[str, LoRALinear], *,
         target = dtype or down.dtype
         out[f"{_PREFIX}{path}.lora_A.weight"] = down.detach().to("cpu", target)
         out[f"{_PREFIX}{path}.lora_B.weight"] = (up.detach().float().cpu() * (alpha / rank)).to(target)
-        out[f"{_PREFIX}{path}.alpha"] = torch.tensor(float(rank), dtype=torch.float32)
     return out
 
 
@@ -454,7 +455,7 @@ def save_ltx2_lora(path: str | Path, weights: LoRAWeights | Mapping[str, LoRALin
         raise TrainingError("Nothing to save: the LoRA has no layers.")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in dict(metadata).items()):
         raise TrainingError("LoRA metadata must map str to str.")
-    ranks = {int(v) for k, v in tensors.items() if k.endswith(".alpha")}
+    ranks = {v.shape[0] for k, v in tensors.items() if k.endswith(".lora_A.weight")}
     dim = str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic"
     meta = {**dict(metadata), "ss_network_dim": dim, "ss_network_alpha": dim}
     meta.setdefault("modelspec.architecture", LTX2_FAMILY.name)
