@@ -1,47 +1,17 @@
-"""Model-file I/O: safetensors read tensor by tensor, fp8 checkpoint layouts, key subsets, atomic writes, and the
-registry of checkpoint kinds used in error messages.
+"""Model files as tensor collections: :func:`open_checkpoint` gives a :class:`Checkpoint` (headers, shards, prefix
+selections, tensor-by-tensor loads with dtype policies and fp8 handling); whole-file helpers (:func:`load_state_dict`,
+:func:`read_tensor_infos`, :func:`strip_prefix`, :func:`hf_model_folder`); the registry of checkpoint kinds used in
+error messages (:func:`describe_checkpoint`); and filling meta-device models (:func:`assign_state_dict`).
 
-Formats: safetensors (8-byte little-endian header length, JSON header, raw little-endian data; see
-https://github.com/huggingface/safetensors README "Format"), and PyTorch pickles (``.pt``/``.pth``/``.bin``/``.ckpt``)
-read with ``torch.load(weights_only=True)``.
+This is the entry point for model-file I/O: it re-exports the format layer (:mod:`cinetune.core.safetensors_io`:
+dtype codes, headers, :func:`save_file_atomic`, :func:`atomic_path`) and the fp8 layouts
+(:mod:`cinetune.core.fp8_layouts`), so every name in ``__all__`` imports from here.
 
-Reading (:func:`open_checkpoint` → :class:`Checkpoint`): the header is parsed here (no safetensors call, so any
-safetensors version works) and each tensor is read with positional reads (``os.preadv``; seek + ``readinto`` where
-the OS lacks it) straight into its destination memory, or into one reused staging buffer when it is converted. The
-file is never memory-mapped: Linux refuses a private mapping larger than RAM + swap (a 38.6 GB Kandinsky 5 Pro file
-on a 24 GB host fails with ``unable to mmap … Cannot allocate memory`` under safetensors' ``load_file``), and mapped
-pages of a file read once only crowd the page cache into the process. Host memory while loading is the loaded
-tensors plus one tensor in its stored dtype (the staging buffer) plus a few MiB of conversion workspace (float32 slices, :data:`~cinetune.core.quant.CHUNK_ELEMENTS`).
-
-fp8 files (:attr:`Checkpoint.fp8`, :class:`FP8Scheme`): every fp8 Linear weight of a file is reported with its scale,
-in these layouts (names relative to the selection):
-
-===================  =======================================================================================
-layout               tensors of one quantised layer ``L``
-===================  =======================================================================================
-``musubi``           ``L.weight`` fp8, ``L.scale_weight`` (per tensor ``[]``/``[1]``, per row ``[out, 1]``, block
-                     ``[out, in/B, 1]``; float32, bf16 in older files), optionally ``L.scale_weight_tensor`` (0-d,
-                     the second level of a block scale; the product is the scale). No marker.
-                     kohya-ss/musubi-tuner ``src/musubi_tuner/modules/fp8_optimization_utils.py``.
-``comfyui``          marker tensor ``scaled_fp8`` (empty; 2 elements = no fp8 matmul), ``L.weight`` fp8,
-                     ``L.scale_weight`` 0-d float32, optionally ``L.scale_input`` (activation scale, ignored).
-                     ComfyUI ``comfy/ops.py`` ``scaled_fp8_ops``, ``comfy/utils.py`` ``convert_old_quants``.
-``comfyui_mixed``    per layer ``L.comfy_quant`` (uint8 tensor holding UTF-8 JSON ``{"format": ...}``) or the header
-                     metadata ``_quantization_metadata`` (JSON ``{"format_version", "layers": {L: {"format": ...}}}``,
-                     layer names as stored in the file); fp8 formats ``float8_e4m3fn`` / ``float8_e5m2`` with
-                     ``L.weight_scale`` (0-d float32) and optional ``L.input_scale`` (ignored). Layers without a
-                     config are plain tensors (an fp8 weight there is a plain cast, scale 1). ComfyUI
-                     ``comfy/ops.py`` ``MixedPrecisionOps``, ``comfy/quant_ops.py`` ``QUANT_ALGOS``, QUANTIZATION.md.
-``weight_scale``     ``L.weight`` fp8 with ``L.weight_scale`` (0-d float32) and ``L.input_scale``, no marker and no
-                     metadata: the official LTX-2 fp8 checkpoints (Lightricks/LTX-2 ``ltx_core/quantization/
-                     fp8_scaled_mm.py``).
-``unscaled``         fp8 weights without any scale (a plain cast): scale 1.
-===================  =======================================================================================
-
-In ``musubi``, ``comfyui`` and ``weight_scale`` files every fp8 weight must have its scale (a missing one means a
-damaged file); ``input_scale``/``scale_input`` are ignored everywhere (weight-only fp8 never quantises activations).
-Layers in 4-bit or other formats (NVFP4: ``comfy_quant`` format ``nvfp4``, or a uint8 weight with ``weight_scale`` and
-``weight_scale_2``; MXFP8; int8; safetensors ``F4``/``F6_*`` tensors) are recognised and refused with a message.
+Reading: only headers are read at open (pickles are loaded whole); each tensor is then read with positional reads
+straight into its destination, or into one reused staging buffer when it is converted, never through a memory map
+(why: :mod:`cinetune.core.safetensors_io`). Host memory while loading is the loaded tensors plus one tensor in its
+stored dtype (the staging buffer) plus a few MiB of conversion workspace (float32 slices,
+:data:`~cinetune.core.quant.CHUNK_ELEMENTS`).
 
 Loading (:meth:`Checkpoint.load`) converts each tensor to the dtype a *policy* names for it (keep the stored dtype,
 cast, or quantise to fp8 with one scale per tensor); an fp8 layer is either kept as stored with its float32 scale
@@ -52,483 +22,34 @@ rounded once to the target dtype.
 from __future__ import annotations
 
 import json
-import math
 import os
-import struct
-import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 import torch
 
-
-class CheckpointError(ValueError):
-    """A model file cannot be read or is not what was expected. The message says what and how to fix it."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Shape and stored dtype of one tensor, read from a file header without loading the data."""
-
-    shape: tuple[int, ...]
-    dtype: str  # safetensors dtype code, e.g. "BF16", "F32", "F8_E4M3"
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the stored data (``numel · bits / 8``, rounded up for sub-byte codes)."""
-        bits = _DTYPES[self.dtype][1] if self.dtype in _DTYPES else 8
-        return (math.prod(self.shape) * bits + 7) // 8
-
-
-_PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".ckpt"}
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
-_READ_CHUNK = 1 << 30  # bytes per read call (Linux returns at most 2 GiB − 4 KiB per call anyway)
-
-# safetensors dtype code → (torch dtype or None when this torch lacks it, bits per element)
-_DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
-    "BOOL": (torch.bool, 8), "U8": (torch.uint8, 8), "I8": (torch.int8, 8), "I16": (torch.int16, 16),
-    "U16": (getattr(torch, "uint16", None), 16), "I32": (torch.int32, 32), "U32": (getattr(torch, "uint32", None), 32),
-    "I64": (torch.int64, 64), "U64": (getattr(torch, "uint64", None), 64), "F16": (torch.float16, 16),
-    "BF16": (torch.bfloat16, 16), "F32": (torch.float32, 32), "F64": (torch.float64, 64),
-    "C64": (torch.complex64, 64),
-    "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 8), "F8_E5M2": (getattr(torch, "float8_e5m2", None), 8),
-    "F8_E4M3FNUZ": (getattr(torch, "float8_e4m3fnuz", None), 8),
-    "F8_E5M2FNUZ": (getattr(torch, "float8_e5m2fnuz", None), 8),
-    "F8_E8M0": (getattr(torch, "float8_e8m0fnu", None), 8),
-    "F4": (None, 4), "F6_E2M3": (None, 6), "F6_E3M2": (None, 6),
-}
-_CODES: dict[torch.dtype, str] = {dt: code for code, (dt, _) in _DTYPES.items() if dt is not None}
-FP8_CODES = ("F8_E4M3", "F8_E5M2")
-_SCALE_CODES = ("F32", "BF16", "F16")
-
-
-def dtype_code(dtype: torch.dtype) -> str:
-    """The safetensors code of a torch dtype (``torch.bfloat16`` → ``"BF16"``).
-
-    Raises:
-        ValueError: the dtype has no safetensors code (e.g. complex128).
-    """
-    try:
-        return _CODES[dtype]
-    except KeyError:
-        raise ValueError(f"dtype {dtype} cannot be stored in a safetensors file") from None
-
-
-def torch_dtype(code: str) -> torch.dtype:
-    """The torch dtype of a safetensors code (``"F8_E4M3"`` → ``torch.float8_e4m3fn``).
-
-    Raises:
-        CheckpointError: an unknown code, a sub-byte float (``F4``/``F6_*``: NVFP4/MXFP4 data) or a dtype this torch
-            lacks.
-    """
-    if code not in _DTYPES:
-        raise CheckpointError(f"unknown safetensors dtype {code!r}; the file is damaged or newer than this reader.")
-    dt, bits = _DTYPES[code]
-    if bits < 8:
-        raise CheckpointError(f"{bits}-bit float tensors ({code}, e.g. NVFP4/MXFP4 weights) are not supported; use the "
-                              "fp8 or bf16 version of the model file.")
-    if dt is None:
-        raise CheckpointError(f"this torch ({torch.__version__}) has no dtype for safetensors {code}; upgrade torch.")
-    return dt
-
-
-def is_fp8_code(code: str) -> bool:
-    """True for the safetensors codes of fp8 weights (``F8_E4M3``, ``F8_E5M2``)."""
-    return code in FP8_CODES
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Headers
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """Where one tensor's bytes are: a safetensors file range, or a tensor already in memory (pickles)."""
-
-    info: TensorInfo
-    path: Path
-    stored: str  # the tensor's name in the file
-    begin: int = 0  # absolute file offsets
-    end: int = 0
-    tensor: torch.Tensor | None = None
-
-
-def _parse_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str]]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found.")
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: {size} bytes is too short to be a safetensors file; re-download it.")
-            (n,) = struct.unpack("<Q", raw)
-            if n <= 0 or n > min(size - 8, _MAX_HEADER_BYTES):
-                raise CheckpointError(
-                    f"{path}: not a safetensors file (bad header length {n}); expected a .safetensors model file.")
-            text = f.read(n)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read the file ({e}); check the disk and the file's permissions.") from e
-    try:
-        header = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e}); the file is damaged.") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object; the file is damaged.")
-    metadata = header.pop("__metadata__", None) or {}
-    start = 8 + n
-    entries: dict[str, _Entry] = {}
-    end = 0
-    for name, item in header.items():
-        try:
-            shape = tuple(int(s) for s in item["shape"])
-            code = str(item["dtype"])
-            begin, stop = (int(o) for o in item["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: header entry {name!r} is malformed ({e}); the file is damaged.") from e
-        info = TensorInfo(shape, code)
-        if code in _DTYPES and (stop - begin != info.nbytes or begin < 0):
-            raise CheckpointError(f"{path}: header entry {name!r} claims {stop - begin} bytes for a {code} tensor "
-                                  f"of shape {list(shape)} ({info.nbytes} bytes); the file is damaged.")
-        entries[name] = _Entry(info, path, name, start + begin, start + stop)
-        end = max(end, stop)
-    if start + end > size:
-        raise CheckpointError(
-            f"{path}: truncated: the header describes {start + end} bytes but the file has {size}. "
-            "The download or copy was interrupted; fetch the file again.")
-    return entries, {str(k): str(v) for k, v in metadata.items()}
-
-
-def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Read tensor names, shapes and dtypes (and ``__metadata__``) from a safetensors header.
-
-    Returns:
-        ``(tensors, metadata)``: ``tensors[name] = TensorInfo(shape, dtype)``; metadata as stored (str → str).
-    Raises:
-        CheckpointError: the file is missing, not safetensors, or truncated (data shorter than the header says).
-    """
-    entries, metadata = _parse_header(Path(path))
-    return {k: e.info for k, e in entries.items()}, metadata
-
-
-def _load_pickle(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found.")
-    try:
-        obj = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises many types for bad pickles
-        raise CheckpointError(f"{path}: cannot read this PyTorch file ({e}); it may be truncated.") from e
-    for wrapper in ("state_dict", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: holds no state dict of tensors.")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def read_tensor_infos(path: str | os.PathLike) -> dict[str, TensorInfo]:
-    """Tensor names → shape/dtype (safetensors codes) for a safetensors file (header only) or a pickle (loaded).
-
-    Raises:
-        CheckpointError: unreadable file (see :func:`open_checkpoint`).
-    """
-    return dict(open_checkpoint(path).infos)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# fp8 layouts
-
-#: Output key suffix of an fp8 layer's float32 scale (the buffer of ``FP8Linear``); also musubi/ComfyUI's key.
-SCALE_SUFFIX = ".scale_weight"
-#: musubi-tuner's second-level (per tensor) factor of a block scale.
-TENSOR_SCALE_SUFFIX = ".scale_weight_tensor"
-#: ComfyUI mixed-precision and official LTX-2 key of a weight scale.
-WEIGHT_SCALE_SUFFIX = ".weight_scale"
-#: Activation scales (ComfyUI old / new and LTX-2 names); ignored: weight-only fp8.
-INPUT_SCALE_SUFFIXES = (".scale_input", ".input_scale")
-#: ComfyUI's per-layer quantisation config tensor.
-COMFY_QUANT_SUFFIX = ".comfy_quant"
-#: ComfyUI's marker tensor of a scaled-fp8 checkpoint (relative to the model prefix).
-COMFYUI_MARKER = "scaled_fp8"
-#: Header metadata key of ComfyUI's per-layer quantisation configs.
-QUANT_METADATA_KEY = "_quantization_metadata"
-_FP8_FORMATS = {"float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2"}
-_STRICT_LAYOUTS = ("musubi", "comfyui", "weight_scale")
-
-
-def fp8_scale_problem(weight_shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> str | None:
-    """Why ``scale_shape`` is not a valid scale layout for a weight of ``weight_shape``, or None when it is.
-
-    Valid: ``[]``, ``[1]`` (per tensor); ``[out, nb]`` or ``[out, nb, 1]`` with ``nb`` dividing ``in`` (per block of
-    ``in / nb`` features; ``nb = 1`` is per output row). The weight must be 2-D ``[out, in]``.
-    """
-    weight_shape, scale_shape = tuple(weight_shape), tuple(scale_shape)
-    if len(weight_shape) != 2:
-        return f"scaled fp8 is for 2-D Linear weights [out, in], got a weight of shape {list(weight_shape)}"
-    out, inp = weight_shape
-    if scale_shape in ((), (1,)):
-        return None
-    if len(scale_shape) in (2, 3) and scale_shape[0] == out and (len(scale_shape) == 2 or scale_shape[2] == 1):
-        nb = scale_shape[1]
-        if nb >= 1 and inp % nb == 0:
-            return None
-    return (f"scale of shape {list(scale_shape)} does not fit a weight [{out}, {inp}]: expected [] or [1] (per "
-            f"tensor), [{out}, 1] (per channel) or [{out}, nb, 1] / [{out}, nb] with nb dividing {inp} (block-wise)")
-
-
-def scale_key(weight_name: str) -> str:
-    """Output key of the scale of fp8 weight ``weight_name``: ``"a.b.weight"`` → ``"a.b.scale_weight"``."""
-    return weight_name[: -len(".weight")] + SCALE_SUFFIX
-
-
-@dataclass(frozen=True)
-class FP8Layer:
-    """One fp8 Linear weight of a file and the tensors that give its real values ``W = q · scale``.
-
-    Attributes:
-        weight: name of the fp8 codes, ``"<layer>.weight"``, shape ``[out, in]``.
-        dtype: ``"F8_E4M3"`` or ``"F8_E5M2"``.
-        scale: name of the stored scale (``<layer>.scale_weight`` or ``<layer>.weight_scale``), None for scale 1.
-        tensor_scale: musubi's second-level factor ``<layer>.scale_weight_tensor`` (multiplied in), or None.
-        scale_shape: shape of the scale as loaded (``[]`` when there is none).
-    """
-
-    weight: str
-    dtype: str
-    scale: str | None = None
-    tensor_scale: str | None = None
-    scale_shape: tuple[int, ...] = ()
-
-    @property
-    def layer(self) -> str:
-        """The module name, ``weight`` without ``.weight``."""
-        return self.weight[: -len(".weight")]
-
-
-@dataclass(frozen=True)
-class FP8Scheme:
-    """The fp8 layers of a selection (see the module docstring for the layouts).
-
-    Attributes:
-        layout: ``"musubi"``, ``"comfyui"``, ``"comfyui_mixed"``, ``"weight_scale"``, ``"unscaled"`` or None (no fp8
-            weight at all).
-        layers: weight name → :class:`FP8Layer`, every 2-D fp8 ``*.weight``.
-        auxiliary: names that are not model tensors: scales, activation scales, configs, the marker.
-    """
-
-    layout: str | None = None
-    layers: Mapping[str, FP8Layer] = field(default_factory=dict)
-    auxiliary: frozenset[str] = frozenset()
-
-
-def _few(items, n: int = 5) -> str:
-    items = sorted(items)
-    return ", ".join(items[:n]) + (f" … (+{len(items) - n} more)" if len(items) > n else "")
-
-
-def _decode_config(raw: torch.Tensor) -> dict:
-    conf = json.loads(bytes(raw.reshape(-1).to(torch.uint8).tolist()).decode("utf-8"))
-    if not isinstance(conf, dict):
-        raise ValueError("not a JSON object")
-    return conf
-
-
-def _find_fp8(infos: Mapping[str, TensorInfo], confs: Mapping[str, dict], config_problems: list[str],
-              source: str) -> FP8Scheme:
-    """Detect the fp8 layers from names, dtypes and shapes plus ComfyUI's per-layer configs (already decoded)."""
-    marker = COMFYUI_MARKER in infos
-    aux = {COMFYUI_MARKER} if marker else set()
-    aux.update(k for k in infos if k.endswith(INPUT_SCALE_SUFFIXES + (COMFY_QUANT_SUFFIX,)))
-    scale_suffixes = (SCALE_SUFFIX, WEIGHT_SCALE_SUFFIX, TENSOR_SCALE_SUFFIX, ".weight_scale_2")
-    candidates = set(confs)
-    for k, info in infos.items():
-        for suffix in scale_suffixes:
-            if k.endswith(suffix):
-                candidates.add(k[: -len(suffix)])
-                aux.add(k)
-        if k.endswith(".weight") and is_fp8_code(info.dtype) and len(info.shape) == 2:
-            candidates.add(k[: -len(".weight")])
-    if confs:
-        layout = "comfyui_mixed"
-    elif marker:
-        layout = "comfyui"
-    elif any(k.endswith(SCALE_SUFFIX) for k in infos):
-        layout = "musubi"
-    elif any(k.endswith(WEIGHT_SCALE_SUFFIX) for k in infos):
-        layout = "weight_scale"
-    elif candidates:
-        layout = "unscaled"
-    else:
-        layout = None
-    problems = list(config_problems)
-    unsupported: list[str] = []
-    layers: dict[str, FP8Layer] = {}
-    for layer in sorted(candidates):
-        w = layer + ".weight"
-        conf = confs.get(layer)
-        fmt = conf.get("format") if conf is not None else None
-        if conf is not None and fmt not in _FP8_FORMATS:
-            unsupported.append(f"{layer} ({fmt})")
-            continue
-        winfo = infos.get(w)
-        if layer + ".weight_scale_2" in infos or (winfo is not None and winfo.dtype in ("U8", "F4")
-                                                  and layer + WEIGHT_SCALE_SUFFIX in infos):
-            unsupported.append(f"{layer} (nvfp4)")
-            continue
-        present = [k for k in (layer + SCALE_SUFFIX, layer + WEIGHT_SCALE_SUFFIX) if k in infos]
-        tensor_scale = layer + TENSOR_SCALE_SUFFIX if layer + TENSOR_SCALE_SUFFIX in infos else None
-        if winfo is None:
-            what = present[0] if present else (tensor_scale or f"the quantisation config of {layer}")
-            problems.append(f"{what} is a scale without a weight (no {w})")
-            continue
-        if not is_fp8_code(winfo.dtype):
-            if present:
-                problems.append(f"{present[0]} scales {w}, which is stored as {winfo.dtype}, not float8")
-            elif conf is not None:
-                problems.append(f"the quantisation config of {layer} says {fmt}, but {w} is stored as {winfo.dtype}")
-            elif tensor_scale:
-                problems.append(f"{tensor_scale} scales {w}, which is stored as {winfo.dtype}, not float8")
-            continue
-        if fmt is not None and _FP8_FORMATS[fmt] != winfo.dtype:
-            problems.append(f"the quantisation config of {layer} says {fmt}, but {w} is stored as {winfo.dtype}")
-            continue
-        if len(present) > 1:
-            problems.append(f"{layer} has two scales ({', '.join(present)}); keep one")
-            continue
-        scale = present[0] if present else None
-        shape: tuple[int, ...] = ()
-        if scale is not None:
-            if infos[scale].dtype not in _SCALE_CODES:
-                problems.append(f"{scale} is stored as {infos[scale].dtype}; a scale must be float32, bf16 or fp16")
-                continue
-            problem = fp8_scale_problem(winfo.shape, infos[scale].shape)
-            if problem:
-                problems.append(f"{scale}: {problem}")
-                continue
-            shape = infos[scale].shape
-        elif len(winfo.shape) != 2:
-            continue  # a plain fp8 tensor that is not a Linear weight: cast like any other tensor
-        if tensor_scale is not None:
-            if scale != layer + SCALE_SUFFIX:
-                problems.append(f"{tensor_scale} has no block scale {layer + SCALE_SUFFIX} beside it")
-                continue
-            if math.prod(infos[tensor_scale].shape) != 1 or len(infos[tensor_scale].shape) > 1:
-                problems.append(f"{tensor_scale} must hold one number, got shape {list(infos[tensor_scale].shape)}")
-                continue
-        layers[w] = FP8Layer(w, winfo.dtype, scale, tensor_scale, shape)
-    if unsupported:
-        raise CheckpointError(
-            f"{source}: {len(unsupported)} layers use a quantisation format this pack cannot run: {_few(unsupported)}. "
-            "NVFP4 / 4-bit, MXFP8 and int8 layers are not supported (fp8 e4m3fn/e5m2 with per-tensor, per-row or "
-            "block scales is); use the fp8 or bf16 version of the model file.")
-    if layout in _STRICT_LAYOUTS:
-        unscaled = [k for k, v in infos.items() if k not in aux and is_fp8_code(v.dtype)
-                    and (k not in layers or layers[k].scale is None)]
-        if unscaled:
-            key = "'<layer>.weight_scale'" if layout == "weight_scale" else "'<layer>.scale_weight'"
-            problems.append(f"{len(unscaled)} float8 tensors have no scale: {_few(unscaled)} (a scaled fp8 checkpoint "
-                            f"stores {key} beside each float8 '<layer>.weight')")
-    if problems:
-        raise CheckpointError(
-            f"{source}: damaged or unsupported scaled fp8 checkpoint ({layout} layout): " + "; ".join(problems)
-            + ". Re-download or re-convert the file, or use the bf16 file.")
-    return FP8Scheme(layout, layers, frozenset(aux))
-
-
-def _combine_scales(scale: torch.Tensor, tensor_scale: torch.Tensor | None, name: str) -> torch.Tensor:
-    """Float32 scale (exact for bf16/fp16 inputs) times musubi's second level; refuses NaN/inf."""
-    s = scale.float()
-    if tensor_scale is not None:
-        s = s * tensor_scale.float().reshape(())
-    if not bool(torch.isfinite(s).all()):
-        raise CheckpointError(f"{name} holds NaN or infinity; the checkpoint is damaged, fetch it again.")
-    return s
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading
-
-
-def _byte_view(t: torch.Tensor) -> memoryview:
-    """Writable bytes of a contiguous CPU tensor (no copy)."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-class _Reader:
-    """Positional reads from the files of one load, each file opened once."""
-
-    def __init__(self) -> None:
-        self._files: dict[Path, object] = {}
-
-    def _handle(self, path: Path):
-        f = self._files.get(path)
-        if f is None:
-            try:
-                f = self._files[path] = open(path, "rb", buffering=0)
-            except OSError as e:
-                message = f"{path}: cannot open the file ({e}); check that it exists and is readable."
-                raise CheckpointError(message) from e
-        return f
-
-    def read_into(self, entry: _Entry, dest: torch.Tensor) -> None:
-        """Fill ``dest`` (contiguous CPU tensor of exactly the entry's bytes) from the file."""
-        total = entry.end - entry.begin
-        if total == 0:
-            return
-        view = _byte_view(dest)
-        f = self._handle(entry.path)
-        done = 0
-        try:
-            while done < total:
-                part = view[done: done + min(total - done, _READ_CHUNK)]
-                if hasattr(os, "preadv"):
-                    n = os.preadv(f.fileno(), [part], entry.begin + done)
-                else:  # Windows: no positional read call
-                    f.seek(entry.begin + done)
-                    n = f.readinto(part)
-                if not n:
-                    raise CheckpointError(
-                        f"{entry.path}: truncated: tensor {entry.stored!r} ends at byte {entry.end} but the file "
-                        f"ended at {entry.begin + done}. The file was cut or replaced while loading; fetch it again.")
-                done += n
-        except OSError as e:
-            raise CheckpointError(f"{entry.path}: read error in tensor {entry.stored!r} ({e}); the disk or the file "
-                                  "is damaged: check the disk, then fetch the file again.") from e
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-
-
-def _empty(shape, dtype: torch.dtype, what: str, source: str) -> torch.Tensor:
-    try:
-        return torch.empty(shape, dtype=dtype)
-    except (RuntimeError, MemoryError) as e:
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        raise CheckpointError(
-            f"{source}: not enough host memory for {what} ({nbytes / 2**20:.0f} MiB, {e.__class__.__name__}). Free "
-            "memory (close other programs or unload other models), or load the model in a smaller dtype (fp8) "
-            "or from a smaller file.") from e
-
-
-class _Staging:
-    """One reused byte buffer for tensors that are converted after reading (never more than one tensor)."""
-
-    def __init__(self, source: str) -> None:
-        self.buf = torch.empty(0, dtype=torch.uint8)
-        self.source = source
-
-    def view(self, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
-        n = info.nbytes
-        if self.buf.numel() < n:
-            self.buf = torch.empty(0, dtype=torch.uint8)  # free the old one first
-            self.buf = _empty((n,), torch.uint8, "the staging buffer", self.source)
-        return self.buf[:n].view(dtype).view(info.shape)
+from .fp8_layouts import (COMFY_QUANT_SUFFIX, COMFYUI_MARKER, INPUT_SCALE_SUFFIXES, QUANT_METADATA_KEY, SCALE_SUFFIX,
+                          TENSOR_SCALE_SUFFIX, WEIGHT_SCALE_SUFFIX, FP8Layer, FP8Scheme, _combine_scales,
+                          _decode_config, _find_fp8, fp8_scale_problem, scale_key)
+from .safetensors_io import (_PICKLE_SUFFIXES, FP8_CODES, CheckpointError, TensorInfo, _Entry, _empty, _few,
+                             _load_pickle, _parse_header, _Reader, _Staging, atomic_path, dtype_code, is_fp8_code,
+                             read_safetensors_header, save_file_atomic, torch_dtype, write_json_atomic)
+
+__all__ = [
+    # files and loads
+    "Allocator", "Checkpoint", "CheckpointError", "Policy", "Target", "TensorInfo", "hf_model_folder",
+    "load_state_dict", "open_checkpoint", "read_tensor_infos", "strip_prefix",
+    # format layer (safetensors_io)
+    "FP8_CODES", "atomic_path", "dtype_code", "is_fp8_code", "read_safetensors_header", "save_file_atomic",
+    "torch_dtype", "write_json_atomic",
+    # fp8 layouts (fp8_layouts)
+    "COMFY_QUANT_SUFFIX", "COMFYUI_MARKER", "FP8Layer", "FP8Scheme", "INPUT_SCALE_SUFFIXES", "QUANT_METADATA_KEY",
+    "SCALE_SUFFIX", "TENSOR_SCALE_SUFFIX", "WEIGHT_SCALE_SUFFIX", "fp8_scale_problem", "scale_key",
+    # what a file is; filling meta-device models
+    "CheckpointKind", "assign_state_dict", "check_materialised", "describe_checkpoint", "register_checkpoint_kind",
+]
 
 
 #: What a policy returns for one tensor: None keeps the stored dtype; a float dtype casts (fp8 layers are
@@ -954,6 +475,15 @@ def open_checkpoint(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> C
     return Checkpoint(entries, metadata, files, source)
 
 
+def read_tensor_infos(path: str | os.PathLike) -> dict[str, TensorInfo]:
+    """Tensor names → shape/dtype (safetensors codes) for a safetensors file (header only) or a pickle (loaded).
+
+    Raises:
+        CheckpointError: unreadable file (see :func:`open_checkpoint`).
+    """
+    return dict(open_checkpoint(path).infos)
+
+
 def load_state_dict(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Load every tensor of a checkpoint, each in its stored dtype (tensor by tensor, no memory map).
 
@@ -980,78 +510,6 @@ def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: Iterable[str]) -> tup
         if keys and len(hits) * 2 >= len(keys):
             return {k[len(p):]: sd[k] for k in hits}, p
     return dict(sd), ""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Writing
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path`` to write to; on success fsync it and rename it over ``path``.
-
-    Readers never see a half-written file and an interrupted write (any exception, Ctrl-C) leaves the previous
-    file intact and no temporary file behind. The parent folder is created.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
-    """Stream a safetensors file, one tensor in memory at a time (its contiguous CPU copy when it needs one).
-
-    Layout as safetensors writes it: tensors ordered by element size (largest first) then name, so each starts at a
-    multiple of its element size; the header padded with spaces to a multiple of 8 bytes.
-    """
-    if sys.byteorder != "little":
-        raise RuntimeError("writing safetensors needs a little-endian host")
-    meta = {str(k): str(v) for k, v in metadata.items()}
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header: dict[str, object] = {"__metadata__": meta} if meta else {}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        code = dtype_code(t.dtype)
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for name in order:
-            t = tensors[name].detach()
-            if t.numel():
-                f.write(_byte_view(t.to("cpu").contiguous()))
-
-
-def save_file_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
-                     metadata: Mapping[str, str] | None = None) -> Path:
-    """Write a safetensors file atomically (:func:`atomic_path`), tensor by tensor: host memory beyond the tensors
-    themselves is one tensor's contiguous CPU copy at most (a stride-0 ``expand`` of one value is materialised only
-    while it is written). Metadata values must be strings."""
-    with atomic_path(path) as tmp:
-        _write_safetensors(tensors, tmp, dict(metadata or {}))
-    return Path(path)
-
-
-def write_json_atomic(data, path: str | os.PathLike, *, indent: int = 1) -> Path:
-    """Write JSON (UTF-8, sorted keys) atomically (:func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=indent, sort_keys=True), encoding="utf-8")
-    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
