@@ -16,11 +16,13 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..core.attention import BACKENDS, check_backend
+from ..core.checkpoint import CheckpointError, read_tensor_infos
 from ..core.lora import LoRAWeights, loras_applied
 from ..core.offload import model_on_device
 from ..core.weights import compute_dtype
 from ..ltx2 import pipeline
 from ..ltx2.config import LTX2TransformerConfig
+from ..ltx2.connectors import TextProjectionConfig, text_projection_config
 from ..ltx2.dit import LTX2DiT
 from ..ltx2.loader import LTX2Variant, load_ltx2_dit, load_ltx2_text_encoder, load_ltx2_vae
 from ..ltx2.memory import estimate_ltx2_memory, format_ltx2_estimate
@@ -29,6 +31,7 @@ from ..ltx2.upsampler import load_ltx2_upsampler
 from . import host
 from .checks import CinetuneNode
 from .handles import PlacedModel
+from .k5 import training_dtype
 from .types import LTX2VAE, LTX2Conditioning, LTX2Model, LTX2TextEncoder, LTX2Upsampler
 
 CATEGORY = "Cinetune/LTX-2"
@@ -394,28 +397,62 @@ class LTX2MemoryEstimate(CinetuneNode):
             node_id="CinetuneLTX2MemoryEstimate",
             display_name="LTX-2 Memory Estimate (Cinetune)",
             category=CATEGORY,
-            description="Predicts peak GPU memory of one LTX-2 sampling step (weights, block swap, activations of the "
-                        "video and audio tokens) before you run it. Queue it alone; it is instant.",
+            description="Predicts peak GPU memory of one LTX-2 sampling step or one LoRA training step (weights, "
+                        "block swap, activations of the video and audio tokens; in training also the text "
+                        "connectors, LoRA, gradients and optimizer state) before you run it. Queue it alone; it is "
+                        "instant.",
             inputs=[
                 LTX2Model.Input("model", tooltip="From LTX-2 Model Loader (its dtypes and block swap are used)."),
                 io.Int.Input("width", default=768, min=32, max=MAX_SIZE, step=32, tooltip="Video width in pixels."),
                 io.Int.Input("height", default=512, min=32, max=MAX_SIZE, step=32, tooltip="Video height in pixels."),
                 io.Int.Input("frames", default=121, min=1, max=MAX_FRAMES, step=8, tooltip="Video frames, 8k+1."),
                 io.Float.Input("fps", default=24.0, min=1.0, max=120.0, step=0.001, tooltip="Frame rate (audio length)."),
+                io.Combo.Input("mode", options=["sampling", "training"], default="sampling",
+                               tooltip="One sampling step (official dev guidance: four forward passes) or one LoRA "
+                                       "training step of LTX-2 Train LoRA with the settings below."),
+                io.Int.Input("lora_rank", default=32, min=1, max=512, tooltip="Training: LoRA rank."),
+                io.Combo.Input("optimizer", options=["adamw", "adamw8bit"], default="adamw",
+                               tooltip="Training: optimizer state size (AdamW 8 B per parameter, 8-bit 2 B)."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Training: recompute each block in the backward (always on with block "
+                                         "swap, as the trainer does)."),
+                io.Boolean.Input("audio", default=True,
+                                 tooltip="Training: audio and video together (LTX-2 Train LoRA's default); off trains "
+                                         "the video stream alone."),
+                io.Boolean.Input("first_frame_conditioning", default=True,
+                                 tooltip="Training: some steps condition on the first frame "
+                                         "(first_frame_conditioning > 0 on the trainer); those steps need more."),
             ],
             outputs=[io.String.Output(display_name="estimate")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, model, width, height, frames, fps) -> io.NodeOutput:
+    def execute(cls, model, width, height, frames, fps, mode="sampling", lora_rank=32, optimizer="adamw",
+                gradient_checkpointing=True, audio=True, first_frame_conditioning=True) -> io.NodeOutput:
         handle: LTX2ModelHandle = model
         device = host.compute_device()
-        estimate = estimate_ltx2_memory(handle.model, width=width, height=height, frames=frames, fps=fps,
-                                        blocks_to_swap=handle.blocks_to_swap, device_type=device.type,
-                                        compute_dtype=compute_dtype(handle.model))
+        settings = dict(width=width, height=height, frames=frames, fps=fps, blocks_to_swap=handle.blocks_to_swap,
+                        device_type=device.type)
+        if mode == "training":
+            estimate = estimate_ltx2_memory(
+                handle.model, **settings, compute_dtype=training_dtype(device), training=True, lora_rank=lora_rank,
+                optimizer=optimizer, gradient_checkpointing=gradient_checkpointing, with_audio=audio,
+                first_frame_conditioning=first_frame_conditioning, text_projection=cls.text_projection(handle))
+        else:
+            estimate = estimate_ltx2_memory(handle.model, **settings, compute_dtype=compute_dtype(handle.model))
         text = format_ltx2_estimate(estimate, available_bytes=host.free_device_memory(), model=handle.path.name)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+    @staticmethod
+    def text_projection(handle: LTX2ModelHandle) -> TextProjectionConfig | None:
+        """The text connectors the trainer loads from the model's file, sized from its header; None when the file
+        holds none (the estimate then sizes them from the DiT config)."""
+        try:
+            infos = read_tensor_infos(handle.path)
+            return text_projection_config(handle.config, {name: info.shape for name, info in infos.items()})
+        except CheckpointError:
+            return None
 
 
 NODES = [LTX2ModelLoader, LTX2TextEncoderLoader, LTX2VAELoader, LTX2UpsamplerLoader, LTX2TextEncode, LTX2Sampler,

@@ -124,3 +124,23 @@ def test_memory_estimate_node_reports_before_a_run(comfy_client, comfy_layout):
     entry = comfy_client.run(prompt, timeout=300)
     text = entry["outputs"]["30"]["text"][0]
     assert text.startswith("Estimated peak") and "GB" in text
+    assert "4 forward passes per step" in text
+
+
+def test_memory_estimate_node_covers_lora_training(comfy_client, comfy_layout):
+    api = tiny_workflow(_api("ltx2_text_to_video"), _names(comfy_layout))
+    inputs = {"model": ["1", 0], "width": 768, "height": 512, "frames": 121, "fps": 24.0, "mode": "training",
+              "lora_rank": 16, "optimizer": "adamw8bit", "gradient_checkpointing": True, "audio": True,
+              "first_frame_conditioning": True}
+    entry = comfy_client.run({"1": api["1"], "30": {"class_type": "CinetuneLTX2MemoryEstimate", "inputs": inputs}},
+                             timeout=300)
+    text = entry["outputs"]["30"]["text"][0]
+    assert text.startswith("Estimated peak") and "LoRA + gradients + optimizer" in text
+    assert ("LoRA training (rank 16, 8-bit AdamW), audio and video, first-frame conditioning, gradient checkpointing "
+            "on") in text
+    assert "text connectors" in text
+    video = {**inputs, "audio": False, "gradient_checkpointing": False}
+    entry = comfy_client.run({"1": api["1"], "31": {"class_type": "CinetuneLTX2MemoryEstimate", "inputs": video}},
+                             timeout=300)
+    text = entry["outputs"]["31"]["text"][0]
+    assert "(6,144 video tokens)" in text and "video only" in text and "gradient checkpointing off" in text

@@ -10,6 +10,11 @@
   1, 2 and 4 passes per step, with and without block swap. Tolerance 15 %.
 - The 19B on the meta device: weights (bf16, fp8 from the official keep rule), block swap, passes, the user text,
   errors.
+- Training: the estimate against the measured peak of a LoRA training step written as training/trainer.py runs it
+  with the LTX-2 adapter (text connectors, LoRA on every attention projection, AdamW, checkpointing on and off,
+  audio+video and video only, first-frame conditioning, fp8 and bf16 weights in float32 compute, block swap), plus
+  the weights, connectors, LoRA and AdamW state; the 19B at 768×512×121 (the documented numbers), block swap turning
+  checkpointing on, the user text, errors.
 
 Measured on torch 2.14.1 (CPU, 2 threads) when the estimate was written — estimate / measured:
 
@@ -20,6 +25,11 @@ Measured on torch 2.14.1 (CPU, 2 threads) when the estimate was written — esti
 - steps: tiny fp32 4 passes 4.581 / 4.583 MB (−0.05 %); tiny bf16 2 passes, 1 block swapped 3.537 / 3.554 MB
   (−0.5 %); medium fp32 1 pass, all blocks swapped 49.584 / 49.620 MB (−0.07 %); medium bf16 2 passes 17.592 /
   17.601 MB (−0.05 %).
+- training steps (LoRA rank 8, 64 caption tokens): tiny fp32 audio 7.710 / 7.644 MB (+0.9 %); tiny bf16
+  checkpointing, video, conditioned 3.181 / 3.162 MB (+0.6 %); medium fp32 checkpointing, audio, conditioned
+  (1,280 video tokens) 82.224 / 79.753 MB (+3.1 %); medium bf16 audio 35.853 / 35.553 MB (+0.8 %); medium fp32
+  checkpointing, fp8 weights, one block swapped 39.023 / 37.828 MB (+3.2 %); medium fp32 bf16 weights, video,
+  conditioned 52.091 / 51.091 MB (+2.0 %). The estimate counts every LoRA gradient at the peak (conservative).
 """
 
 from __future__ import annotations
@@ -29,16 +39,21 @@ import dataclasses
 import pytest
 import torch
 
+from cinetune.core.lora import inject_lora
 from cinetune.core.memory import MemoryEstimate, measure_cpu_peak
 from cinetune.core.offload import model_on_device
 from cinetune.core.quant import quantize_linear_weights_fp8
+from cinetune.ltx2.audio import audio_latent_frames
 from cinetune.ltx2.config import (
     LTX2_19B,
+    LTX2_BLOCK_PREFIXES,
     LTX2TransformerConfig,
     ltx2_fp8_keep_high_precision,
     tiny_transformer_metadata,
 )
+from cinetune.ltx2.connectors import LTX2TextProjection, TextProjectionConfig
 from cinetune.ltx2.dit import FF_CHUNK_TOKENS, LTX2DiT
+from cinetune.ltx2.family import LTX2_LATENT_FORMAT
 from cinetune.ltx2.memory import (
     LTX2MemoryEstimate,
     describe_ltx2,
@@ -52,6 +67,10 @@ from cinetune.ltx2.memory import (
 )
 from cinetune.ltx2.pipeline import LTX2Conditioning, LTX2Prompt, SamplingRequest, generate
 from cinetune.ltx2.rope import audio_positions, video_positions
+from cinetune.ltx2.train import LTX2Sample, LTX2TrainingAdapter, ltx2_train_config
+from cinetune.training.schedules import make_optimizer
+from cinetune.training.sigmas import sample_sigmas
+from cinetune.training.trainer import gradient_checkpointing
 
 TOLERANCE = 0.15
 TINY = LTX2TransformerConfig.from_metadata(tiny_transformer_metadata())
@@ -380,3 +399,189 @@ def test_bad_settings_are_refused():
     est = estimate_ltx2_memory(model, **kw)
     with pytest.raises(ValueError, match="available_bytes must be an int"):
         smallest_fitting_swap(est, -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+CAPTION = 64  # cached caption length (the connectors' output length)
+
+
+def text_projection(config: LTX2TransformerConfig, dtype: torch.dtype) -> LTX2TextProjection:
+    """Random text connectors as wide as ``config``'s captions (2 heads, 2 layers, 128 registers)."""
+    torch.manual_seed(1)
+    tp = TextProjectionConfig(feature_dim=16, dim=config.caption_channels, heads=2,
+                              head_dim=config.caption_channels // 2, num_layers=2, ff_dim=4 * config.caption_channels)
+    return LTX2TextProjection(tp).to(dtype).requires_grad_(False)
+
+
+def measure_training(config: LTX2TransformerConfig, dtype: torch.dtype, size: tuple[int, int, int], *,
+                     checkpointing: bool, audio: bool, conditioning: bool, weights: str | None, swap: int,
+                     rank: int) -> tuple[int, LTX2TextProjection]:
+    """Weights, text connectors, LoRA, AdamW state (+ swap ring and masters) + the allocator peak of a training step
+    after the first (the AdamW state made beforehand by an update with zero gradients), written as
+    training/trainer.py runs it with the LTX-2 adapter (the cached sample itself is host
+    data, not counted). ``conditioning``: every step conditions on the first frame (i2v_prob 1)."""
+    width, height, frames = size
+    model = make_model(config, dtype, weights)
+    projection = text_projection(config, dtype)
+    adapter = LTX2TrainingAdapter(projection)
+    cfg = ltx2_train_config(rank=rank, alpha=float(rank), with_audio=audio, compute_dtype=dtype,
+                            i2v="first" if conditioning else "off", i2v_prob=1.0, gradient_checkpointing=checkpointing)
+    _, F, H, W = LTX2_LATENT_FORMAT.latent_shape(width, height, frames)
+    g = torch.Generator().manual_seed(0)
+    sample = LTX2Sample(latent=torch.randn(128, F, H, W, generator=g),
+                        text=torch.randn(CAPTION, config.caption_channels, generator=g),
+                        text_mask=torch.arange(CAPTION) >= CAPTION // 4, fps=24.0, bucket=(width, height),
+                        frames=frames,
+                        audio=torch.randn(8, audio_latent_frames(frames, 24.0), 16, generator=g) if audio else None)
+    generator = torch.Generator().manual_seed(1)
+    device = torch.device("cpu")
+    with (model_on_device(model, list(model.transformer_blocks), "cpu", blocks_to_swap=swap, ring_size=2) as bs,
+          torch.enable_grad()):
+        layers = inject_lora(model, rank=rank, alpha=float(rank), targets=adapter.lora_targets(cfg),
+                             within=LTX2_BLOCK_PREFIXES, dtype=torch.float32)
+        params = [p for m in layers.values() for p in (m.lora_down, m.lora_up)]
+        optimizer = make_optimizer(params, "adamw", lr=1e-4, weight_decay=cfg.weight_decay, betas=cfg.betas,
+                                   eps=cfg.eps)
+        model.train()
+
+        def micro_batch_loss():  # _Run.micro_batch_loss: the batch lives as long as this call
+            batch = adapter.load_batch(model, [sample], cfg)
+            sigma = sample_sigmas(cfg.timestep_sampling, 1, flow_shift=cfg.flow_shift,
+                                  sigmoid_scale=cfg.sigmoid_scale, generator=generator, tokens=batch.tokens)
+            return adapter.loss(model, batch, sigma, generator=generator, empty=None, config=cfg, device=device)
+
+        def forward_backward():  # _Run.forward_backward for a window of one micro-batch
+            optimizer.zero_grad(set_to_none=True)
+            terms = micro_batch_loss()
+            terms.total.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+
+        def step():  # and the optimizer step of _loop
+            forward_backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        for p in params:  # the AdamW state exists from the first step on
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with adapter.running(model, cfg, device), gradient_checkpointing(adapter.blocks(model), checkpointing):
+            state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+            buffers = [*bs._slots, *(b.master for b in bs._swapped.values())]
+            before = storage_bytes([*model.parameters(), *model.buffers(), *projection.parameters(), *state,
+                                    *buffers])
+            return before + measure_cpu_peak(step).peak, projection
+
+
+TRAIN_CASES = {  # config, dtype, size, checkpointing, audio, first-frame conditioning, weights, blocks swapped
+    "tiny-fp32-audio": ("tiny", "fp32", (384, 384, 25), False, True, False, None, 0),  # 576 video + 26 audio tokens
+    "tiny-bf16-checkpointing-video-conditioned": ("tiny", "bf16", (384, 384, 25), True, False, True, None, 0),
+    "medium-fp32-checkpointing-audio-conditioned": ("medium", "fp32", (512, 512, 33), True, True, True, None, 0),
+    "medium-bf16-audio": ("medium", "bf16", (384, 384, 25), False, True, False, None, 0),
+    "medium-fp32-checkpointing-fp8-weights-swap": ("medium", "fp32", (384, 384, 25), True, True, False, "fp8", 1),
+    "medium-fp32-bf16-weights-video-conditioned": ("medium", "fp32", (384, 384, 25), False, False, True, "bf16", 0),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_training_estimate_matches_the_measured_peak(case):
+    name, dtype, size, checkpointing, audio, conditioning, weights, swap = TRAIN_CASES[case]
+    config = CONFIGS[name]
+    measured, projection = measure_training(config, DTYPES[dtype], size, checkpointing=checkpointing, audio=audio,
+                                            conditioning=conditioning, weights=weights, swap=swap, rank=8)
+    est = estimate_ltx2_memory(make_model(config, DTYPES[dtype], weights), width=size[0], height=size[1],
+                               frames=size[2], fps=24.0, blocks_to_swap=swap, device_type="cpu", compute_dtype=dtype,
+                               text_tokens=CAPTION, training=True, lora_rank=8, gradient_checkpointing=checkpointing,
+                               with_audio=audio, first_frame_conditioning=conditioning, text_projection=projection)
+    assert est.training and est.gradient_checkpointing == checkpointing
+    assert est.text_projection_bytes == storage_bytes(projection.parameters())
+    device_total = est.total + est.host_bytes
+    assert abs(device_total - measured) <= TOLERANCE * measured, (case, device_total, measured, est.format())
+    assert est.activations > 0.3 * device_total, (case, est.format())
+
+
+def lora_parameters(config: LTX2TransformerConfig, rank: int, *, audio: bool) -> int:
+    """LoRA parameters on to_q/to_k/to_v/to_out.0 (ltx2.md §2.3 shapes): r·(in + out) per layer."""
+    D, Da = config.inner_dim, config.audio_inner_dim
+    Dt, Dat = config.cross_attention_dim, config.audio_cross_attention_dim
+    video = 4 * 2 * D + 2 * 2 * D + 2 * (Dt + D)  # attn1; attn2 (to_q, to_out.0; to_k, to_v from the text)
+    if not audio:
+        return config.num_layers * rank * video
+    sound = 4 * 2 * Da + 2 * 2 * Da + 2 * (Dat + Da)  # audio_attn1, audio_attn2
+    cross = 2 * (2 * (D + Da) + 2 * 2 * Da)  # audio_to_video_attn, video_to_audio_attn: two D↔Da, two Da↔Da layers
+    return config.num_layers * rank * (video + sound + cross)
+
+
+def test_19b_training_at_768x512x121():
+    """Documented numbers (ltx2/memory.py): bf16 weights 48.9 GB, fp8 33.1 GB with checkpointing; the text
+    connectors 2.86 GB; LoRA rank 32 with AdamW 3.4 GB."""
+    kw = dict(width=768, height=512, frames=121, training=True, lora_rank=32, optimizer="adamw")
+    bf16 = estimate_ltx2_memory_from_config(LTX2_19B, weight_dtype="bf16", **kw)
+    fp8 = estimate_ltx2_memory_from_config(LTX2_19B, weight_dtype="fp8_e4m3fn", **kw)
+    sampling = estimate_ltx2_memory_from_config(LTX2_19B, width=768, height=512, frames=121)
+    # weights: the DiT as in sampling plus the text connectors (aggregate_embed 188160→3840 and two connectors of
+    # two 3840-wide blocks with 128 registers) in the compute dtype
+    connectors = 2 * (188160 * 3840 + 2 * (128 * 3840 + 2 * (4 * (3840 * 3840 + 3840) + 2 * 3840
+                                                              + 2 * 4 * 3840 * 3840 + 4 * 3840 + 3840)))
+    assert bf16.text_projection_bytes == connectors
+    assert bf16.resident_weights == sampling.resident_weights + connectors
+    params = lora_parameters(LTX2_19B, 32, audio=True)
+    assert bf16.lora == bf16.gradients == 4 * params and bf16.optimizer_state == 8 * params
+    # activations with checkpointing: every block input (48 × s·(D·Nv + Da·Na)) and one block recomputed with its
+    # gradients; in units of s·D·Nv (50 MB here) between 48 + 25 and 48 + 60
+    unit = 2 * LTX2_19B.inner_dim * 6144
+    assert 73 * unit < bf16.activations < 108 * unit
+    assert bf16.total == pytest.approx(48.9e9, rel=0.01) and fp8.total == pytest.approx(33.1e9, rel=0.01)
+    # fp8 layers dequantise per call and the autograd graph keeps each copy: the peak moves to block 42, the last
+    # fp8 block of the official files (blocks 43-47 keep bf16 weights)
+    assert bf16.peak_block == 47 and fp8.peak_block == 42 and fp8.activations > bf16.activations
+    # without checkpointing every block keeps its tensors: far beyond any GPU
+    full = estimate_ltx2_memory_from_config(LTX2_19B, gradient_checkpointing=False, **kw)
+    assert full.activations > 15 * bf16.activations
+    video_only = estimate_ltx2_memory_from_config(LTX2_19B, with_audio=False, **kw)
+    assert video_only.lora == 4 * lora_parameters(LTX2_19B, 32, audio=False)
+    assert video_only.activations < bf16.activations
+    eight_bit = estimate_ltx2_memory_from_config(LTX2_19B, **{**kw, "optimizer": "adamw8bit"})
+    assert eight_bit.optimizer_state == 2 * params
+
+
+def test_training_block_swap_checkpoints_and_the_text_for_users():
+    kw = dict(width=768, height=512, frames=121, training=True, gradient_checkpointing=False)
+    est = estimate_ltx2_memory_from_config(LTX2_19B, **kw)
+    swapped = estimate_ltx2_memory_from_config(LTX2_19B, blocks_to_swap=30, **kw)
+    assert not est.gradient_checkpointing and swapped.gradient_checkpointing  # as the trainer: swap checkpoints
+    assert swapped.totals_by_swap == est.totals_by_swap and est.totals_by_swap[30] == swapped.total
+    assert est.totals_by_swap[1] < est.totals_by_swap[0] / 2  # the first swapped block turns checkpointing on
+    budget = int(24e9)
+    n = smallest_fitting_swap(est, budget)
+    text = format_ltx2_estimate(est, available_bytes=budget, model="LTX-2 19B dev")
+    lines = text.splitlines()
+    assert lines[0] == (f"Estimated peak GPU memory: {est.total / 1e9:.1f} GB (weights {est.resident_weights / 1e9:.1f} "
+                        f"GB resident, activations {est.activations / 1e9:.1f} GB, LoRA + gradients + optimizer "
+                        f"{(est.lora + est.gradients + est.optimizer_state) / 1e9:.1f} GB)")
+    assert lines[1] == ("Settings: LTX-2 19B dev, 768×512, 121 frames at 24 fps (6,144 video + 126 audio tokens), "
+                        "LoRA training (rank 32, AdamW), audio and video, first-frame conditioning, gradient "
+                        "checkpointing off, bf16 compute.")
+    assert lines[2] == "The weights include the text connectors (2.9 GB), which the trainer keeps on the device."
+    assert f"set blocks_to_swap to {n} or more on the model loader or the trainer" in lines[3]
+    video = estimate_ltx2_memory_from_config(LTX2_19B, width=768, height=512, frames=121, training=True,
+                                             with_audio=False, first_frame_conditioning=False, lora_rank=16,
+                                             optimizer="adamw8bit")
+    line = format_ltx2_estimate(video, available_bytes=None, model="19B").splitlines()[1]
+    assert line.endswith("(6,144 video tokens), LoRA training (rank 16, 8-bit AdamW), video only, gradient "
+                         "checkpointing on, bf16 compute.")
+
+
+def test_bad_training_settings_are_refused():
+    kw = dict(width=512, height=512, frames=9, training=True)
+    with pytest.raises(ValueError, match="lora_rank must be an int ≥ 1"):
+        estimate_ltx2_memory_from_config(LTX2_19B, lora_rank=0, **kw)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        estimate_ltx2_memory_from_config(LTX2_19B, optimizer="lion", **kw)
+    with pytest.raises(ValueError, match="pass text_projection"):
+        estimate_ltx2_memory_from_config(MEDIUM, **kw)  # 128-wide captions, 19B connector heads
+    with pytest.raises(TypeError, match="text_projection must be"):
+        estimate_ltx2_memory_from_config(TINY, text_projection={"dim": 24}, **kw)
