@@ -407,19 +407,19 @@ class LTX2MemoryEstimate(CinetuneNode):
                 io.Int.Input("height", default=512, min=32, max=MAX_SIZE, step=32, tooltip="Video height in pixels."),
                 io.Int.Input("frames", default=121, min=1, max=MAX_FRAMES, step=8, tooltip="Video frames, 8k+1."),
                 io.Float.Input("fps", default=24.0, min=1.0, max=120.0, step=0.001, tooltip="Frame rate (audio length)."),
-                io.Combo.Input("mode", options=["sampling", "training"], default="sampling",
+                io.Combo.Input("mode", options=["sampling", "training"], default="sampling", optional=True,
                                tooltip="One sampling step (official dev guidance: four forward passes) or one LoRA "
                                        "training step of LTX-2 Train LoRA with the settings below."),
-                io.Int.Input("lora_rank", default=32, min=1, max=512, tooltip="Training: LoRA rank."),
-                io.Combo.Input("optimizer", options=["adamw", "adamw8bit"], default="adamw",
+                io.Int.Input("lora_rank", default=32, optional=True, min=1, max=512, tooltip="Training: LoRA rank."),
+                io.Combo.Input("optimizer", options=["adamw", "adamw8bit"], default="adamw", optional=True,
                                tooltip="Training: optimizer state size (AdamW 8 B per parameter, 8-bit 2 B)."),
-                io.Boolean.Input("gradient_checkpointing", default=True,
+                io.Boolean.Input("gradient_checkpointing", default=True, optional=True,
                                  tooltip="Training: recompute each block in the backward (always on with block "
                                          "swap, as the trainer does)."),
-                io.Boolean.Input("audio", default=True,
+                io.Boolean.Input("audio", default=True, optional=True,
                                  tooltip="Training: audio and video together (LTX-2 Train LoRA's default); off trains "
                                          "the video stream alone."),
-                io.Boolean.Input("first_frame_conditioning", default=True,
+                io.Boolean.Input("first_frame_conditioning", default=True, optional=True,
                                  tooltip="Training: some steps condition on the first frame "
                                          "(first_frame_conditioning > 0 on the trainer); those steps need more."),
             ],
