@@ -125,10 +125,11 @@ block keeps its saved tensors to the end of the forward. Autograd facts (torch 2
 
 Numbers (19B, 768×512×121 at 24 fps, CUDA, bf16 compute, rank 32, AdamW, audio and video, first-frame conditioning,
 checkpointing; units of s·D·Nv = 50 MB): 48 block inputs (48.5), one block recomputed (37.4) and its backward with
-the gradients and what the step still holds (10.8) → 96.7, 4.9 GB of activations; with 37.8 GB of DiT weights, 2.9 GB of connectors and
-3.4 GB of LoRA, gradients and AdamW state: 48.9 GB. fp8 weights: 33.1 GB (the peak moves to block 42, the last fp8
-block, whose recomputation keeps its dequantised weights). Without checkpointing: 137 GB (bf16). At 1536×1024×121:
-63.2 GB. ltx-trainer sizes its standard LoRA configuration for 80 GB GPUs and its int8 configuration for 32 GB.
+the gradients and what the step still holds (10.8) → 96.7, 4.9 GB of activations; with 37.8 GB of DiT weights, 1.4 GB of text connectors (the
+aggregate embedding stays off the device: captions are cached after it) and 3.4 GB of LoRA, gradients and AdamW
+state: 47.5 GB. fp8 weights: 31.6 GB (the peak moves to block 42, the last fp8
+block, whose recomputation keeps its dequantised weights). Without checkpointing: 136 GB (bf16). At 1536×1024×121:
+61.8 GB. ltx-trainer sizes its standard LoRA configuration for 80 GB GPUs and its int8 configuration for 32 GB.
 
 Validation (tests/unit/test_ltx2_memory.py): a real training step written as the trainer runs it (tiny and medium
 DiTs with their text connectors, fp32 and bf16, with and without checkpointing, audio+video and video only, with and
@@ -245,7 +246,8 @@ class LTX2MemoryEstimate(MemoryEstimate):
         width, height, frames, fps, video_tokens, audio_tokens, passes, compute_dtype: the settings.
         lora_rank, optimizer, gradient_checkpointing, with_audio, first_frame_conditioning: the training settings
             (``training`` True; gradient checkpointing as it runs: on whenever blocks are swapped).
-        text_projection_bytes: the text connectors' weights, part of ``resident_weights`` in training.
+        text_projection_bytes: the text connectors' weights (the aggregate embedding is not needed: captions are
+            cached after it), part of ``resident_weights`` in training.
     """
 
     totals_by_swap: tuple[int, ...] = ()
@@ -294,8 +296,9 @@ def _training(config: LTX2TransformerConfig, compute_dtype: torch.dtype, *, lora
                              "text_projection (the loaded LTX2TextProjection or its config)") from e
     if isinstance(text_projection, LTX2TextProjection):
         tp = text_projection.config
-        nbytes = sum(t.numel() * t.element_size() for t in [*text_projection.parameters(),
-                                                           *text_projection.buffers()])
+        nbytes = sum(t.numel() * t.element_size()
+                     for c in (text_projection.video_embeddings_connector, text_projection.audio_embeddings_connector)
+                     for t in [*c.parameters(), *c.buffers()])
         size = text_projection.video_embeddings_connector.dtype.itemsize
     elif isinstance(text_projection, TextProjectionConfig):
         tp, nbytes, size = text_projection, _projection_bytes(text_projection, compute_dtype), compute_dtype.itemsize
@@ -310,7 +313,8 @@ def _training(config: LTX2TransformerConfig, compute_dtype: torch.dtype, *, lora
 def _projection_bytes(config: TextProjectionConfig, dtype: torch.dtype) -> int:
     with torch.device("meta"):
         module = LTX2TextProjection(config).to(dtype)
-    return sum(t.numel() * t.element_size() for t in module.parameters())
+    connectors = (module.video_embeddings_connector, module.audio_embeddings_connector)
+    return sum(t.numel() * t.element_size() for c in connectors for t in c.parameters())
 
 
 def estimate_ltx2_memory(model: LTX2DiT, *, width: int, height: int, frames: int, fps: float, blocks_to_swap: int,

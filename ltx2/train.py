@@ -397,18 +397,27 @@ class LTX2TrainingAdapter(TrainingAdapter):
 
     @contextmanager
     def running(self, model: nn.Module, config: TrainConfig, device: torch.device) -> Iterator[None]:
-        """The text projection on ``device`` in eval mode, ``config.attention_backend`` on DiT and projection, and
-        the DiT's own ``gradient_checkpointing`` flag off (the loop checkpoints the blocks); all restored on exit."""
+        """The text connectors on ``device`` in eval mode, ``config.attention_backend`` on DiT and projection, and
+        the DiT's own ``gradient_checkpointing`` flag off (the loop checkpoints the blocks); all restored on exit.
+
+        The aggregate embedding stays where it is: cached captions already hold its output (:meth:`load_batch`), so
+        only the connectors run during training (1.45 GB less on the device for the 19B model in bf16).
+        """
         proj = self.text_projection
-        home = next(proj.parameters()).device
+        connectors = (proj.video_embeddings_connector, proj.audio_embeddings_connector)
+        homes = [next(c.parameters()).device for c in connectors]
         saved = (proj.training, proj.attention_backend, model.attention_backend, model.gradient_checkpointing)
-        proj.to(device).eval()
+        proj.eval()
+        for c in connectors:
+            c.to(device)
         proj.attention_backend = model.attention_backend = config.attention_backend
         model.gradient_checkpointing = False
         try:
             yield
         finally:
-            proj.to(home).train(saved[0])
+            for c, home in zip(connectors, homes):
+                c.to(home)
+            proj.train(saved[0])
             proj.attention_backend, model.attention_backend, model.gradient_checkpointing = saved[1:]
 
     def save_lora(self, path: Path, modules: Mapping[str, LoRALinear], *, dtype: torch.dtype,
