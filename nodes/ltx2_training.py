@@ -164,11 +164,13 @@ class LTX2CacheLatents(CinetuneNode):
                 LTX2VAE.Input("vae", tooltip="From LTX-2 VAE Loader (with its audio VAE when audio is on)."),
                 io.Int.Input("frames", default=49, min=1, max=MAX_FRAMES, step=8,
                              tooltip="Video frames per training clip, 8k+1 (at 24 fps: 49 ≈ 2 s, 121 = 5 s). "
-                                     "Images are 1-frame clips."),
+                                     "Images are 1-frame clips. A Dataset Folder with its own frame extraction "
+                                     "uses this only where its target_frames is empty."),
                 io.Combo.Input("frame_selection", options=["head", "uniform", "chunks"], default="head",
                                tooltip="head: one clip from the start; uniform: one clip spread over the whole video "
                                        "(not with audio: the motion plays faster than the sound); chunks: "
-                                       "consecutive clips covering the video."),
+                                       "consecutive clips covering the video. Not used for a Dataset Folder with its "
+                                       "own frame extraction."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=32,
                              tooltip="Bucket area = resolution²; each item goes to the bucket with the nearest aspect "
                                      "ratio (sides in steps of 32 px)."),

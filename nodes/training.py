@@ -1,4 +1,5 @@
-"""Training nodes: dataset folder, text-encoder cache, latent cache (the trainer node lives in nodes/trainer.py).
+"""Training nodes: dataset folder, combined datasets, text-encoder cache, latent cache (the trainer node lives in
+nodes/trainer.py).
 
 The nodes pass small descriptor objects along the chain (dataset → text cache → latent cache → trainer); the
 tensors live on disk in the cache folder, keyed by content, so re-running a cacher only encodes what changed.
@@ -8,6 +9,12 @@ unreadable) would never be repaired by queueing again. Each cacher therefore rem
 left (size and modification time) and its change check (``fingerprint_inputs``) differs once any of them changed:
 the cacher runs again and re-encodes exactly the damaged entries. The memory lasts as long as the server, as
 ComfyUI's own cache of outputs does.
+
+A Dataset Folder may carry its own frame extraction (musubi-tuner's ``frame_extraction``, ``target_frames``,
+``frame_stride``, ``frame_sample``, ``max_frames``; :class:`~cinetune.training.items.FrameExtraction`); the cachers
+cut its videos by it instead of by their own ``frames`` / ``frame_selection``. At queue time its ``target_frames``
+must parse and each count must fit the frame rule of at least one registered model family (K5 ``4k+1``, LTX-2
+``8k+1``); the cacher of the family in use refuses a count its own rule does not allow before encoding anything.
 
 Widget order is frozen once released: add new inputs at the end, with defaults.
 """
@@ -22,6 +29,7 @@ from pathlib import Path
 
 from comfy_api.latest import io, ui
 
+from ..core.family import registered_families
 from ..k5.family import K5_LATENT_FORMAT, NABLA_SIZE_MULTIPLE
 from ..training.cache import (
     DEFAULT_LAYOUT,
@@ -32,7 +40,17 @@ from ..training.cache import (
     cache_text,
     load_cached_dataset,
 )
-from ..training.data import Dataset, FrameSpec, resolve_dataset_folder, scan_folder
+from ..training.data import (
+    EXTRACTION_MODES,
+    Dataset,
+    FrameExtraction,
+    FrameSpec,
+    combine_datasets,
+    parse_target_frames,
+    resolve_dataset_folder,
+    scan_folder,
+)
+from ..training.items import DEFAULT_MAX_FRAMES
 from . import host
 from .checks import CinetuneNode, FileName, check_file_name, widget_values
 from .types import K5VAE, K5TextEncoder
@@ -162,9 +180,42 @@ class _Receipts:
 
 RECEIPTS = _Receipts()
 
+#: The Dataset Folder's ``frame_extraction`` options: "cacher" = the cacher's frames and frame selection (as before
+#: the option existed), then musubi-tuner's modes.
+EXTRACTION_CHOICES = ("cacher", *EXTRACTION_MODES)
+MAX_CLIP_FRAMES = 1025
+
+
+def check_target_frames(value: str) -> None:
+    """Input rule for ``target_frames``: parsable counts, each valid for at least one registered model family.
+
+    Raises:
+        ValueError: unparsable text, or a count no family's frame rule allows (naming each family's nearest counts).
+    """
+    families = registered_families()
+    for n in parse_target_frames(value):
+        if n > MAX_CLIP_FRAMES:
+            raise ValueError(f"{n} frames is more than the {MAX_CLIP_FRAMES} a clip may have")
+        if families and not any(f.latent_format.valid_frames(n) for f in families):
+            hints = "; ".join("{} needs {}: {} or {}".format(f.display_name, f.latent_format.frame_rule,
+                                                             *f.latent_format.nearest_frames(n)) for f in families)
+            raise ValueError(f"{n} frames fits no model family's frame rule ({hints})")
+
+
+def _frame_extraction(mode: str, target_frames: str, frame_stride: int, frame_sample: int,
+                     max_frames: int) -> FrameExtraction | None:
+    """The Dataset Folder's widgets as a :class:`~cinetune.training.items.FrameExtraction`; None for "cacher".
+
+    Raises:
+        ValueError: bad counts or settings (the message names them).
+    """
+    if mode == "cacher":
+        return None
+    return FrameExtraction(mode, parse_target_frames(target_frames), frame_stride, frame_sample, max_frames)
+
 
 class DatasetFolder(CinetuneNode):
-    INPUT_RULES = {"folder": dataset_folder}
+    INPUT_RULES = {"folder": dataset_folder, "target_frames": check_target_frames}
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -185,12 +236,29 @@ class DatasetFolder(CinetuneNode):
                 io.String.Input("default_caption", default="",
                                 tooltip="Caption for files without a .txt; when empty such files are skipped and "
                                         "listed as problems."),
+                io.Combo.Input("frame_extraction", options=list(EXTRACTION_CHOICES), default="cacher", optional=True,
+                               tooltip="How this folder's videos become clips (musubi-tuner's frame_extraction). "
+                                       "cacher: the cache node's frames and frame_selection. head: the first N "
+                                       "frames. chunk: consecutive N-frame clips. slide: N-frame clips every "
+                                       "frame_stride frames. uniform: frame_sample N-frame clips spread over the "
+                                       "video. full: the whole video up to max_frames. Each clip is a sample."),
+                io.String.Input("target_frames", default="", optional=True,
+                                tooltip="Frames per clip N, one or more, e.g. '1, 25, 45' (K5: 4k+1, LTX-2: 8k+1); "
+                                        "each count gives its own clips. Empty: the cache node's frames. Not used by "
+                                        "'cacher' and 'full'."),
+                io.Int.Input("frame_stride", default=1, min=1, max=100000, optional=True,
+                             tooltip="slide: frames from one clip's start to the next."),
+                io.Int.Input("frame_sample", default=1, min=1, max=1000, optional=True,
+                             tooltip="uniform: clips per video for each frame count."),
+                io.Int.Input("max_frames", default=DEFAULT_MAX_FRAMES, min=1, max=MAX_CLIP_FRAMES, optional=True,
+                             tooltip="full: the longest clip; each video is cut to the longest count the model "
+                                     "family allows (K5 4k+1, LTX-2 8k+1) up to this."),
             ],
             outputs=[DatasetType.Output(display_name="dataset")],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, folder, repeats, trigger_word, default_caption):
+    def fingerprint_inputs(cls, folder, repeats, trigger_word, default_caption, **extraction):
         # Re-run (and so re-cache and re-train downstream) only when a file in the folder changed.
         try:
             root = dataset_folder(folder)
@@ -198,12 +266,41 @@ class DatasetFolder(CinetuneNode):
             return float("nan")  # let execute() report the problem
         entries = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
                          for p in root.rglob("*") if p.is_file())
-        return hashlib.sha256(repr((entries, repeats, trigger_word, default_caption)).encode()).hexdigest()
+        settings = (entries, repeats, trigger_word, default_caption, sorted(extraction.items()))
+        return hashlib.sha256(repr(settings).encode()).hexdigest()
 
     @classmethod
-    def execute(cls, folder, repeats, trigger_word, default_caption) -> io.NodeOutput:
+    def execute(cls, folder, repeats, trigger_word, default_caption, frame_extraction="cacher", target_frames="",
+                frame_stride=1, frame_sample=1, max_frames=DEFAULT_MAX_FRAMES) -> io.NodeOutput:
+        extraction = _frame_extraction(frame_extraction, target_frames, frame_stride, frame_sample, max_frames)
         dataset = scan_folder(dataset_folder(folder), repeats=repeats, trigger_word=trigger_word,
-                              default_caption=default_caption or None)
+                              default_caption=default_caption or None, frame_extraction=extraction)
+        return io.NodeOutput(dataset, ui=ui.PreviewText(dataset.summary()))
+
+
+class CombineDatasets(CinetuneNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        tip = ("A dataset (Dataset Folder or another Combine Datasets); it keeps its own repeats, trigger word, "
+               "captions and frame extraction.")
+        return io.Schema(
+            node_id="CinetuneCombineDatasets",
+            display_name="Combine Datasets (Cinetune)",
+            category=CATEGORY,
+            description="Trains on several datasets at once. Item names get their folder's name in front, so equal "
+                        "file names in different folders stay apart. Both families' cache nodes take the result.",
+            inputs=[
+                DatasetType.Input("dataset_1", tooltip=tip),
+                DatasetType.Input("dataset_2", tooltip=tip),
+                DatasetType.Input("dataset_3", optional=True, tooltip=tip + " Optional."),
+                DatasetType.Input("dataset_4", optional=True, tooltip=tip + " Optional."),
+            ],
+            outputs=[DatasetType.Output(display_name="dataset")],
+        )
+
+    @classmethod
+    def execute(cls, dataset_1, dataset_2, dataset_3=None, dataset_4=None) -> io.NodeOutput:
+        dataset = combine_datasets([d for d in (dataset_1, dataset_2, dataset_3, dataset_4) if d is not None])
         return io.NodeOutput(dataset, ui=ui.PreviewText(dataset.summary()))
 
 
@@ -256,12 +353,14 @@ class K5CacheLatents(CinetuneNode):
             inputs=[
                 TextCacheType.Input("text_cache", tooltip="From K5 Cache Text Encoder Outputs."),
                 K5VAE.Input("vae", tooltip="From K5 VAE Loader."),
-                io.Int.Input("frames", default=49, min=1, max=1025, step=4,
+                io.Int.Input("frames", default=49, min=1, max=MAX_CLIP_FRAMES, step=4,
                              tooltip="Video frames per training clip, 4k+1 (at 24 fps: 49 ≈ 2 s, 121 = 5 s). "
-                                     "Images are 1-frame clips."),
+                                     "Images are 1-frame clips. A Dataset Folder with its own frame extraction "
+                                     "uses this only where its target_frames is empty."),
                 io.Combo.Input("frame_selection", options=["head", "uniform", "chunks"], default="head",
                                tooltip="head: one clip from the start; uniform: one clip spread over the whole video; "
-                                       "chunks: consecutive clips covering the video."),
+                                       "chunks: consecutive clips covering the video. Not used for a Dataset Folder "
+                                       "with its own frame extraction."),
                 io.Int.Input("resolution", default=512, min=64, max=2048, step=16,
                              tooltip="Bucket area = resolution²; each item goes to the bucket with the nearest aspect "
                                      "ratio (sides in steps of 16 px, 128 px with NABLA)."),
@@ -297,4 +396,4 @@ class K5CacheLatents(CinetuneNode):
         return io.NodeOutput(data, ui=ui.PreviewText(report.summary()))
 
 
-NODES = [DatasetFolder, K5CacheText, K5CacheLatents]
+NODES = [DatasetFolder, CombineDatasets, K5CacheText, K5CacheLatents]

@@ -6,8 +6,9 @@
   (:func:`~cinetune.core.media.read_audio`): downmixed to stereo (5.1 with the ITU weights, mono duplicated),
   resampled to the format's rate (16 kHz for LTX-2) and trimmed or padded with silence to exactly the clip's
   duration. The span starts at the first selected frame's timestamp (``index / source fps``) and lasts
-  ``frames / clip fps``, as ltx-trainer trims the track to the clip's duration. ``uniform`` selection plays the
-  motion faster than real time, so no sound track can follow it: audio clips need ``head`` or ``chunks``.
+  ``frames / clip fps``, as ltx-trainer trims the track to the clip's duration. The cachers' ``uniform`` selection
+  plays the motion faster than real time, so no sound track can follow it: audio clips need ``head`` or ``chunks``
+  (or a dataset's own frame extraction, whose clips are all consecutive frames).
 - **Clip frame rate**: :func:`clip_fps` = the frame spec's target rate, or with ``target_fps=None`` the clip's own
   source rate (each clip keeps its own, as ltx-trainer stores each video's fps), and the format's ``default_fps``
   for images and frames without a rate (24 for LTX-2).
@@ -118,12 +119,13 @@ def check_clip_audio(clips: Iterable[Clip], spec: FrameSpec, missing: str = "err
     Raises:
         NoAudioError: with ``"error"``, the items without an audio stream (images and in-memory frames included);
             the message lists them (up to 10) and the fixes.
-        ValueError: a format without audio, ``uniform`` selection (the sound cannot follow sped-up motion), or an
-            unknown ``missing``.
+        ValueError: a format without audio, ``uniform`` selection of clips whose items carry no extraction of their
+            own (the sound cannot follow sped-up motion), or an unknown ``missing``.
     """
     _audio_format(spec)
     _check_missing(missing)
-    if spec.mode == "uniform":
+    clips = list(clips)
+    if spec.mode == "uniform" and any(clip.item.extraction is None for clip in clips):
         raise ValueError("frame selection 'uniform' spreads a clip over the whole video, so its motion plays faster "
                          "than its sound; with audio use 'head' or 'chunks'")
     if missing == "silence":

@@ -4,6 +4,7 @@ The pieces, in the order a latent cacher uses them (``fmt`` is the model family'
 :class:`~cinetune.core.family.LatentFormat`)::
 
     ds = scan_folder("dataset/", trigger_word="ohwx")                   # items + per-file problems
+    ds = combine_datasets([ds, scan_folder("more/", frame_extraction=FrameExtraction("slide", (9, 17), 8))])
     clips, problems = plan_clips(ds, FrameSpec(17, latent_format=fmt))  # frame indices per item
     buckets = make_buckets(512, fmt)                                    # equal-area sizes, sides % size_multiple == 0
     bucket = assign_bucket(item.width, item.height, buckets)
@@ -39,6 +40,14 @@ Decisions:
 - **Verification.** ``scan_folder`` decodes every video once without colour conversion (about
   0.2 s for 5 s of 720p on two cores) and decodes every image, so a truncated file is reported at
   scan time, not in the middle of caching. The decoded frame count is the item's ``frames``.
+- **Frame extraction per dataset.** ``scan_folder(..., frame_extraction=FrameExtraction(...))`` makes every item
+  carry musubi-tuner's extraction settings (:class:`~cinetune.training.items.FrameExtraction`); the cachers then cut
+  those items by it instead of by their own frame count and selection. Without it a dataset behaves as before:
+  same clips, same cache keys, same fingerprint.
+- **Combined datasets** (:func:`combine_datasets`) keep each item as its dataset made it (caption with its trigger
+  word, repeats, extraction) and prefix its ``source_id`` with its dataset's folder name (``clips/a.mp4``), plus
+  ``#<position>`` when two combined datasets have folders of the same name, so ids never collide. Cache entries
+  never collide either way: latent keys hold the file's absolute path, text keys the caption.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import hashlib
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Literal, Mapping, Sequence
 
@@ -71,6 +81,7 @@ from .frames import (
     Bucket,
     Clip,
     FrameSpec,
+    check_extraction,
     NoBucketError,
     TooShortError,
     assign_bucket,
@@ -79,12 +90,21 @@ from .frames import (
     make_buckets,
     plan_clips,
 )
-from .items import Dataset, DatasetError, DatasetItem, DatasetProblem
+from .items import (
+    EXTRACTION_MODES,
+    Dataset,
+    DatasetError,
+    DatasetItem,
+    DatasetProblem,
+    FrameExtraction,
+    parse_target_frames,
+)
 
 __all__ = [
     "VIDEO_EXTS", "IMAGE_EXTS", "DATASET_ROOTS_ENV", "DatasetError", "DatasetLocationError", "TooShortError",
     "NoBucketError", "DatasetItem", "DatasetProblem", "Dataset", "dataset_roots", "resolve_dataset_folder",
-    "scan_folder", "from_tensors",
+    "scan_folder", "from_tensors", "combine_datasets",
+    "EXTRACTION_MODES", "FrameExtraction", "parse_target_frames", "check_extraction",
     "FrameSpec", "frame_indices", "Clip", "plan_clips",
     "Bucket", "make_buckets", "assign_bucket", "load_clip", "dataset_fingerprint",
     "AUDIO_CHANNELS", "MISSING_AUDIO", "NoAudioError", "clip_fps", "clip_audio_span", "has_audio_track",
@@ -103,6 +123,7 @@ DATASET_ROOTS_ENV = "CINETUNE_DATASET_ROOTS"
 MAX_PROBLEMS = 50
 
 _FINGERPRINT_VERSION = 1
+_COMBINED_LABEL = "dataset"
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -253,7 +274,7 @@ def _describe_video(path: Path, verify: bool) -> tuple[int, int, int, float]:
 def scan_folder(folder: str | os.PathLike, *, repeats: int = 1, trigger_word: str = "",
                 caption_ext: str = ".txt", recursive: bool = True, default_caption: str | None = None,
                 skip_missing_captions: bool = False, verify: bool = True,
-                max_problems: int | None = MAX_PROBLEMS) -> Dataset:
+                max_problems: int | None = MAX_PROBLEMS, frame_extraction: FrameExtraction | None = None) -> Dataset:
     """Find videos and images in a folder and pair them with same-name caption files.
 
     Args:
@@ -268,9 +289,11 @@ def scan_folder(folder: str | os.PathLike, *, repeats: int = 1, trigger_word: st
         verify: decode every file once so that truncated files are found now (see module notes);
             False only probes headers (fast, but a damaged file fails later in :func:`load_clip`).
         max_problems: stop after this many problems when files remain unchecked (None: never stop).
+        frame_extraction: the folder's own frame extraction, carried by every item (see the module notes); None =
+            the cacher's frame count and selection.
 
     Returns:
-        :class:`Dataset` with items sorted by ``source_id`` (path relative to ``folder``) and one
+        :class:`Dataset` (``root`` = ``folder``) with items sorted by ``source_id`` (path relative to ``folder``) and one
         :class:`DatasetProblem` per media file left out (missing/empty/undecodable caption,
         unreadable, truncated or empty media).
 
@@ -279,8 +302,10 @@ def scan_folder(folder: str | os.PathLike, *, repeats: int = 1, trigger_word: st
             lists the extensions), every media file has a problem (the message lists them), or ``max_problems``
             problems were found before the last file (the message lists them and counts the files not checked).
         ValueError: ``repeats`` < 1, or ``max_problems`` < 1.
+        TypeError: ``frame_extraction`` is not a FrameExtraction.
     """
     folder = Path(folder)
+    _check_extraction_type(frame_extraction)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an integer ≥ 1, got {repeats!r}")
     if max_problems is not None and max_problems < 1:
@@ -342,11 +367,12 @@ def scan_folder(folder: str | os.PathLike, *, repeats: int = 1, trigger_word: st
             continue
         items.append(DatasetItem(path=path, caption=_apply_trigger(caption, trigger_word), kind=kind,
                                  width=width, height=height, frames=frames, fps=fps, repeats=repeats,
-                                 source_id=path.relative_to(folder).as_posix(), has_audio=has_audio))
+                                 source_id=path.relative_to(folder).as_posix(), has_audio=has_audio,
+                                 extraction=frame_extraction))
     if not items:
         listed = "\n".join(f"  - {problem}" for problem in problems) or "  (all uncaptioned and skipped)"
         raise DatasetError(f"no usable training files in {folder}; fix these and scan again:\n{listed}")
-    return Dataset(items=items, problems=problems, trigger_word=trigger_word.strip())
+    return Dataset(items=items, problems=problems, trigger_word=trigger_word.strip(), root=folder)
 
 
 def _stopped_scan(folder: Path, problems: list[DatasetProblem], unchecked: list[Path],
@@ -364,7 +390,8 @@ def _tensor_digest(pixels: Tensor) -> str:
 
 
 def from_tensors(frames_list: Sequence[Tensor], captions: str | Sequence[str], *, fps: float | None = None,
-                 repeats: int = 1, trigger_word: str = "", names: Sequence[str] | None = None) -> Dataset:
+                 repeats: int = 1, trigger_word: str = "", names: Sequence[str] | None = None,
+                 frame_extraction: FrameExtraction | None = None) -> Dataset:
     """Build a dataset from frames held in memory (IMAGE batches coming from other ComfyUI nodes).
 
     Args:
@@ -375,6 +402,7 @@ def from_tensors(frames_list: Sequence[Tensor], captions: str | Sequence[str], *
         repeats: times each item counts per epoch, ≥ 1.
         trigger_word: applied as in :func:`scan_folder`.
         names: optional names used in ``source_id`` (``<name>-<content hash>``) and messages.
+        frame_extraction: the frames' own extraction, carried by every item; None = the cacher's.
 
     Returns:
         :class:`Dataset`; items whose tensor has the wrong type, shape or dtype are problems (values
@@ -384,7 +412,9 @@ def from_tensors(frames_list: Sequence[Tensor], captions: str | Sequence[str], *
     Raises:
         DatasetError: caption/name count differs from the item count, or no item is usable.
         ValueError: bad ``repeats`` or ``fps``.
+        TypeError: ``frame_extraction`` is not a FrameExtraction.
     """
+    _check_extraction_type(frame_extraction)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an integer ≥ 1, got {repeats!r}")
     if fps is not None and not (math.isfinite(fps) and fps > 0):
@@ -418,19 +448,59 @@ def from_tensors(frames_list: Sequence[Tensor], captions: str | Sequence[str], *
         items.append(DatasetItem(path=None, caption=_apply_trigger(str(caption).strip(), trigger_word),
                                  kind=kind, width=width, height=height, frames=count,
                                  fps=fps if kind == "video" else None, repeats=repeats,
-                                 source_id=f"{label}-{_tensor_digest(pixels)}", pixels=pixels, has_audio=False))
+                                 source_id=f"{label}-{_tensor_digest(pixels)}", pixels=pixels, has_audio=False,
+                                 extraction=frame_extraction))
     if not items:
         raise DatasetError("no usable frame batches:\n" + "\n".join(f"  - {p}" for p in problems))
     return Dataset(items=items, problems=problems)
+
+
+def _check_extraction_type(extraction) -> None:
+    if extraction is not None and not isinstance(extraction, FrameExtraction):
+        raise TypeError(f"frame_extraction must be a FrameExtraction or None, got {type(extraction).__name__}")
+
+
+def combine_datasets(datasets: Sequence[Dataset]) -> Dataset:
+    """One dataset made of several, each item kept as its dataset made it (see the module notes).
+
+    Args:
+        datasets: the datasets, in order (scanned folders, in-memory frames or combined datasets).
+
+    Returns:
+        :class:`Dataset` with every item of every dataset in input order, each ``source_id`` prefixed with its
+        dataset's label (``<folder name>/``; ``<folder name>#<position>/`` when folder names repeat;
+        ``dataset#<position>/`` for a dataset without a folder), every problem, and the trigger words (distinct,
+        non-empty) joined by ", ".
+
+    Raises:
+        DatasetError: no datasets, or something that is not a :class:`Dataset` (the message names its position).
+    """
+    datasets = list(datasets)
+    if not datasets:
+        raise DatasetError("no datasets to combine; connect at least one Dataset Folder")
+    for position, dataset in enumerate(datasets, start=1):
+        if not isinstance(dataset, Dataset):
+            raise DatasetError(f"dataset {position} is a {type(dataset).__name__}, not a dataset; connect a Dataset "
+                               "Folder (or another Combine Datasets) there")
+    names = [d.root.name if d.root is not None and d.root.name else None for d in datasets]
+    labels = [name if name is not None and names.count(name) == 1 else f"{name or _COMBINED_LABEL}#{position}"
+              for position, name in enumerate(names, start=1)]
+    if len(set(labels)) < len(labels):  # a folder named like another's label, e.g. "clips#2"
+        labels = [f"{name or _COMBINED_LABEL}#{position}" for position, name in enumerate(names, start=1)]
+    items = [replace(item, source_id=f"{label}/{item.source_id}")
+             for label, dataset in zip(labels, datasets) for item in dataset.items]
+    triggers = dict.fromkeys(t for d in datasets for t in d.trigger_word.split(", ") if t)
+    return Dataset(items=items, problems=[p for d in datasets for p in d.problems], trigger_word=", ".join(triggers))
 
 
 def dataset_fingerprint(items: Dataset | Iterable[DatasetItem]) -> str:
     """Stable hash of a dataset's identity, for cache keys and LoRA metadata.
 
     Hashes, per item, ``source_id``, file size and ``mtime_ns`` (files only; in-memory items carry a
-    content hash in ``source_id``), ``caption`` and ``repeats``, with items sorted by ``source_id``:
+    content hash in ``source_id``), ``caption``, ``repeats`` and, for items that carry one, the frame extraction
+    (items without one hash as before extractions existed), with items sorted by ``source_id``:
     the order of items does not matter; editing, touching or replacing a file, or changing a caption,
-    trigger word or repeat count changes the result.
+    trigger word, repeat count or extraction changes the result.
 
     Returns:
         64 hex characters (SHA-256).
@@ -445,6 +515,9 @@ def dataset_fingerprint(items: Dataset | Iterable[DatasetItem]) -> str:
         if item.path is not None:
             st = item.path.stat()
             size, mtime = st.st_size, st.st_mtime_ns
-        rows.append([item.source_id, size, mtime, item.caption, item.repeats])
+        row = [item.source_id, size, mtime, item.caption, item.repeats]
+        if item.extraction is not None:
+            row.append(item.extraction.as_dict())
+        rows.append(row)
     payload = json.dumps({"version": _FINGERPRINT_VERSION, "items": rows}, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()

@@ -13,6 +13,11 @@ come from its latent format; nothing here is specific to one model):
   real time; this is not musubi-tuner's ``uniform``, which takes several consecutive clips);
   ``chunks`` = consecutive clips starting every ``chunk_stride`` frames (default ``target_frames``,
   no overlap); a remainder shorter than a clip is dropped.
+- **A dataset's own extraction** (:class:`~cinetune.training.items.FrameExtraction`, musubi-tuner's ``head`` /
+  ``chunk`` / ``slide`` / ``uniform`` / ``full``), when its items carry one, replaces the frame spec's count and
+  selection for those items; the frame spec still gives the fps resampling and the latent format. Its counts must
+  fit the format's frame rule: :func:`check_extraction` refuses the others (naming the nearest valid counts) before
+  any clip is planned; ``full`` cuts each video down to the longest valid count, as musubi-tuner does.
 - **Buckets** have about the same area as ``base_resolution²``: for each short side ``s`` (a multiple
   of ``step``) the long side is the multiple of ``step`` nearest to ``area / s`` in log-area (ties to
   the smaller), and every landscape bucket has its portrait twin. An item goes to the bucket with the
@@ -42,11 +47,11 @@ from torch import Tensor
 
 from ..core.family import LatentFormat
 from ..core.media import MediaError, decode_frames
-from .items import Dataset, DatasetError, DatasetItem, DatasetProblem
+from .items import Dataset, DatasetError, DatasetItem, DatasetProblem, FrameExtraction
 
 __all__ = [
-    "TooShortError", "NoBucketError", "FrameSpec", "frame_indices", "Clip", "plan_clips", "Bucket", "make_buckets",
-    "assign_bucket", "load_clip",
+    "TooShortError", "NoBucketError", "FrameSpec", "check_extraction", "frame_indices", "Clip", "plan_clips", "Bucket",
+    "make_buckets", "assign_bucket", "load_clip",
 ]
 
 
@@ -139,46 +144,111 @@ def _resampled(source_frames: int, source_fps: float | None, target_fps: float |
     return [(2 * i * p + q) // (2 * q) for i in range(count)]
 
 
-def frame_indices(source_frames: int, source_fps: float | None, spec: FrameSpec) -> list[list[int]]:
+def check_extraction(extraction: FrameExtraction, latent_format: LatentFormat) -> None:
+    """Check a dataset's frame extraction against a model family's frame rule.
+
+    Raises:
+        ValueError: a ``target_frames`` count the format cannot encode; the message names the extraction, the rule
+            and the nearest valid counts (``full`` has no counts to check: it cuts each video to a valid count).
+        TypeError: ``extraction`` is not a :class:`~cinetune.training.items.FrameExtraction`.
+    """
+    if not isinstance(extraction, FrameExtraction):
+        raise TypeError(f"extraction must be a FrameExtraction, got {type(extraction).__name__}")
+    if extraction.mode == "full":
+        return
+    fmt = latent_format
+    bad = [n for n in extraction.target_frames if not fmt.valid_frames(n)]
+    if bad:
+        fixes = "; ".join("{} → {} or {}".format(n, *fmt.nearest_frames(n)) for n in bad)
+        raise ValueError(f"the dataset's frame extraction ({extraction.describe()}) asks for "
+                         f"{', '.join(map(str, bad))} frames, but this model family needs {fmt.frame_rule} frames "
+                         f"(the VAE packs {fmt.temporal_factor} frames per latent after the first): use {fixes} in "
+                         "the Dataset Folder's target_frames")
+
+
+def _too_short(source_frames: int, source_fps: float | None, available: int, needed: int,
+               spec: FrameSpec) -> TooShortError:
+    largest = spec.latent_format.nearest_frames(available)[0]
+    rate = ""
+    if source_fps is not None and spec.target_fps is not None:
+        rate = (f" at {spec.target_fps:g} fps ({source_frames} source frames at {source_fps:g} fps, "
+                f"{source_frames / source_fps:.2f} s)")
+    return TooShortError(f"too short: a clip needs {needed} frames but only {available} are available{rate}; use "
+                         f"target_frames ≤ {largest} or a longer video",
+                         needed=needed, available=available, largest_valid=largest)
+
+
+def _extraction_windows(n: int, extraction: FrameExtraction, spec: FrameSpec) -> list[tuple[int, int]]:
+    """``(start, length)`` of the clips a dataset's extraction takes from ``n`` resampled frames, in order (by
+    length, then start); see :class:`~cinetune.training.items.FrameExtraction`."""
+    if extraction.mode == "full":
+        return [(0, spec.latent_format.nearest_frames(min(n, extraction.max_frames))[0])]
+    windows: list[tuple[int, int]] = []
+    for t in extraction.target_frames or (spec.target_frames,):
+        if t > n:
+            continue
+        if extraction.mode == "head":
+            starts: Sequence[int] = [0]
+        elif extraction.mode == "chunk":
+            starts = range(0, n - t + 1, t)
+        elif extraction.mode == "slide":
+            starts = range(0, n - t + 1, extraction.frame_stride)
+        else:
+            samples = extraction.frame_sample
+            starts = [0] if samples == 1 else sorted({j * (n - t) // (samples - 1) for j in range(samples)})
+        windows += [(start, t) for start in starts]
+    return windows
+
+
+def frame_indices(source_frames: int, source_fps: float | None, spec: FrameSpec,
+                  extraction: FrameExtraction | None = None) -> list[list[int]]:
     """Source frame indices of the training clips one video gives.
 
     First the video is resampled to ``spec.target_fps`` (module notes: nearest source frame to each
-    target timestamp; no resampling when either fps is None), then clips are selected:
+    target timestamp; no resampling when either fps is None), then clips are selected. Without ``extraction``,
+    by ``spec.mode``:
 
     - ``head``: one clip, the first ``target_frames`` resampled frames.
     - ``uniform``: one clip whose ``target_frames`` frames are spread evenly over all resampled frames,
       first and last included (position ``floor(j·(n−1)/(T−1) + 1/2)``).
     - ``chunks``: clips starting at 0, stride, 2·stride, … while a whole clip fits.
 
+    With ``extraction`` (a dataset's own, musubi-tuner's modes), its clips of consecutive resampled frames
+    (:class:`~cinetune.training.items.FrameExtraction`; ``spec.target_frames`` stands in for empty
+    ``target_frames``).
+
     Args:
         source_frames: frames in the source (≥ 1).
         source_fps: source frame rate, or None (images, unknown rate).
         spec: the :class:`FrameSpec`.
+        extraction: the item's dataset extraction, or None.
 
     Returns:
-        A list of clips, each a list of ``target_frames`` indices into the source frames, ascending
-        (repeats possible when upsampling).
+        A list of clips, each a list of source frame indices, ascending (repeats possible when upsampling); each
+        clip has ``spec.target_frames`` indices without ``extraction``, a count valid for the latent format with it.
 
     Raises:
-        TooShortError: fewer resampled frames than ``target_frames``; the message gives the frames
-            available and the largest valid count.
-        ValueError: ``source_frames`` < 1 or a non-positive ``source_fps``.
+        TooShortError: fewer resampled frames than ``target_frames`` (with ``extraction``: than its shortest
+            count); the message gives the frames available and the largest valid count.
+        ValueError: ``source_frames`` < 1, a non-positive ``source_fps``, or an extraction count the latent format
+            cannot encode (:func:`check_extraction`).
     """
     if isinstance(source_frames, bool) or not isinstance(source_frames, int) or source_frames < 1:
         raise ValueError(f"source_frames must be an integer ≥ 1, got {source_frames!r}")
     if source_fps is not None and not (math.isfinite(source_fps) and source_fps > 0):
         raise ValueError(f"source_fps must be a finite number > 0 or None, got {source_fps!r}")
     timeline = _resampled(source_frames, source_fps, spec.target_fps)
-    n, t = len(timeline), spec.target_frames
+    n = len(timeline)
+    if extraction is not None:
+        check_extraction(extraction, spec.latent_format)
+        windows = _extraction_windows(n, extraction, spec)
+        if not windows:
+            shortest = (extraction.target_frames or (spec.target_frames,))[0]
+            raise _too_short(source_frames, source_fps, n, shortest, spec)
+        return [timeline[start:start + t] for start, t in windows]
+    t = spec.target_frames
     if n < t:
-        largest = spec.latent_format.nearest_frames(n)[0]
-        rate = ""
-        if source_fps is not None and spec.target_fps is not None:
-            rate = (f" at {spec.target_fps:g} fps ({source_frames} source frames at {source_fps:g} fps, "
-                    f"{source_frames / source_fps:.2f} s)")
-        raise TooShortError(f"too short: a clip needs {t} frames but only {n} are available{rate}; use "
-                            f"target_frames ≤ {largest} or a longer video",
-                            needed=t, available=n, largest_valid=largest)
+        raise _too_short(source_frames, source_fps, n, t, spec)
     if spec.mode == "head":
         return [timeline[:t]]
     if spec.mode == "uniform":
@@ -198,28 +268,35 @@ class Clip:
 
 
 def plan_clips(dataset: Dataset, spec: FrameSpec) -> tuple[list[Clip], list[DatasetProblem]]:
-    """Apply :func:`frame_indices` to every video of a dataset; images give one single-frame clip.
+    """Apply :func:`frame_indices` to every video of a dataset (with the item's own extraction where it has one);
+    images give one single-frame clip.
 
     Returns:
-        ``(clips, problems)``: clips in item order (a video in ``chunks`` mode may give several);
-        problems for videos too short for ``spec`` (naming the file and the longest clip it allows).
+        ``(clips, problems)``: clips in item order (a video in ``chunks`` mode, or with an extraction, may give
+        several); problems for videos too short for any clip (naming the file and the longest clip it allows).
         ``dataset.problems`` is not repeated.
 
     Raises:
+        ValueError: an item's extraction asks for a frame count the latent format cannot encode (checked before any
+            clip is planned; :func:`check_extraction`).
         DatasetError: no clip at all (the message lists the too-short files).
     """
+    for extraction in {item.extraction: None for item in dataset.items if item.extraction is not None}:
+        check_extraction(extraction, spec.latent_format)
     clips, problems = [], []
     for item in dataset.items:
         if item.kind == "image":
             clips.append(Clip(item, [0]))
             continue
         try:
-            clips += [Clip(item, indices) for indices in frame_indices(item.frames, item.fps, spec)]
+            clips += [Clip(item, indices) for indices in frame_indices(item.frames, item.fps, spec, item.extraction)]
         except TooShortError as exc:
             problems.append(DatasetProblem(item.path, str(exc) if item.path else f"{item.source_id}: {exc}"))
     if not clips:
-        raise DatasetError(f"no video is long enough for {spec.target_frames} frames:\n"
-                           + "\n".join(f"  - {p}" for p in problems))
+        wanted = f"{spec.target_frames} frames"
+        if any(item.extraction is not None for item in dataset.items):
+            wanted = "the clips its frame extraction asks for"
+        raise DatasetError(f"no video is long enough for {wanted}:\n" + "\n".join(f"  - {p}" for p in problems))
     return clips, problems
 
 

@@ -351,6 +351,8 @@ def _record_latent(manifest: _Manifest, folder: Path, job: _Job, path: Path, s: 
             "indices": job.clip.indices, "bucket": [job.bucket.width, job.bucket.height],
             "shape": list(_shape_of(path, "latent")), "vae_id": s.vae_id, "i2v": s.i2v, "family": s.layout.family,
             "fps": job.fps}
+    if item.extraction is not None:
+        info["extraction"] = item.extraction.as_dict()
     if s.audio:
         info["audio_shape"] = list(_shape_of(path, "audio"))
     manifest.add(job.key, info)

@@ -39,6 +39,7 @@ from cinetune.training.cache import (
 )
 from cinetune.training.data import (
     Bucket,
+    FrameExtraction,
     FrameSpec,
     NoAudioError,
     load_clip,
@@ -293,6 +294,29 @@ def test_samples_feed_the_ltx2_training_adapter(built, models, tmp_path):
     assert adapter.empty_caption(dit, empty, config)[1].sum() == 1
     result = train_lora(dit, samples, empty, config, tmp_path / "run", adapter=adapter)
     assert result.steps == 2 and result.lora_path.is_file()
+
+
+def test_a_dataset_extraction_gives_each_clip_its_own_sound(tmp_path, test_data, models):
+    slide = FrameExtraction("slide", (9,), frame_stride=50)
+    ds = scan_folder(make_folder(tmp_path / "data", test_data), frame_extraction=slide)
+    # the cacher's own 'uniform' cannot carry sound, but these items are cut by their dataset's extraction
+    spec = FrameSpec(17, "uniform", target_fps=None, latent_format=FMT)
+    settings = dict(vae_id=models.vae_id, frame_spec=spec, base_resolution=(96, 64), layout=LTX2_CACHE_LAYOUT)
+    cache = tmp_path / "cache"
+    cache_text(ds, models.entry, cache, encoder_id=models.text_id, layout=LTX2_CACHE_LAYOUT)
+    cache_latents(ds, models.vaes.video, cache, audio_vae=models.vaes.audio, missing_audio="silence", **settings)
+    samples = load_cached_dataset(ds, cache, encoder_id=models.text_id, audio=True, missing_audio="silence",
+                                  **settings)
+    clips = [s for s in samples if s.item_id == "bbb.mp4"]
+    starts = list(range(0, 132 - 9 + 1, 50))  # BBB keeps its 132 frames at 25 fps
+    assert [(s.frames, s.fps) for s in clips] == [(9, 25.0)] * len(starts)
+    item = next(i for i in ds.items if i.source_id == "bbb.mp4")
+    for start, sample in zip(starts, clips):
+        meta = read_safetensors_header(sample.latent_path)[1]
+        assert float(meta["audio_start"]) == pytest.approx(start / 25)
+        assert float(meta["audio_duration"]) == pytest.approx(9 / 25)
+    wave = load_clip_audio(item, list(range(starts[1], starts[1] + 9)), spec, missing="silence")
+    assert torch.equal(read_latent(clips[1])["audio"], models.vaes.audio.encode(wave[None], 16000)[0])
 
 
 # ------------------------------------------------------------------------------------------------------ keys
