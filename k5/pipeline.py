@@ -37,15 +37,18 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from ..core.flow import apply_cfg, euler_step, sigma_schedule
+from ..core.flow import apply_cfg, euler_step, sigma_schedule, x0_from_velocity
 from ..core.media import fit_image
+from ..core.preview import LatentPreview
 from .conditioning import K5TextEmbeds
 from .family import K5_LATENT_FORMAT, NABLA_SIZE_MULTIPLE
 
 if TYPE_CHECKING:
+    from ..core.preview import StepCallback
     from .nabla import NablaConfig
 
 __all__ = [
+    "K5_PREVIEW",
     "SizeError",
     "validate_video_size",
     "latent_shape",
@@ -60,6 +63,24 @@ _MEAN_DOWN, _MEAN_UP = 0.05, 0.10
 _STD_DOWN, _STD_UP = 0.10, 0.25
 
 _CFG_OFF_TOLERANCE = 1e-6
+
+
+#: Latent previews while sampling: HunyuanVideo latent-to-RGB factors on the model-space latent (raw × 0.476986) and
+#: the tiny HunyuanVideo decoder ``taehv`` for ComfyUI's TAESD method. Source: ComfyUI ``comfy/latent_formats.py``
+#: class ``HunyuanVideo`` (Comfy-Org/ComfyUI master). ComfyUI 0.3.75's copy of the table repeats its sixth row (17
+#: rows for 16 channels, which its latent2rgb previewer cannot apply); the current table, used here, has 16.
+K5_PREVIEW = LatentPreview(
+    K5_LATENT_FORMAT,
+    rgb_factors=(
+        (-0.0395, -0.0331, 0.0445), (0.0696, 0.0795, 0.0518), (0.0135, -0.0945, -0.0282), (0.0108, -0.0250, -0.0765),
+        (-0.0209, 0.0032, 0.0224), (-0.0804, -0.0254, -0.0639), (-0.0991, 0.0271, -0.0669), (-0.0646, -0.0422, -0.0400),
+        (-0.0696, -0.0595, -0.0894), (-0.0799, -0.0208, -0.0375), (0.1166, 0.1627, 0.0962), (0.1165, 0.0432, 0.0407),
+        (-0.2315, -0.1920, -0.1355), (-0.0270, 0.0401, -0.0821), (-0.0616, -0.0997, -0.0727), (0.0249, -0.0469, -0.1703),
+    ),
+    rgb_bias=(0.0259, -0.0192, -0.0761),
+    taesd_decoder_name="taehv",
+    source="ComfyUI comfy/latent_formats.py, class HunyuanVideo (latent_rgb_factors, latent_rgb_factors_bias)",
+)
 
 
 class SizeError(ValueError):
@@ -216,6 +237,7 @@ def sample(
     dtype: torch.dtype = torch.float32,
     callback: Callable[[int, int], None] | None = None,
     check_interrupt: Callable[[], None] | None = None,
+    on_step: "StepCallback | None" = None,
 ) -> Tensor:
     """Generate one Kandinsky 5 video latent with the official flow-matching Euler sampler.
 
@@ -245,6 +267,9 @@ def sample(
         device, dtype: where and in which dtype the model runs.
         callback: ``callback(steps_done, steps)`` after every step.
         check_interrupt: called before every model forward; raise from it to stop.
+        on_step: ``on_step(steps_done, steps, x0)`` after every step, with the step's (guided) estimate of the clean
+            latent ``x0 = x − σ·v`` as a raw VAE latent ``[1, 16, T, h, w]`` float32 on ``device`` (the return
+            value's convention; the start frame of image-to-video is the clean start latent), e.g. for a preview.
 
     Returns:
         Raw VAE latent ``[1, 16, (frames−1)//4+1, height/8, width/8]`` float32 on CPU
@@ -325,6 +350,11 @@ def sample(
         v = predict(model_in, pos, timestep)
         if use_cfg:
             v = apply_cfg(v, predict(model_in, neg, timestep), guidance)
+        if on_step is not None:
+            x0 = x0_from_velocity(x, v, sigma)
+            if clean is not None:
+                x0[:, :, :1] = clean
+            on_step(i + 1, steps, K5_LATENT_FORMAT.from_model(x0))
         x = euler_step(x, v, sigma, sigma_next)
         if callback is not None:
             callback(i + 1, steps)

@@ -44,8 +44,11 @@ needs memory proportional to F·H·W.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -73,6 +76,9 @@ HUNYUAN_VIDEO_VAE_CONFIG: dict = {
     "layers_per_block": 2, "act_fn": "silu", "norm_num_groups": 32, "scaling_factor": SCALING_FACTOR,
     "spatial_compression_ratio": 8, "temporal_compression_ratio": 4, "mid_block_add_attention": True,
 }
+
+#: ``progress(done, total)``: called after each VAE tile (total = the number of tiles of the call).
+TileProgress = Callable[[int, int], None]
 
 _EXPECTED = ("Expected the HunyuanVideo VAE used by Kandinsky 5 in models/vae: hunyuan_video_vae_bf16.safetensors, "
              "diffusers vae/diffusion_pytorch_model.safetensors, or Tencent's pytorch_model.pt.")
@@ -117,9 +123,32 @@ class K5VAE(WrappedVideoVAE):
         m.tile_sample_min_num_frames = self.tile_frames
         m.tile_sample_stride_num_frames = self.tile_frames_stride
 
+    def _tiles(self, frames: int, height: int, width: int, tiling: bool | None, *, frame_tile: int,
+               frame_stride: int, size_tile: int, size_stride: int) -> int:
+        # diffusers AutoencoderKLHunyuanVideo (_encode/_decode, tiled_*, _temporal_tiled_*): temporal tiles when the
+        # clip is longer than one tile, each split into spatial tiles when wider or taller than one tile.
+        on = self.tiling if tiling is None else bool(tiling)
+        temporal = math.ceil(frames / frame_stride) if on and frames > frame_tile else 1
+        spatial = (math.ceil(height / size_stride) * math.ceil(width / size_stride)
+                   if on and (height > size_tile or width > size_tile) else 1)
+        return temporal * spatial
+
+    def encode_tiles(self, shape: Sequence[int], tiling: bool | None = None) -> int:
+        """How many encoder passes :meth:`encode` makes for a video of ``shape`` ``[B, 3, F, H, W]`` (1 untiled)."""
+        _, _, f, h, w = shape
+        return self._tiles(f, h, w, tiling, frame_tile=self.tile_frames, frame_stride=self.tile_frames_stride,
+                           size_tile=self.tile_size, size_stride=self.tile_stride)
+
+    def decode_tiles(self, shape: Sequence[int], tiling: bool | None = None) -> int:
+        """How many decoder passes :meth:`decode` makes for a latent of ``shape`` ``[B, 16, T, h, w]`` (1 untiled)."""
+        _, _, n, h, w = shape
+        s, t = self.spatial_ratio, self.temporal_ratio
+        return self._tiles(n, h, w, tiling, frame_tile=self.tile_frames // t, frame_stride=self.tile_frames_stride // t,
+                           size_tile=self.tile_size // s, size_stride=self.tile_stride // s)
+
     @torch.no_grad()
     def encode(self, video: torch.Tensor, *, tiling: bool | None = None, sample: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, progress: TileProgress | None = None) -> torch.Tensor:
         """Encode a video into raw latents.
 
         Args:
@@ -128,6 +157,7 @@ class K5VAE(WrappedVideoVAE):
             sample: draw ``mean + std·ε`` from the posterior (with ``generator``) instead of taking its mean (the
                 default, deterministic).
             generator: random generator for ``sample=True``.
+            progress: ``progress(done, total)`` after each tile (:meth:`encode_tiles` tiles); may raise to stop.
         Returns:
             Raw latent ``[B, 16, (F-1)/4 + 1, H/8, W/8]``, float32, on the VAE's device (not scaled).
         Raises:
@@ -142,17 +172,20 @@ class K5VAE(WrappedVideoVAE):
             raise ValueError(f"Pixels must be in [-1, 1]; got values up to {peak:.3g}. "
                              "For 0..255 images use x/127.5 - 1, for 0..1 images 2x - 1.")
         self._set_tiling(tiling)
-        posterior = self.model.encode(video.to(self.device, self.dtype)).latent_dist
+        with _count_passes(self.model.encoder, self.encode_tiles(video.shape, tiling), progress):
+            posterior = self.model.encode(video.to(self.device, self.dtype)).latent_dist
         z = posterior.sample(generator=generator) if sample else posterior.mode()
         return z.float()
 
     @torch.no_grad()
-    def decode(self, latent: torch.Tensor, *, tiling: bool | None = None) -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, *, tiling: bool | None = None,
+               progress: TileProgress | None = None) -> torch.Tensor:
         """Decode raw latents into video.
 
         Args:
             latent: raw latent ``[B, 16, T, h, w]`` (divide DiT latents by :data:`SCALING_FACTOR` first).
             tiling: override the instance default.
+            progress: ``progress(done, total)`` after each tile (:meth:`decode_tiles` tiles); may raise to stop.
         Returns:
             Video ``[B, 3, 4(T-1)+1, 8h, 8w]``, float32, nominally in [-1, 1] (not clamped), on the VAE's device.
         Raises:
@@ -162,7 +195,30 @@ class K5VAE(WrappedVideoVAE):
             raise ValueError(f"Expected a latent [B, {self.latent_channels}, T, H/8, W/8]; got shape "
                              f"{tuple(latent.shape)}.")
         self._set_tiling(tiling)
-        return self.model.decode(latent.to(self.device, self.dtype)).sample.float()
+        with _count_passes(self.model.decoder, self.decode_tiles(latent.shape, tiling), progress):
+            return self.model.decode(latent.to(self.device, self.dtype)).sample.float()
+
+
+@contextmanager
+def _count_passes(module: torch.nn.Module, total: int, progress: TileProgress | None) -> Iterator[None]:
+    """Report ``progress(done, total)`` after each forward of ``module`` inside the block (diffusers runs one per tile),
+    and ``(total, total)`` when the block completes."""
+    if progress is None:
+        yield
+        return
+    done = 0
+
+    def counted(*_):
+        nonlocal done
+        done += 1
+        progress(min(done, total), total)
+
+    handle = module.register_forward_hook(counted)
+    try:
+        yield
+    finally:
+        handle.remove()
+    progress(total, total)
 
 
 # ----------------------------------------------------------------------------------------------------------------

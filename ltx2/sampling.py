@@ -317,13 +317,15 @@ class _Stream:
                              f"{tuple(self.x.shape)}")
         return x0_from_velocity(self.x, velocity.float(), sigma_tokens.unsqueeze(-1))
 
-    def step(self, x0: Tensor, sigma: float, sigma_next: float) -> None:
+    def step(self, x0: Tensor, sigma: float, sigma_next: float) -> Tensor:
+        """Blend the conditioned tokens into ``x0``, take the Euler step; returns the blended x0."""
         if self.clean is not None:
             x0 = x0 * self.mask.unsqueeze(-1) + self.clean * (1.0 - self.mask.unsqueeze(-1))
         if sigma_next == 0.0:
             self.x = x0
         else:
             self.x = euler_step(self.x, velocity_from_x0(self.x, x0, sigma), sigma, sigma_next)
+        return x0
 
 
 def sample_av(denoise: DenoiseFn, video: Tensor, audio: Tensor | None, sigmas: Tensor | Sequence[float], *,
@@ -331,7 +333,8 @@ def sample_av(denoise: DenoiseFn, video: Tensor, audio: Tensor | None, sigmas: T
               video_clean: Tensor | None = None, audio_clean: Tensor | None = None,
               video_params: GuidanceParams | None = None, audio_params: GuidanceParams | None = None,
               progress: Callable[[int, int], None] | None = None,
-              check_interrupt: Callable[[], None] | None = None) -> tuple[Tensor, Tensor | None]:
+              check_interrupt: Callable[[], None] | None = None,
+              on_step: Callable[[int, int, Tensor], None] | None = None) -> tuple[Tensor, Tensor | None]:
     """Joint audio-video Euler sampling with per-token denoise masks and multimodal guidance.
 
     For each step i (σ = sigmas[i] > 0, σ' = sigmas[i + 1]):
@@ -362,6 +365,8 @@ def sample_av(denoise: DenoiseFn, video: Tensor, audio: Tensor | None, sigmas: T
         video_params, audio_params: :class:`GuidanceParams`; None = :meth:`GuidanceParams.none`.
         progress: ``progress(steps_done, steps)`` after every step.
         check_interrupt: called before every ``denoise`` call; raise from it to stop.
+        on_step: ``on_step(steps_done, steps, video_x0)`` after every step, with the step's guided and blended
+            clean-token estimate of the video ``[B, N_v, C]`` float32 (step 5), e.g. for a preview.
 
     Returns:
         ``(video, audio)``: float32 tokens at ``sigmas[-1]`` on the inputs' devices; audio None
@@ -414,8 +419,10 @@ def sample_av(denoise: DenoiseFn, video: Tensor, audio: Tensor | None, sigmas: T
         uncond = forward("uncond") if run_uncond else none
         perturbed = forward("cond", stg_blocks[0], stg_blocks[1]) if run_perturbed else none
         isolated = forward("cond", skip_cross_modal=True) if run_isolated else none
-        for k, s in enumerate(streams):
-            s.step(multimodal_guidance(cond[k], uncond[k], perturbed[k], isolated[k], s.params), sigma, sigma_next)
+        x0 = [s.step(multimodal_guidance(cond[k], uncond[k], perturbed[k], isolated[k], s.params), sigma, sigma_next)
+              for k, s in enumerate(streams)]
+        if on_step is not None:
+            on_step(i + 1, steps, x0[0])
         if progress is not None:
             progress(i + 1, steps)
 

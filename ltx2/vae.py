@@ -52,9 +52,11 @@ The output buffer is the full video (decode) or latent (encode), on the VAE's de
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
@@ -550,12 +552,14 @@ class LTX2VideoVAE(WrappedVideoVAE):
         return h[:, : self.latent_channels].float()  # [means, log-variances]: the posterior mean
 
     @torch.no_grad()
-    def encode(self, pixels: Tensor, *, tiling: bool | None = None) -> Tensor:
+    def encode(self, pixels: Tensor, *, tiling: bool | None = None,
+               progress: Callable[[int, int], None] | None = None) -> Tensor:
         """Encode a video into normalised latents (the posterior mean, then :meth:`normalize`).
 
         Args:
             pixels: ``[B, 3, F, H, W]`` in [-1, 1], F = 8k+1, H and W multiples of 32; any float dtype/device.
             tiling: override the instance default (see the module docstring).
+            progress: ``progress(done, total)`` after each tile (one untiled); may raise to stop.
         Returns:
             ``[B, 128, (F−1)/8 + 1, H/32, W/32]``, float32, on the VAE's device.
         Raises:
@@ -570,7 +574,9 @@ class LTX2VideoVAE(WrappedVideoVAE):
             raise ValueError(f"Pixels must be in [-1, 1]; got values up to {peak:.3g}. "
                              "For 0..255 images use x/127.5 - 1, for 0..1 images 2x - 1.")
         if not self._use_tiling(tiling):
-            return self.normalize(self._encode_mean(pixels))
+            z = self.normalize(self._encode_mean(pixels))
+            _report(progress, 1, 1)
+            return z
         b, _, f, h, w = pixels.shape
         s, t = self.spatial_ratio, self.temporal_ratio
         out = torch.empty(b, self.latent_channels, (f - 1) // t + 1, h // s, w // s, device=self.device)
@@ -578,16 +584,16 @@ class LTX2VideoVAE(WrappedVideoVAE):
         t_axis = _encode_axis(_spans((f - 1) // t, self.tile_frames // t, ov_t), t, 1, ov_t)
         y_axis = _encode_axis(_spans(h // s, self.tile_size // s, ov_s), s, 0, ov_s)
         x_axis = _encode_axis(_spans(w // s, self.tile_size // s, ov_s), s, 0, ov_s)
-        for ti, tk, to in t_axis:
-            for yi, yk, yo in y_axis:
-                for xi, xk, xo in x_axis:
-                    z = self._encode_mean(pixels[:, :, ti, yi, xi])
-                    out[:, :, to, yo, xo] = z[:, :, tk, yk, xk]
+        total = len(t_axis) * len(y_axis) * len(x_axis)
+        for k, ((ti, tk, to), (yi, yk, yo), (xi, xk, xo)) in enumerate(itertools.product(t_axis, y_axis, x_axis)):
+            z = self._encode_mean(pixels[:, :, ti, yi, xi])
+            out[:, :, to, yo, xo] = z[:, :, tk, yk, xk]
+            _report(progress, k + 1, total)
         return self.normalize(out)
 
     @torch.no_grad()
-    def decode(self, latents: Tensor, *, tiling: bool | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
+    def decode(self, latents: Tensor, *, tiling: bool | None = None, generator: torch.Generator | None = None,
+               progress: Callable[[int, int], None] | None = None) -> Tensor:
         """Decode normalised latents into video.
 
         With a timestep-conditioned decoder the latent is first noised, ``z ← (1 − 0.025)·z + 0.025·ε`` with
@@ -598,6 +604,7 @@ class LTX2VideoVAE(WrappedVideoVAE):
             latents: normalised ``[B, 128, F', H', W']`` (any float dtype/device).
             tiling: override the instance default.
             generator: random generator for the decode noise (timestep-conditioned decoders only).
+            progress: ``progress(done, total)`` after each tile (one untiled); may raise to stop.
         Returns:
             ``[B, 3, 8(F'−1)+1, 32·H', 32·W']``, float32, nominally in [-1, 1] (not clamped), on the VAE's device.
         Raises:
@@ -620,7 +627,9 @@ class LTX2VideoVAE(WrappedVideoVAE):
             temb = torch.full((z.shape[0],), DECODE_TIMESTEP, device=self.device, dtype=self.dtype)
         z = self.denormalize(z).to(self.dtype)
         if not self._use_tiling(tiling):
-            return self.model.decoder(z, temb).float()
+            video = self.model.decoder(z, temb).float()
+            _report(progress, 1, 1)
+            return video
         b, _, n, h, w = z.shape
         s, t = self.spatial_ratio, self.temporal_ratio
         out = torch.zeros(b, self.model.config.out_channels, t * (n - 1) + 1, s * h, s * w, device=self.device)
@@ -633,10 +642,15 @@ class LTX2VideoVAE(WrappedVideoVAE):
             for _, o, wt in axis:
                 total[o] += wt
             norms.append(total.to(self.device))
-        for ti, to, wt in t_axis:
-            for yi, yo, wy in y_axis:
-                for xi, xo, wx in x_axis:
-                    x = self.model.decoder(z[:, :, ti, yi, xi], temb).float()
-                    mask = (wt.view(-1, 1, 1) * wy.view(1, -1, 1) * wx.view(1, 1, -1)).to(self.device)
-                    out[:, :, to, yo, xo] += x * mask
+        total = len(t_axis) * len(y_axis) * len(x_axis)
+        for k, ((ti, to, wt), (yi, yo, wy), (xi, xo, wx)) in enumerate(itertools.product(t_axis, y_axis, x_axis)):
+            x = self.model.decoder(z[:, :, ti, yi, xi], temb).float()
+            mask = (wt.view(-1, 1, 1) * wy.view(1, -1, 1) * wx.view(1, 1, -1)).to(self.device)
+            out[:, :, to, yo, xo] += x * mask
+            _report(progress, k + 1, total)
         return out / (norms[0].view(-1, 1, 1) * norms[1].view(1, -1, 1) * norms[2].view(1, 1, -1))
+
+
+def _report(progress: Callable[[int, int], None] | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, total)

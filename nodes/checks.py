@@ -26,6 +26,8 @@ from typing import Any, Callable, ClassVar
 
 from comfy_api.latest import io
 
+from . import search
+
 #: Longest file or folder name (bytes of UTF-8) that every common file system takes (ext4, APFS, NTFS: 255).
 NAME_MAX_BYTES = 255
 
@@ -199,10 +201,12 @@ def widget_values(node: type[io.ComfyNode], values: dict[str, Any]) -> dict[str,
 class CinetuneNode(io.ComfyNode):
     """Base class of every Cinetune node: checks the queued widget values (see the module notes).
 
-    A node lists extra per-input rules in ``INPUT_RULES``.
+    A node lists extra per-input rules in ``INPUT_RULES``. Its node info carries search aliases
+    (:mod:`cinetune.nodes.search`).
     """
 
     INPUT_RULES: ClassVar[dict[str, Callable[[Any], None]]] = {}
+    GET_NODE_INFO_V1 = classmethod(search.node_info_v1)
 
     @classmethod
     def validate_inputs(cls, **values) -> bool:

@@ -14,6 +14,8 @@ import comfy.model_management as mm
 import comfy.utils
 import folder_paths
 
+from ..core.preview import LatentPreview
+
 log = logging.getLogger("cinetune")
 
 
@@ -97,6 +99,60 @@ class Progress:
 
     def update(self, done: int, total: int) -> None:
         self._bar.update_absolute(done, total)
+
+
+def _host_latent_format(preview: LatentPreview):
+    """The family's preview facts as a ComfyUI ``comfy.latent_formats.LatentFormat`` (the object the host's previewers
+    read: channels, latent2rgb factors and bias, the TAESD decoder name, the model-space scale)."""
+    import comfy.latent_formats
+
+    fmt = comfy.latent_formats.LatentFormat()
+    fmt.latent_channels = preview.channels
+    fmt.latent_dimensions = 3
+    fmt.scale_factor = preview.latent_format.scaling_factor or 1.0
+    fmt.latent_rgb_factors = [list(row) for row in preview.rgb_factors]
+    fmt.latent_rgb_factors_bias = list(preview.rgb_bias)
+    fmt.taesd_decoder_name = preview.taesd_decoder_name
+    return fmt
+
+
+class SamplingProgress:
+    """Progress bar of a sampler node with latent previews through the host's configured preview method
+    (``--preview-method``: none, auto/latent2rgb with the family's factors, or taesd where the family names a tiny
+    decoder found in ``models/vae_approx``), as ComfyUI's own samplers show them (``latent_preview.prepare_callback``).
+
+    Pass :meth:`on_step` as the library sampler's ``on_step`` callback. A preview that fails to render is logged once
+    and switched off; the sampling goes on.
+
+    Args:
+        preview: the family's :class:`~cinetune.core.preview.LatentPreview`.
+        total: sampling steps.
+    """
+
+    def __init__(self, preview: LatentPreview, total: int):
+        import latent_preview
+
+        self._preview = preview
+        self._bar = comfy.utils.ProgressBar(total)
+        self._previewer = latent_preview.get_previewer(compute_device(), _host_latent_format(preview))
+
+    @property
+    def previews(self) -> bool:
+        """Whether the host renders previews (its preview method is not ``none``)."""
+        return self._previewer is not None
+
+    def on_step(self, step: int, total: int, x0) -> None:
+        """After step ``step`` of ``total``: move the bar and send a preview of ``x0`` (the family's ``LATENT``
+        convention, ``[B, C, F', H', W']``) to the client that queued the prompt."""
+        image = None
+        if self._previewer is not None:
+            try:
+                image = self._previewer.decode_latent_to_preview_image(
+                    "JPEG", self._preview.latent_format.to_model(x0[:1, :, :1].float()))
+            except Exception:  # noqa: BLE001 - a preview must never end a long sampling run
+                log.warning("Latent preview failed and is switched off for this run.", exc_info=True)
+                self._previewer = None
+        self._bar.update_absolute(step, total, image)
 
 
 def host_tokenizer_dir(name: str) -> Path | None:

@@ -21,7 +21,7 @@ from ..k5.config import DEFAULT_NEGATIVE_PROMPT, VARIANTS, K5Config, K5Variant, 
 from ..k5.dit import Kandinsky5DiT, load_k5_dit
 from ..k5.memory import estimate_k5_memory, format_k5_estimate, smallest_fitting_swap
 from ..k5.nabla import NablaConfig
-from ..k5.pipeline import prepare_start_image, sample
+from ..k5.pipeline import K5_PREVIEW, prepare_start_image, sample
 from ..k5.text import TEMPLATES, load_k5_text_encoder
 from ..k5.vae import load_k5_vae
 from ..training.cache import encoder_identity
@@ -250,7 +250,7 @@ class K5Sampler(CinetuneNode):
         handle: K5ModelHandle = model
         device = host.compute_device()
         dtype = compute_dtype(handle.model)
-        progress = host.Progress(steps)
+        progress = host.SamplingProgress(K5_PREVIEW, steps)
         host.free_host_models()
         loras = [(weights, strength) for _, weights, strength in handle.loras]
         with (torch.inference_mode(), loras_applied(handle.model, loras),
@@ -261,7 +261,7 @@ class K5Sampler(CinetuneNode):
                 scheduler_scale=scheduler_scale, rope_scale=handle.variant.rope_scale,
                 attention_backend=handle.attention_backend, nabla=handle.nabla,
                 start_latent=None if start_latent is None else start_latent["samples"],
-                device=device, dtype=dtype, callback=progress.update, check_interrupt=host.check_interrupt)
+                device=device, dtype=dtype, check_interrupt=host.check_interrupt, on_step=progress.on_step)
         return io.NodeOutput({"samples": latent})
 
 
@@ -284,8 +284,9 @@ class K5VAEDecode(CinetuneNode):
 
     @classmethod
     def execute(cls, vae, latent, tiling) -> io.NodeOutput:
+        progress = host.Progress(1)
         with host.on_compute_device(vae) as device, torch.inference_mode():
-            video = vae.decode(latent["samples"].to(device), tiling=tiling)  # [B,3,F,H,W] in [-1,1]
+            video = vae.decode(latent["samples"].to(device), tiling=tiling, progress=progress.update)  # [B,3,F,H,W]
         frames = ((video.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 4, 1).flatten(0, 1)
         return io.NodeOutput(frames.cpu().contiguous())
 
@@ -312,8 +313,9 @@ class K5VAEEncode(CinetuneNode):
     @classmethod
     def execute(cls, vae, image, width, height) -> io.NodeOutput:
         pixels = prepare_start_image(image, width, height)  # [1,3,1,H,W] in [-1,1]
+        progress = host.Progress(1)
         with host.on_compute_device(vae) as device, torch.inference_mode():
-            latent = vae.encode(pixels.to(device))
+            latent = vae.encode(pixels.to(device), progress=progress.update)
         return io.NodeOutput({"samples": latent.float().cpu()})
 
 

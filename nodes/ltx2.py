@@ -296,9 +296,10 @@ class LTX2Sampler(CinetuneNode):
                 raise ValueError("A start image needs the LTX-2 VAE: connect LTX-2 VAE Loader to the sampler's 'vae'.")
             with host.on_compute_device(vae) as device, torch.inference_mode():
                 keyframes.append(pipeline.encode_keyframe(vae, start_image[:1], width, height, frame_index=0,
-                                                          strength=image_strength, device=device))
+                                                          strength=image_strength, device=device,
+                                                          progress=host.Progress(1).update))
         device = host.compute_device()
-        progress = host.Progress(request.num_steps)
+        progress = host.SamplingProgress(pipeline.LTX2_PREVIEW, request.num_steps)
         host.free_host_models()
         loras = [(weights, strength) for _, weights, strength in handle.loras]
         with (torch.inference_mode(), loras_applied(handle.model, loras),
@@ -308,8 +309,7 @@ class LTX2Sampler(CinetuneNode):
                 video_latent=None if video_latent is None else video_latent["samples"],
                 audio_latent=None if audio_latent is None else audio_latent["samples"],
                 attention_backend=handle.attention_backend, device=device,
-                dtype=compute_dtype(handle.model), progress=progress.update,
-                check_interrupt=host.check_interrupt)
+                dtype=compute_dtype(handle.model), check_interrupt=host.check_interrupt, on_step=progress.on_step)
         audio_dict = {"samples": audio_out if audio_out is not None else torch.zeros(video.shape[0], 8, 0, 16),
                       "type": "audio"}
         return io.NodeOutput({"samples": video}, audio_dict)
@@ -360,8 +360,10 @@ class LTX2Decode(CinetuneNode):
 
     @classmethod
     def execute(cls, vae, video_latent, tiling, audio_latent=None) -> io.NodeOutput:
+        progress = host.Progress(1)
         with host.on_compute_device(vae) as device, torch.inference_mode():
-            frames = pipeline.decode_video(vae, video_latent["samples"].to(device), tiling=tiling)
+            frames = pipeline.decode_video(vae, video_latent["samples"].to(device), tiling=tiling,
+                                           progress=progress.update)
             audio = pipeline.decode_audio(vae, None if audio_latent is None else audio_latent["samples"].to(device))
         return io.NodeOutput(frames.cpu().contiguous(), audio)
 

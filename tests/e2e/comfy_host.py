@@ -16,6 +16,7 @@ import atexit
 import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -277,8 +278,8 @@ class ComfyClient:
     """HTTP + websocket client of one ComfyUI server (``base_url`` like ``http://127.0.0.1:8188``).
 
     A background thread keeps a websocket open as ``client_id`` and appends every JSON message
-    (``{"type": ..., "data": ...}``) to ``events``; binary preview frames are counted in
-    ``binary_frames``. Results are always read from ``/history``, so a dropped websocket only slows
+    (``{"type": ..., "data": ...}``) to ``events``; binary frames (latent previews) are counted in
+    ``binary_frames`` and kept in ``binary_messages`` (see ``preview_images``). Results are always read from ``/history``, so a dropped websocket only slows
     ``wait`` down. Use as a context manager or call ``close()``.
     """
 
@@ -295,6 +296,7 @@ class ComfyClient:
         self.poll_interval = poll_interval
         self.events: list[dict] = []
         self.binary_frames = 0
+        self.binary_messages: list[bytes] = []
         self._cond = threading.Condition()
         self._closed = threading.Event()
         self._connected = threading.Event()
@@ -327,6 +329,7 @@ class ComfyClient:
                         continue
                     if isinstance(message, bytes):
                         self.binary_frames += 1
+                        self.binary_messages.append(message)
                         continue
                     if not message:
                         continue
@@ -354,6 +357,20 @@ class ComfyClient:
         """The ``data`` of every event of ``event_type`` seen so far (only for ``prompt_id`` when given)."""
         return [e.get("data") or {} for e in list(self.events) if e.get("type") == event_type
                 and (prompt_id is None or (e.get("data") or {}).get("prompt_id") == prompt_id)]
+
+    def preview_images(self) -> list[tuple[str, bytes]]:
+        """The preview images received so far, as ``(format, encoded image)`` with format ``"JPEG"`` or ``"PNG"``.
+
+        ComfyUI sends a preview as a binary websocket frame: a big-endian uint32 event type (1 = preview image),
+        a uint32 image type (1 = JPEG, 2 = PNG), then the encoded image (server.py ``send_image``). Frames of other
+        event types (previews with metadata, which this client does not ask for) are skipped.
+        """
+        images = []
+        for message in list(self.binary_messages):
+            if len(message) > 8 and struct.unpack(">I", message[:4])[0] == 1:
+                kind = {1: "JPEG", 2: "PNG"}.get(struct.unpack(">I", message[4:8])[0], "unknown")
+                images.append((kind, bytes(message[8:])))
+        return images
 
     # --- HTTP
 

@@ -401,3 +401,34 @@ def test_low_precision_model_dtype_returns_float32(scaling_factor):
     out = run(model, dtype=torch.bfloat16, steps=2, guidance=2.0)
     assert all(c["x"].dtype == torch.bfloat16 and c["text"].dtype == torch.bfloat16 for c in model.calls)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+# ---------------------------------------------------------------------------------------------------- on_step
+
+
+def test_on_step_reports_the_clean_estimate_as_a_raw_latent(scaling_factor):
+    x0 = target_latent()  # model space
+    seen = []
+    run(oracle(x0), steps=5, guidance=4.0, on_step=lambda i, n, latent: seen.append((i, n, latent.clone())))
+    assert [(i, n) for i, n, _ in seen] == [(i, 5) for i in range(1, 6)]
+    for _, _, latent in seen:  # the exact velocity predicts the target at every step
+        assert latent.shape == LATENT and latent.dtype == torch.float32
+        torch.testing.assert_close(latent, x0 / scaling_factor, rtol=0, atol=1e-5)
+
+
+def test_on_step_estimate_is_x_minus_sigma_velocity(scaling_factor):
+    seen = []
+    # v = x: the estimate x − σ·v is (1 − σ)·x, all zeros at the first sigma (σ = 1).
+    run(FakeDiT(lambda x, text, pooled, sigma: x[:, :16]), steps=3, on_step=lambda i, n, latent: seen.append(latent))
+    assert len(seen) == 3
+    assert torch.count_nonzero(seen[0]) == 0
+    assert torch.count_nonzero(seen[1]) > 0
+
+
+def test_on_step_holds_the_start_frame_in_image_to_video(scaling_factor):
+    start_raw = torch.randn(1, 16, 1, 2, 4, generator=torch.Generator().manual_seed(5))
+    seen = []
+    run(FakeDiT(lambda x, text, pooled, sigma: x[:, :16]), start_latent=start_raw, steps=3,
+        on_step=lambda i, n, latent: seen.append(latent))
+    for latent in seen:
+        torch.testing.assert_close(latent[:, :, :1], start_raw, rtol=0, atol=1e-6)

@@ -155,3 +155,19 @@ def test_decode_audio_without_latent_is_an_empty_track():
 def test_stg_block_must_exist_in_the_model(dit):
     with pytest.raises(ValueError, match="this model has 2 blocks"):
         generate(dit, COND, _request(stg_block=29))
+
+
+def test_on_step_reports_the_clean_video_estimate_of_every_step(dit):
+    g = torch.Generator().manual_seed(9)
+    image_latent = torch.randn(1, 128, 1, H // 32, W // 32, generator=g)
+    seen = []
+    with torch.inference_mode():
+        video, _ = generate(dit, COND, _request(mode="distilled"), keyframes=[Keyframe(image_latent, 0, 1.0)],
+                            on_step=lambda i, n, latent: seen.append((i, n, latent.clone())))
+    steps = len(pipeline.sampling.DISTILLED_SIGMAS) - 1
+    assert [(i, n) for i, n, _ in seen] == [(i, steps) for i in range(1, steps + 1)]
+    for _, _, latent in seen:
+        assert latent.shape == video.shape and latent.dtype == torch.float32
+        assert torch.equal(latent[:, :, :1], image_latent)  # conditioned frame: its clean latent
+    assert torch.equal(seen[-1][2], video)  # the last sigma is 0: the last estimate is the result
+    assert not torch.equal(seen[0][2], video)

@@ -1,24 +1,35 @@
-// Live loss chart for the Cinetune LoRA trainer node.
+// Live loss chart for the Cinetune LoRA trainer nodes.
 //
 // The trainer sends one websocket event per optimizer step:
-//   "cinetune.train.progress" {node, prompt_id, run, step, max_steps, loss, loss_ema, lr, steps_per_s, eta_s,
-//                              loss_terms}
-// where loss_terms names the parts of the loss (LTX-2: {video, audio}; empty for a one-part loss). Each part is drawn
-// as its own thin line and shown in the readout.
-// and status events:
-//   "cinetune.train.status"   {node, prompt_id, run, status: started|checkpoint|finished|interrupted, step, message}
-// `node` is the trainer's unique id (a string). Each trainer node on the canvas gets a DOM widget with a
-// <canvas> chart and a one-line readout, and shows only the events whose `node` equals String(node.id).
-// Nodes inside subgraphs run under a composite id ("outer:inner") and are not matched (no chart updates).
+//   "cinetune.train.progress" {node, prompt_id, run, step, max_steps, loss, loss_ema, lr, steps_per_s, eta_s, epoch,
+//                              loss_terms, grad_norm?, validation_loss?, checkpoint?}
+// loss_terms names the parts of the loss (LTX-2: {video, audio}; empty for a one-part loss); validation_loss is the
+// held-out loss when it was measured at that step (else null or absent); checkpoint is the path of a checkpoint
+// written at that step (else null or absent). Status events:
+//   "cinetune.train.status"   {node, prompt_id, run, status, step?, message}
+// with status started | checkpoint (message: path) | validation (message: clip path) | interrupted (a message that
+// is a .safetensors path is shown as the partial LoRA installed on Cancel) | finished (message: the LoRA's path).
+// `node` is the trainer's unique id (a string). Each trainer node gets a DOM widget: a toolbar (legend, "log y" and
+// "full run" toggles), a <canvas> chart and a readout whose lines wrap; the widget grows and shrinks with the node.
+// It shows only the events whose `node` equals String(node.id); nodes inside subgraphs (composite ids "outer:inner")
+// are not matched.
 //
-// Storage: at most MAX_POINTS points per node. When the series grows past that, neighbouring pairs are
-// merged (mean loss, the later step and EMA) and the bucket size doubles, so the whole run stays visible
-// at a coarser resolution; later steps are averaged into buckets of the current size before they are stored.
+// Chart: raw loss as points, the smoothed loss (EMA) as a line, loss parts and the validation loss as lines,
+// checkpoints as dashed vertical markers and validation clips as dotted ones. Axes are titled (step, loss) and tick at
+// round numbers (chart_scale.js). The x axis follows the run (0 … last step) or, with "full run", spans max_steps.
+// The toggles are stored in the node's properties, so they are saved with the workflow but never queued.
 //
-// For tests, the chart canvas carries data-cinetune-chart="loss", data-node-id, data-points (stored points
-// plus a partly filled bucket), data-last-step, data-run, data-status and data-terms (the loss parts drawn, comma
-// separated), refreshed on every redraw.
+// For tests, the chart canvas carries data-cinetune-chart="loss", data-node-id, data-points (stored points plus a
+// partly filled bucket), data-last-step, data-run, data-status, data-terms (loss parts drawn, comma separated),
+// data-axis-titles ("step,loss"), data-x-ticks / data-y-ticks (tick values, comma separated), data-x-range
+// ("min,max"), data-log-y ("on", "off" or "unavailable"), data-full-run, data-checkpoints and data-validations
+// (markers drawn), refreshed on every redraw. The readout is .cinetune-loss-readout, one .cinetune-loss-line per
+// line; the LoRA's path, once known, is the last line (.cinetune-loss-lora). The legend is .cinetune-loss-legend with
+// one [data-series] item per series.
 // The only global is window.cinetune.lossChart ({liveCount(), maxPoints}).
+
+import { formatTick, linearScale, logScale } from "./chart_scale.js";
+import { LossSeries, finite, formatDuration, formatNumber, lossTerms, robustMax } from "./loss_series.js";
 
 const { app } = window.comfyAPI.app;
 const { api } = window.comfyAPI.api;
@@ -29,186 +40,40 @@ const WIDGET_TYPE = "cinetune_loss_chart";
 const PROGRESS_EVENT = "cinetune.train.progress";
 const STATUS_EVENT = "cinetune.train.status";
 const MAX_POINTS = 5000;
-const MIN_HEIGHT = 170;
+const MIN_HEIGHT = 240;
+const MIN_WIDTH = 420;
+const PROPERTY_LOG_Y = "cinetune_chart_log_y";
+const PROPERTY_FULL_RUN = "cinetune_chart_full_run";
+const LORA_FILE = /\.safetensors\s*$/i;
 
 const COLORS = {
     background: "#14171c",
     grid: "rgba(255, 255, 255, 0.09)",
+    axis: "rgba(255, 255, 255, 0.28)",
     axisText: "#9aa3ad",
-    loss: "rgba(102, 178, 255, 0.55)",
-    ema: "#ffb347",
-    checkpoint: "rgba(140, 220, 140, 0.55)",
+    raw: "rgba(102, 178, 255, 0.55)",
+    smoothed: "#ffb347",
+    validation: "#f778ba",
+    checkpoint: "rgba(140, 220, 140, 0.75)",
     empty: "#6b737c",
 };
 // Loss parts by name; other names take the spare colours in order.
 const TERM_COLORS = { video: "#7ee787", audio: "#d2a8ff" };
 const SPARE_TERM_COLORS = ["#ff7b72", "#79c0ff", "#e3b341"];
+const FONT = "10px sans-serif";
+const TITLE_FONT = "11px sans-serif";
 
 const liveCharts = new Set();
-
-/** Loss points with bounded size: steps, loss and EMA in parallel arrays, merged pairwise on overflow. */
-class LossSeries {
-    constructor(maxPoints) {
-        this.maxPoints = maxPoints;
-        this.clear();
-    }
-
-    clear() {
-        this.steps = [];
-        this.loss = [];
-        this.ema = [];
-        this.terms = {}; // loss part name -> values parallel to steps (NaN where a step lacks the part)
-        this.bucketSize = 1;
-        this.pending = null; // {n, lossSum, step, ema, termSums, termCounts}: a bucket being filled (bucketSize > 1)
-    }
-
-    get termNames() {
-        return Object.keys(this.terms);
-    }
-
-    get lastStep() {
-        if (this.pending) return this.pending.step;
-        return this.steps.length ? this.steps[this.steps.length - 1] : null;
-    }
-
-    /** Points to draw: stored ones plus the partly filled bucket. */
-    get length() {
-        return this.steps.length + (this.pending ? 1 : 0);
-    }
-
-    /** Adds one step; `terms` maps loss part names to finite values (may be empty). */
-    add(step, loss, ema, terms = {}) {
-        if (this.lastStep !== null && step <= this.lastStep) this.truncateFrom(step);
-        if (this.bucketSize === 1) {
-            this._push(step, loss, ema, terms);
-        } else {
-            const p = this.pending ?? (this.pending = { n: 0, lossSum: 0, step, ema, termSums: {}, termCounts: {} });
-            p.n += 1;
-            p.lossSum += loss;
-            p.step = step;
-            p.ema = ema;
-            for (const [name, value] of Object.entries(terms)) {
-                p.termSums[name] = (p.termSums[name] ?? 0) + value;
-                p.termCounts[name] = (p.termCounts[name] ?? 0) + 1;
-            }
-            if (p.n >= this.bucketSize) {
-                this.pending = null;
-                this._push(p.step, p.lossSum / p.n, p.ema, pendingTerms(p));
-            }
-        }
-    }
-
-    /** Forget every point at or after `step` (a run resumed from an earlier checkpoint). */
-    truncateFrom(step) {
-        if (this.pending && this.pending.step >= step) this.pending = null;
-        let keep = this.steps.length;
-        while (keep > 0 && this.steps[keep - 1] >= step) keep -= 1;
-        this.steps.length = keep;
-        this.loss.length = keep;
-        this.ema.length = keep;
-        for (const values of Object.values(this.terms)) values.length = keep;
-    }
-
-    _push(step, loss, ema, terms) {
-        for (const name of Object.keys(terms)) {
-            if (!this.terms[name]) this.terms[name] = new Array(this.steps.length).fill(NaN);
-        }
-        this.steps.push(step);
-        this.loss.push(loss);
-        this.ema.push(ema);
-        for (const [name, values] of Object.entries(this.terms)) values.push(terms[name] ?? NaN);
-        if (this.steps.length > this.maxPoints) this._halve();
-    }
-
-    _halve() {
-        const steps = [], loss = [], ema = [];
-        const n = this.steps.length;
-        for (let i = 0; i + 1 < n; i += 2) {
-            steps.push(this.steps[i + 1]);
-            loss.push((this.loss[i] + this.loss[i + 1]) / 2);
-            ema.push(this.ema[i + 1]);
-        }
-        if (n % 2 === 1) {
-            steps.push(this.steps[n - 1]);
-            loss.push(this.loss[n - 1]);
-            ema.push(this.ema[n - 1]);
-        }
-        this.steps = steps;
-        this.loss = loss;
-        this.ema = ema;
-        for (const [name, values] of Object.entries(this.terms)) {
-            const merged = [];
-            for (let i = 0; i + 1 < n; i += 2) merged.push(meanOfFinite(values[i], values[i + 1]));
-            if (n % 2 === 1) merged.push(values[n - 1]);
-            this.terms[name] = merged;
-        }
-        this.bucketSize *= 2;
-    }
-
-    /** Calls fn(step, value) for every point of loss part `name` that has a value, in step order. */
-    forEachTerm(name, fn) {
-        const values = this.terms[name] ?? [];
-        for (let i = 0; i < this.steps.length; i++) if (finite(values[i])) fn(this.steps[i], values[i]);
-        const p = this.pending;
-        if (p && p.termCounts[name]) fn(p.step, p.termSums[name] / p.termCounts[name]);
-    }
-
-    /** Calls fn(step, loss, ema) for every point to draw, in step order. */
-    forEach(fn) {
-        for (let i = 0; i < this.steps.length; i++) fn(this.steps[i], this.loss[i], this.ema[i]);
-        if (this.pending) fn(this.pending.step, this.pending.lossSum / this.pending.n, this.pending.ema);
-    }
-}
-
-function finite(value) {
-    return typeof value === "number" && Number.isFinite(value);
-}
-
-function meanOfFinite(a, b) {
-    if (finite(a) && finite(b)) return (a + b) / 2;
-    return finite(a) ? a : b;
-}
-
-function pendingTerms(p) {
-    const terms = {};
-    for (const name of Object.keys(p.termSums)) terms[name] = p.termSums[name] / p.termCounts[name];
-    return terms;
-}
-
-/** The finite parts of an event's loss_terms, as {name: value}. */
-function lossTerms(data) {
-    const terms = {};
-    if (data && typeof data.loss_terms === "object" && data.loss_terms !== null) {
-        for (const [name, value] of Object.entries(data.loss_terms)) if (finite(value)) terms[name] = value;
-    }
-    return terms;
-}
 
 function termColor(name, index) {
     return TERM_COLORS[name] ?? SPARE_TERM_COLORS[index % SPARE_TERM_COLORS.length];
 }
 
-function formatNumber(value, digits = 4) {
-    if (!finite(value)) return "–";
-    const abs = Math.abs(value);
-    if (abs !== 0 && (abs < 1e-3 || abs >= 1e5)) return value.toExponential(2);
-    return value.toPrecision(digits);
-}
-
-function formatDuration(seconds) {
-    if (!finite(seconds) || seconds < 0) return "–";
-    const s = Math.round(seconds);
-    const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
-    if (h > 0) return `${h}h ${String(m).padStart(2, "0")}m`;
-    if (m > 0) return `${m}m ${String(sec).padStart(2, "0")}s`;
-    return `${sec}s`;
-}
-
-/** Upper bound for the y axis that ignores rare spikes: the 99th percentile of the loss, at least the EMA max. */
-function robustMax(values, emaMax) {
-    if (values.length < 100) return Math.max(emaMax, ...values);
-    const sorted = Float64Array.from(values).sort();
-    return Math.max(emaMax, sorted[Math.floor(0.99 * (sorted.length - 1))]);
+function styled(tag, className, style) {
+    const element = document.createElement(tag);
+    if (className) element.className = className;
+    Object.assign(element.style, style);
+    return element;
 }
 
 class LossChart {
@@ -219,28 +84,12 @@ class LossChart {
         this.promptId = null;
         this.latest = null; // the last progress event
         this.status = null; // the last status event
-        this.checkpoints = [];
+        this.checkpoints = []; // [{step, path}]
+        this.validations = []; // [{step, loss (or NaN), path}] held-out losses and validation clips, by step
+        this.lora = null; // {path, partial}: where the LoRA went
         this.frame = 0;
         this.disposed = false;
-
-        this.element = document.createElement("div");
-        this.element.className = "cinetune-loss-chart";
-        Object.assign(this.element.style, {
-            display: "flex", flexDirection: "column", gap: "2px", width: "100%", height: "100%",
-            boxSizing: "border-box", pointerEvents: "none", // drags and wheel zoom go to the graph canvas
-        });
-        this.canvas = document.createElement("canvas");
-        this.canvas.dataset.cinetuneChart = "loss";
-        Object.assign(this.canvas.style, {
-            flex: "1 1 auto", minHeight: "0", width: "100%", borderRadius: "4px", background: COLORS.background,
-        });
-        this.readout = document.createElement("div");
-        this.readout.className = "cinetune-loss-readout";
-        Object.assign(this.readout.style, {
-            flex: "0 0 auto", font: "11px monospace", color: "var(--input-text, #ddd)", whiteSpace: "nowrap",
-            overflow: "hidden", textOverflow: "ellipsis", lineHeight: "16px",
-        });
-        this.element.append(this.canvas, this.readout);
+        this.buildDom();
 
         this.onProgress = (event) => this.handleProgress(event.detail);
         this.onStatus = (event) => this.handleStatus(event.detail);
@@ -251,6 +100,58 @@ class LossChart {
         this.resizeObserver?.observe(this.canvas);
         liveCharts.add(this);
         this.schedule();
+    }
+
+    buildDom() {
+        this.element = styled("div", "cinetune-loss-chart", {
+            display: "flex", flexDirection: "column", gap: "3px", width: "100%", height: "100%",
+            boxSizing: "border-box", pointerEvents: "none", // drags and wheel zoom go to the graph canvas
+        });
+        const toolbar = styled("div", "cinetune-loss-toolbar", {
+            display: "flex", flexWrap: "wrap", alignItems: "center", gap: "4px 10px", flex: "0 0 auto",
+            font: "11px sans-serif", color: "var(--input-text, #ddd)",
+        });
+        this.legend = styled("div", "cinetune-loss-legend", {
+            display: "flex", flexWrap: "wrap", gap: "2px 10px", flex: "1 1 auto", minWidth: "0",
+        });
+        const toggles = styled("div", "cinetune-loss-toggles", { display: "flex", gap: "4px", marginLeft: "auto" });
+        this.logToggle = this.toggle("log y", PROPERTY_LOG_Y, "Logarithmic loss axis");
+        this.fullToggle = this.toggle("full run", PROPERTY_FULL_RUN, "Show the whole run (0 … max steps) on the x axis");
+        toggles.append(this.logToggle, this.fullToggle);
+        toolbar.append(this.legend, toggles);
+        this.canvas = styled("canvas", "", {
+            flex: "1 1 auto", minHeight: "60px", width: "100%", borderRadius: "4px", background: COLORS.background,
+        });
+        this.canvas.dataset.cinetuneChart = "loss";
+        this.readout = styled("div", "cinetune-loss-readout", {
+            flex: "0 0 auto", font: "11px monospace", color: "var(--input-text, #ddd)", lineHeight: "15px",
+            whiteSpace: "normal", overflowWrap: "anywhere", pointerEvents: "auto", userSelect: "text",
+        });
+        this.element.append(toolbar, this.canvas, this.readout);
+    }
+
+    toggle(label, property, title) {
+        const button = styled("button", "cinetune-loss-toggle", {
+            pointerEvents: "auto", font: "10px sans-serif", padding: "1px 6px", borderRadius: "3px", cursor: "pointer",
+            border: "1px solid var(--border-color, #555)", background: "transparent", color: "var(--input-text, #ddd)",
+        });
+        button.type = "button";
+        button.textContent = label;
+        button.title = title;
+        button.dataset.property = property;
+        // The graph canvas would start a drag or select the node on these events.
+        for (const name of ["pointerdown", "mousedown", "wheel"]) button.addEventListener(name, (e) => e.stopPropagation());
+        button.addEventListener("click", (event) => {
+            event.stopPropagation();
+            this.node.properties = this.node.properties ?? {};
+            this.node.properties[property] = !this.option(property);
+            this.schedule();
+        });
+        return button;
+    }
+
+    option(property) {
+        return Boolean(this.node.properties?.[property]);
     }
 
     matches(data) {
@@ -269,28 +170,62 @@ class LossChart {
     reset(run, promptId) {
         this.series.clear();
         this.checkpoints = [];
+        this.validations = [];
+        this.lora = null;
         this.latest = null;
         this.status = null;
         this.run = run ?? null;
         this.promptId = promptId ?? null;
     }
 
+    /** Forget markers at or after `step` (a run resumed from an earlier checkpoint re-sends those steps). */
+    truncateMarkers(step) {
+        this.checkpoints = this.checkpoints.filter((c) => c.step < step);
+        this.validations = this.validations.filter((v) => v.step < step);
+    }
+
+    addCheckpoint(step, path) {
+        if (!finite(step)) return;
+        const known = this.checkpoints.find((c) => c.step === step);
+        if (known) known.path = path ?? known.path;
+        else this.checkpoints.push({ step, path: path ?? null });
+    }
+
+    addValidation(step, loss, path) {
+        if (!finite(step)) return;
+        let entry = this.validations.find((v) => v.step === step);
+        if (!entry) {
+            entry = { step, loss: NaN, path: null };
+            this.validations.push(entry);
+            this.validations.sort((a, b) => a.step - b.step);
+        }
+        if (finite(loss)) entry.loss = loss;
+        if (path) entry.path = path;
+    }
+
     handleProgress(data) {
         if (!this.matches(data) || !finite(data.step)) return;
         if (this.isNewRun(data)) this.reset(data.run, data.prompt_id);
+        if (this.series.lastStep !== null && data.step <= this.series.lastStep) this.truncateMarkers(data.step);
         if (finite(data.loss)) {
             this.series.add(data.step, data.loss, finite(data.loss_ema) ? data.loss_ema : data.loss, lossTerms(data));
         }
+        if (finite(data.validation_loss)) this.addValidation(data.step, data.validation_loss, null);
+        if (typeof data.checkpoint === "string" && data.checkpoint) this.addCheckpoint(data.step, data.checkpoint);
         this.latest = data;
         this.schedule();
     }
 
     handleStatus(data) {
         if (!this.matches(data)) return;
-        if (data.status === "started" || this.isNewRun(data)) {
-            this.reset(data.run, data.prompt_id);
+        if (data.status === "started" || this.isNewRun(data)) this.reset(data.run, data.prompt_id);
+        const step = finite(data.step) ? data.step : this.latest?.step;
+        if (data.status === "checkpoint") this.addCheckpoint(step, data.message || null);
+        if (data.status === "validation") this.addValidation(step, NaN, data.message || null);
+        if (data.status === "finished" && data.message) this.lora = { path: data.message, partial: false };
+        if (data.status === "interrupted" && LORA_FILE.test(data.message ?? "")) {
+            this.lora = { path: data.message.trim(), partial: true }; // the partial LoRA installed on Cancel
         }
-        if (data.status === "checkpoint" && finite(data.step)) this.checkpoints.push(data.step);
         this.status = data;
         this.schedule();
     }
@@ -303,30 +238,117 @@ class LossChart {
         });
     }
 
-    readoutText() {
+    readoutLines() {
         const d = this.latest;
-        const ended = this.status && (this.status.status === "finished" || this.status.status === "interrupted");
-        const status = ended ? ` · ${this.status.status}` : "";
-        if (!d) return this.status ? `${this.status.status}: ${this.status.message ?? ""}` : "waiting for training";
-        const lr = finite(d.lr) ? d.lr.toExponential(2) : "–";
-        const speed = finite(d.steps_per_s) ? d.steps_per_s.toFixed(2) : "–";
-        const parts = Object.entries(lossTerms(d)).map(([name, value]) => ` · ${name} ${formatNumber(value)}`).join("");
-        return `step ${d.step}/${d.max_steps ?? "?"} · loss ${formatNumber(d.loss)} · ema ${formatNumber(d.loss_ema)}`
-            + `${parts} · lr ${lr} · ${speed} it/s · ETA ${formatDuration(d.eta_s)}${status}`;
+        const lines = [];
+        if (!d) {
+            lines.push(this.status ? `${this.status.status}: ${this.status.message ?? ""}` : "waiting for training");
+        } else {
+            const parts = Object.entries(lossTerms(d)).map(([name, value]) => ` · ${name} ${formatNumber(value)}`);
+            lines.push(`step ${d.step}/${d.max_steps ?? "?"} · loss ${formatNumber(d.loss)} · smoothed `
+                + `${formatNumber(d.loss_ema)}${parts.join("")}`);
+            const lr = finite(d.lr) ? d.lr.toExponential(2) : "–";
+            const speed = finite(d.steps_per_s) ? d.steps_per_s.toFixed(2) : "–";
+            const grad = finite(d.grad_norm) ? ` · grad norm ${formatNumber(d.grad_norm, 3)}` : "";
+            const epoch = finite(d.epoch) ? ` · epoch ${d.epoch}` : "";
+            lines.push(`lr ${lr}${grad} · ${speed} it/s · ETA ${formatDuration(d.eta_s)}${epoch}`);
+        }
+        const measured = this.validations.filter((v) => finite(v.loss));
+        if (measured.length) {
+            const last = measured[measured.length - 1];
+            lines.push(`validation loss ${formatNumber(last.loss)} at step ${last.step}`);
+        }
+        const clip = [...this.validations].reverse().find((v) => v.path);
+        if (clip) lines.push(`validation clip (step ${clip.step}): ${clip.path}`);
+        const checkpoint = this.checkpoints[this.checkpoints.length - 1];
+        if (checkpoint) lines.push(`checkpoint at step ${checkpoint.step}${checkpoint.path ? `: ${checkpoint.path}` : ""}`);
+        const status = this.status?.status;
+        if (d && status === "finished") lines.push("finished");
+        if (d && status === "interrupted" && !this.lora) lines.push(`interrupted: ${this.status.message ?? ""}`);
+        return lines;
+    }
+
+    renderReadout() {
+        const lines = this.readoutLines();
+        const lora = this.lora ? `${this.lora.partial ? "interrupted · partial LoRA" : "LoRA"}: ${this.lora.path}` : null;
+        const key = JSON.stringify([lines, lora]);
+        if (this.readoutKey === key) return;
+        this.readoutKey = key;
+        const children = lines.map((text) => {
+            const line = styled("div", "cinetune-loss-line", {});
+            line.textContent = text;
+            return line;
+        });
+        if (lora) {
+            const line = styled("div", "cinetune-loss-line cinetune-loss-lora", { color: "#7ee787" });
+            line.textContent = lora;
+            line.title = this.lora.path;
+            children.push(line);
+        }
+        this.readout.replaceChildren(...children);
+    }
+
+    renderLegend(termNames) {
+        const items = [["raw", COLORS.raw, "dot"], ["smoothed", COLORS.smoothed, "line"],
+            ["validation", COLORS.validation, "line"],
+            ...termNames.map((name, index) => [name, termColor(name, index), "line"])];
+        if (this.checkpoints.length) items.push(["checkpoint", COLORS.checkpoint, "marker"]);
+        const key = JSON.stringify(items);
+        if (this.legendKey !== key) {
+            this.legendKey = key;
+            this.legend.replaceChildren(...items.map(([label, color, kind]) => {
+                const item = styled("span", "cinetune-loss-legend-item", {
+                    display: "inline-flex", alignItems: "center", gap: "4px", whiteSpace: "nowrap",
+                });
+                item.dataset.series = label;
+                const swatch = styled("span", "", kind === "dot"
+                    ? { width: "6px", height: "6px", borderRadius: "3px", background: color }
+                    : { width: "14px", height: "0", borderTop: `2px ${kind === "marker" ? "dashed" : "solid"} ${color}` });
+                const text = styled("span", "", {});
+                text.textContent = label;
+                item.append(swatch, text);
+                return item;
+            }));
+        }
+        for (const [button, property] of [[this.logToggle, PROPERTY_LOG_Y], [this.fullToggle, PROPERTY_FULL_RUN]]) {
+            const on = this.option(property);
+            button.setAttribute("aria-pressed", String(on));
+            button.style.background = on ? "var(--comfy-input-bg, #3a4250)" : "transparent";
+            button.style.fontWeight = on ? "bold" : "normal";
+        }
+    }
+
+    /** The y values the scale must cover: raw loss (robust upper end), smoothed, loss parts, validation. */
+    yExtent(losses, emas, termNames) {
+        let low = Infinity, high = -Infinity;
+        const take = (v) => {
+            if (finite(v)) {
+                low = Math.min(low, v);
+                high = Math.max(high, v);
+            }
+        };
+        emas.forEach(take);
+        for (const name of termNames) this.series.forEachTerm(name, (_step, value) => take(value));
+        for (const v of this.validations) take(v.loss);
+        for (const v of losses) low = Math.min(low, v);
+        high = robustMax(losses, high);
+        return [low, high];
     }
 
     draw() {
         if (this.disposed) return;
         const series = this.series;
         const ds = this.canvas.dataset;
+        const logWanted = this.option(PROPERTY_LOG_Y), fullRun = this.option(PROPERTY_FULL_RUN);
         ds.nodeId = String(this.node.id);
         ds.points = String(series.length);
         ds.lastStep = series.lastStep === null ? "" : String(series.lastStep);
         ds.run = this.run ?? "";
         ds.status = this.status?.status ?? "";
         ds.terms = series.termNames.join(",");
-        const text = this.readoutText();
-        if (this.readout.textContent !== text) this.readout.textContent = text;
+        ds.fullRun = fullRun ? "on" : "off";
+        this.renderReadout();
+        this.renderLegend(series.termNames);
 
         const cssWidth = this.canvas.clientWidth, cssHeight = this.canvas.clientHeight;
         if (cssWidth < 2 || cssHeight < 2) return; // hidden (off screen, zoomed out, collapsed)
@@ -340,9 +362,12 @@ class LossChart {
         ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
         ctx.fillStyle = COLORS.background;
         ctx.fillRect(0, 0, cssWidth, cssHeight);
-        ctx.font = "10px sans-serif";
+        ctx.font = FONT;
 
         if (series.length === 0) {
+            for (const key of ["axisTitles", "xTicks", "yTicks", "xRange", "logY", "checkpoints", "validations"]) {
+                delete ds[key];
+            }
             ctx.fillStyle = COLORS.empty;
             ctx.textAlign = "center";
             ctx.textBaseline = "middle";
@@ -350,130 +375,132 @@ class LossChart {
             return;
         }
 
-        const steps = [], losses = [];
-        let emaMin = Infinity, emaMax = -Infinity;
+        const steps = [], losses = [], emas = [];
         series.forEach((step, loss, ema) => {
             steps.push(step);
             losses.push(loss);
-            emaMin = Math.min(emaMin, ema);
-            emaMax = Math.max(emaMax, ema);
+            emas.push(ema);
         });
         const termNames = series.termNames;
-        let termMin = Infinity, termMax = -Infinity;
-        for (const name of termNames) {
-            series.forEachTerm(name, (_step, value) => {
-                termMin = Math.min(termMin, value);
-                termMax = Math.max(termMax, value);
-            });
-        }
-        let yMin = Math.min(emaMin, termMin, ...losses);
-        let yMax = robustMax(losses, Math.max(emaMax, termMax));
-        if (!(yMax > yMin)) {
-            const half = Math.abs(yMax) * 0.5 || 1;
-            yMin -= half;
-            yMax += half;
-        }
-        const pad = (yMax - yMin) * 0.06;
-        yMin -= pad;
-        yMax += pad;
-        const xMin = Math.min(steps[0], 0);
-        const maxSteps = this.latest && finite(this.latest.max_steps) ? this.latest.max_steps : 0;
-        const xMax = Math.max(steps[steps.length - 1], maxSteps, xMin + 1);
+        const [low, high] = this.yExtent(losses, emas, termNames);
+        const y = (logWanted && logScale(low, high)) || linearScale(low, high, Math.max(2, Math.floor(cssHeight / 40)));
+        ds.logY = y.log ? "on" : logWanted ? "unavailable" : "off";
 
-        const left = 46, right = 8, top = 6, bottom = 16;
+        const lastStep = steps[steps.length - 1];
+        const maxSteps = finite(this.latest?.max_steps) ? this.latest.max_steps : 0;
+        const firstStep = steps[0] <= 1 ? 0 : steps[0];
+        const xTarget = Math.max(2, Math.floor(cssWidth / 90));
+        let x = linearScale(firstStep, Math.max(lastStep, firstStep + 1), xTarget, true);
+        if (fullRun && maxSteps > 0) {
+            x = linearScale(Math.min(firstStep, 0), Math.max(maxSteps, lastStep), xTarget, true);
+            x = { ...x, max: Math.max(maxSteps, lastStep), ticks: x.ticks.filter((t) => t <= Math.max(maxSteps, lastStep)) };
+        }
+        ds.xRange = `${x.min},${x.max}`;
+        ds.xTicks = x.ticks.join(",");
+        ds.yTicks = y.ticks.join(",");
+
+        const left = 52, right = 10, top = 8, bottom = 32;
         const plotW = Math.max(1, cssWidth - left - right), plotH = Math.max(1, cssHeight - top - bottom);
-        const px = (step) => left + ((step - xMin) / (xMax - xMin)) * plotW;
-        const py = (value) => top + (1 - (Math.min(value, yMax) - yMin) / (yMax - yMin)) * plotH;
+        const px = (step) => left + ((step - x.min) / (x.max - x.min)) * plotW;
+        const yFraction = y.log
+            ? (v) => (Math.log10(v) - Math.log10(y.min)) / (Math.log10(y.max) - Math.log10(y.min))
+            : (v) => (v - y.min) / (y.max - y.min);
+        const py = (value) => top + (1 - Math.min(1, Math.max(0, yFraction(y.log ? Math.max(value, y.min) : value)))) * plotH;
 
-        // Grid and axis labels.
-        ctx.strokeStyle = COLORS.grid;
-        ctx.fillStyle = COLORS.axisText;
+        this.drawAxes(ctx, { x, y, px, py, left, top, plotW, plotH, cssHeight });
+        ds.checkpoints = String(this.drawMarkers(ctx, this.checkpoints, COLORS.checkpoint, [4, 3], x, px, top, plotH));
+        ds.validations = String(this.drawMarkers(ctx, this.validations, COLORS.validation, [1, 3], x, px, top, plotH));
+
+        // Raw loss as points (a thin line joins them while they are sparse).
+        ctx.fillStyle = COLORS.raw;
+        ctx.strokeStyle = COLORS.raw;
         ctx.lineWidth = 1;
-        ctx.textAlign = "right";
-        ctx.textBaseline = "middle";
-        const rows = 4;
-        for (let i = 0; i <= rows; i++) {
-            const value = yMin + ((yMax - yMin) * i) / rows;
-            const y = Math.round(py(value)) + 0.5;
-            ctx.beginPath();
-            ctx.moveTo(left, y);
-            ctx.lineTo(left + plotW, y);
-            ctx.stroke();
-            ctx.fillText(formatNumber(value, 3), left - 4, y);
-        }
-        ctx.textBaseline = "top";
-        ctx.textAlign = "left";
-        ctx.fillText(String(xMin), left, top + plotH + 3);
-        ctx.textAlign = "right";
-        ctx.fillText(String(xMax), left + plotW, top + plotH + 3);
-
-        // Checkpoints as vertical markers.
-        ctx.strokeStyle = COLORS.checkpoint;
-        ctx.setLineDash([3, 3]);
-        for (const step of this.checkpoints) {
-            const x = Math.round(px(step)) + 0.5;
-            ctx.beginPath();
-            ctx.moveTo(x, top);
-            ctx.lineTo(x, top + plotH);
-            ctx.stroke();
-        }
-        ctx.setLineDash([]);
-
-        // Loss as points (a thin line joins them while they are sparse).
-        ctx.fillStyle = COLORS.loss;
-        ctx.strokeStyle = COLORS.loss;
         const sparse = steps.length <= plotW / 3;
-        if (sparse) {
-            ctx.beginPath();
-            for (let i = 0; i < steps.length; i++) {
-                const x = px(steps[i]), y = py(losses[i]);
-                if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
-            }
-            ctx.stroke();
-        }
+        if (sparse) this.polyline(ctx, steps.map((s, i) => [px(s), py(losses[i])]));
         const r = sparse ? 2 : 1.2;
-        for (let i = 0; i < steps.length; i++) {
-            ctx.fillRect(px(steps[i]) - r, py(losses[i]) - r, 2 * r, 2 * r);
-        }
+        for (let i = 0; i < steps.length; i++) ctx.fillRect(px(steps[i]) - r, py(losses[i]) - r, 2 * r, 2 * r);
 
-        // EMA as a line.
-        ctx.strokeStyle = COLORS.ema;
         ctx.lineWidth = 2;
-        ctx.beginPath();
-        let first = true;
-        series.forEach((step, _loss, ema) => {
-            const x = px(step), y = py(ema);
-            if (first) ctx.moveTo(x, y); else ctx.lineTo(x, y);
-            first = false;
-        });
-        ctx.stroke();
+        ctx.strokeStyle = COLORS.smoothed;
+        this.polyline(ctx, steps.map((s, i) => [px(s), py(emas[i])]));
 
-        // Loss parts (e.g. video and audio) as thin lines, with a legend in the top right corner.
         ctx.lineWidth = 1.5;
         termNames.forEach((name, index) => {
+            const points = [];
+            series.forEachTerm(name, (step, value) => points.push([px(step), py(value)]));
             ctx.strokeStyle = termColor(name, index);
-            ctx.beginPath();
-            let start = true;
-            series.forEachTerm(name, (step, value) => {
-                const x = px(step), y = py(value);
-                if (start) ctx.moveTo(x, y); else ctx.lineTo(x, y);
-                start = false;
-            });
-            ctx.stroke();
+            this.polyline(ctx, points);
         });
-        if (termNames.length) {
-            const legend = [["loss", COLORS.loss], ["ema", COLORS.ema],
-                ...termNames.map((name, index) => [name, termColor(name, index)])];
-            ctx.textAlign = "right";
-            ctx.textBaseline = "top";
-            let x = left + plotW - 4;
-            for (let i = legend.length - 1; i >= 0; i--) {
-                const [label, color] = legend[i];
-                ctx.fillStyle = color;
-                ctx.fillText(label, x, top + 3);
-                x -= ctx.measureText(label).width + 10;
-            }
+
+        const measured = this.validations.filter((v) => finite(v.loss)).map((v) => [px(v.step), py(v.loss)]);
+        ctx.strokeStyle = ctx.fillStyle = COLORS.validation;
+        ctx.lineWidth = 1.5;
+        this.polyline(ctx, measured);
+        for (const [vx, vy] of measured) {
+            ctx.beginPath();
+            ctx.arc(vx, vy, 3, 0, 2 * Math.PI);
+            ctx.fill();
         }
+    }
+
+    drawAxes(ctx, { x, y, px, py, left, top, plotW, plotH, cssHeight }) {
+        ctx.lineWidth = 1;
+        ctx.font = FONT;
+        ctx.fillStyle = COLORS.axisText;
+        ctx.textAlign = "right";
+        ctx.textBaseline = "middle";
+        for (const value of y.ticks) {
+            const yy = Math.round(py(value)) + 0.5;
+            ctx.strokeStyle = COLORS.grid;
+            this.polyline(ctx, [[left, yy], [left + plotW, yy]]);
+            ctx.fillText(formatTick(value), left - 4, yy);
+        }
+        ctx.textAlign = "center";
+        ctx.textBaseline = "top";
+        for (const value of x.ticks) {
+            const xx = Math.round(px(value)) + 0.5;
+            ctx.strokeStyle = COLORS.grid;
+            this.polyline(ctx, [[xx, top], [xx, top + plotH]]);
+            ctx.fillText(formatTick(value), xx, top + plotH + 3);
+        }
+        ctx.strokeStyle = COLORS.axis;
+        this.polyline(ctx, [[left + 0.5, top], [left + 0.5, top + plotH + 0.5], [left + plotW, top + plotH + 0.5]]);
+
+        ctx.font = TITLE_FONT;
+        ctx.fillStyle = COLORS.axisText;
+        ctx.textAlign = "center";
+        ctx.textBaseline = "bottom";
+        ctx.fillText("step", left + plotW / 2, cssHeight - 1);
+        ctx.save();
+        ctx.translate(11, top + plotH / 2);
+        ctx.rotate(-Math.PI / 2);
+        ctx.textBaseline = "middle";
+        ctx.fillText(y.log ? "loss (log)" : "loss", 0, 0);
+        ctx.restore();
+        this.canvas.dataset.axisTitles = "step,loss";
+    }
+
+    /** Vertical markers at each entry's step inside the x range; returns how many were drawn. */
+    drawMarkers(ctx, entries, color, dash, x, px, top, plotH) {
+        let drawn = 0;
+        ctx.strokeStyle = color;
+        ctx.lineWidth = 1;
+        ctx.setLineDash(dash);
+        for (const { step } of entries) {
+            if (!(step >= x.min && step <= x.max)) continue;
+            const xx = Math.round(px(step)) + 0.5;
+            this.polyline(ctx, [[xx, top], [xx, top + plotH]]);
+            drawn += 1;
+        }
+        ctx.setLineDash([]);
+        return drawn;
+    }
+
+    polyline(ctx, points) {
+        if (points.length === 0) return;
+        ctx.beginPath();
+        points.forEach(([a, b], i) => (i === 0 ? ctx.moveTo(a, b) : ctx.lineTo(a, b)));
+        ctx.stroke();
     }
 
     dispose() {
@@ -494,7 +521,7 @@ function attachChart(node) {
     const widget = node.addDOMWidget(WIDGET_NAME, WIDGET_TYPE, chart.element, {
         serialize: false, // keeps the chart out of the API prompt
         hideOnZoom: true,
-        getMinHeight: () => MIN_HEIGHT,
+        getMinHeight: () => MIN_HEIGHT, // no maximum: the chart takes the node's free height when it is resized
         getValue: () => undefined,
         setValue: () => {},
     });
@@ -508,9 +535,14 @@ function attachChart(node) {
         if (widget.element?.isConnected) widget.element.remove();
         return onRemoved?.apply(this, arguments);
     };
+    const onResize = node.onResize;
+    node.onResize = function () {
+        chart.schedule();
+        return onResize?.apply(this, arguments);
+    };
 
     const [width, height] = node.size;
-    node.setSize([Math.max(width, 420), Math.max(height, node.computeSize()[1])]);
+    node.setSize([Math.max(width, MIN_WIDTH), Math.max(height, node.computeSize()[1])]);
 }
 
 function isTrainer(node) {
@@ -529,6 +561,6 @@ app.registerExtension({
         if (isTrainer(node)) attachChart(node);
     },
     loadedGraphNode(node) {
-        node.cinetuneLossChart?.schedule(); // the node has its saved id now
+        node.cinetuneLossChart?.schedule(); // the node has its saved id and properties now
     },
 });
