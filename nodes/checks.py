@@ -27,6 +27,7 @@ from typing import Any, Callable, ClassVar
 from comfy_api.latest import io
 
 from . import search
+from .errors import PlainErrors
 
 #: Longest file or folder name (bytes of UTF-8) that every common file system takes (ext4, APFS, NTFS: 255).
 NAME_MAX_BYTES = 255
@@ -107,7 +108,7 @@ class FileName:
             problem = _name_problem(part, suffix_bytes if i == len(parts) - 1 else 0)
             if problem is not None:
                 where = f" (part {i + 1}, {shown(part)})" if len(parts) > 1 else ""
-                kind, example = (("a name with sub-folders separated by '/'", "Cinetune/my_video") if self.subfolders
+                kind, example = (("a name with sub-folders separated by '/'", "cinetune/my_video") if self.subfolders
                                  else ("a file name", "my_style_lora"))
                 raise ValueError(f"{shown(value)} cannot be used as {kind}: {problem}{where}. Use letters, digits, "
                                  f"'_' and '-', e.g. '{example}'.")
@@ -198,7 +199,7 @@ def widget_values(node: type[io.ComfyNode], values: dict[str, Any]) -> dict[str,
     return settings
 
 
-class CinetuneNode(io.ComfyNode):
+class CinetuneNode(PlainErrors, io.ComfyNode):
     """Base class of every Cinetune node: checks the queued widget values (see the module notes).
 
     A node lists extra per-input rules in ``INPUT_RULES``. Its node info carries search aliases

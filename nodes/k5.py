@@ -28,6 +28,7 @@ from ..training.cache import encoder_identity
 from . import host
 from .checks import CinetuneNode
 from .handles import PlacedModel
+from .rules import K5_START_IMAGE_SIZE, K5_VIDEO_SIZE, NodeRules, attention_backend
 from .types import K5VAE, K5Conditioning, K5Model, K5TextEncoder
 
 CATEGORY = "Cinetune/Kandinsky 5"
@@ -74,6 +75,8 @@ def training_dtype(device) -> torch.dtype:
 
 
 class K5ModelLoader(CinetuneNode):
+    INPUT_RULES = {"attention": attention_backend}
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -211,7 +214,9 @@ class K5TextEncode(CinetuneNode):
         return io.NodeOutput({"positive": positive, "negative": negative})
 
 
-class K5Sampler(CinetuneNode):
+class K5Sampler(NodeRules, CinetuneNode):
+    NODE_RULES = (K5_VIDEO_SIZE,)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -291,7 +296,9 @@ class K5VAEDecode(CinetuneNode):
         return io.NodeOutput(frames.cpu().contiguous())
 
 
-class K5VAEEncode(CinetuneNode):
+class K5VAEEncode(NodeRules, CinetuneNode):
+    NODE_RULES = (K5_START_IMAGE_SIZE,)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -32,6 +32,7 @@ from . import host
 from .checks import CinetuneNode
 from .handles import PlacedModel
 from .k5 import training_dtype
+from .rules import LTX2_SAMPLER_LINKS, LTX2_SAMPLING, LTX2_VIDEO_SIZE, NodeRules, attention_backend
 from .types import LTX2VAE, LTX2Conditioning, LTX2Model, LTX2TextEncoder, LTX2Upsampler
 
 CATEGORY = "Cinetune/LTX-2"
@@ -69,6 +70,8 @@ def _file(folders: tuple[str, ...], name: str) -> Path:
 
 
 class LTX2ModelLoader(CinetuneNode):
+    INPUT_RULES = {"attention": attention_backend}
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -219,7 +222,9 @@ class LTX2TextEncode(CinetuneNode):
         return io.NodeOutput(pipeline.LTX2Conditioning(positive, negative))
 
 
-class LTX2Sampler(CinetuneNode):
+class LTX2Sampler(NodeRules, CinetuneNode):
+    NODE_RULES = (LTX2_SAMPLING, LTX2_SAMPLER_LINKS)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -290,10 +295,10 @@ class LTX2Sampler(CinetuneNode):
             video_cfg=video_cfg, audio_cfg=audio_cfg, stg=stg, stg_block=stg_block, modality=modality_guidance, rescale=rescale,
             token_count_shift=scheduler == "token count", audio=audio)
         request.check()
+        LTX2_SAMPLER_LINKS.check(mode=mode, audio=audio, vae=vae is not None, start_image=start_image is not None,
+                                 video_latent=video_latent is not None, audio_latent=audio_latent is not None)
         keyframes = []
         if start_image is not None:
-            if vae is None:
-                raise ValueError("A start image needs the LTX-2 VAE: connect LTX-2 VAE Loader to the sampler's 'vae'.")
             with host.on_compute_device(vae) as device, torch.inference_mode():
                 keyframes.append(pipeline.encode_keyframe(vae, start_image[:1], width, height, frame_index=0,
                                                           strength=image_strength, device=device,
@@ -392,7 +397,9 @@ class LTX2LoRALoader(CinetuneNode):
         return io.NodeOutput(handle.with_lora(lora_name, strength))
 
 
-class LTX2MemoryEstimate(CinetuneNode):
+class LTX2MemoryEstimate(NodeRules, CinetuneNode):
+    NODE_RULES = (LTX2_VIDEO_SIZE,)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -42,6 +42,7 @@ from ..training.samples import (
 )
 from . import host
 from .checks import CinetuneNode
+from .rules import LTX2_I2V_CLIP, FrameCount, NodeRules
 from .training import CACHE_NAME, RECEIPTS, DatasetType, TextCache, TrainingData, cache_directory
 from .types import LTX2VAE, LTX2TextEncoder as LTX2TextEncoderType
 
@@ -149,7 +150,10 @@ class LTX2CacheText(CinetuneNode):
                              ui=ui.PreviewText(report.summary()))
 
 
-class LTX2CacheLatents(CinetuneNode):
+class LTX2CacheLatents(NodeRules, CinetuneNode):
+    INPUT_RULES = {"frames": FrameCount(LTX2_LATENT_FORMAT)}
+    NODE_RULES = (LTX2_I2V_CLIP,)
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -203,9 +207,7 @@ class LTX2CacheLatents(CinetuneNode):
         if not isinstance(text_cache, TextCache) or text_cache.layout != LTX2_CACHE_LAYOUT:
             made = text_cache.layout.describe() if isinstance(text_cache, TextCache) else type(text_cache).__name__
             raise ValueError(f"the text cache was made by {made}: connect LTX-2 Cache Text Encoder Outputs.")
-        if image_to_video and frames == 1:
-            raise ValueError("image_to_video conditions a clip on its first frame, so clips need more than one: set "
-                             "frames to 9 or more.")
+        LTX2_I2V_CLIP.check(frames=frames, image_to_video=image_to_video)
         audio_vae = None
         if audio:
             audio_vae = vae.audio

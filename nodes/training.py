@@ -16,6 +16,13 @@ cut its videos by it instead of by their own ``frames`` / ``frame_selection``. A
 must parse and each count must fit the frame rule of at least one registered model family (K5 ``4k+1``, LTX-2
 ``8k+1``); the cacher of the family in use refuses a count its own rule does not allow before encoding anything.
 
+Each node tells what it did (``ui`` text, in the prompt's history outputs too): the Dataset Folder and Combine
+Datasets their items by kind and the files left out (:func:`~cinetune.training.data.dataset_summary`), the cachers
+(of both families) their entries encoded, reused from the cache and the files skipped
+(:meth:`~cinetune.training.cache.CacheReport.summary`); the cachers move the progress bar once per entry, starting
+at 0 of the total. Frame counts and the other values a widget alone decides are checked when the prompt is queued
+(:mod:`cinetune.nodes.rules`).
+
 Widget order is frozen once released: add new inputs at the end, with defaults.
 """
 
@@ -46,6 +53,7 @@ from ..training.data import (
     FrameExtraction,
     FrameSpec,
     combine_datasets,
+    dataset_summary,
     parse_target_frames,
     resolve_dataset_folder,
     scan_folder,
@@ -53,6 +61,7 @@ from ..training.data import (
 from ..training.items import DEFAULT_MAX_FRAMES
 from . import host
 from .checks import CinetuneNode, FileName, check_file_name, widget_values
+from .rules import FrameCount
 from .types import K5VAE, K5TextEncoder
 
 CATEGORY = "Cinetune/training"
@@ -275,7 +284,7 @@ class DatasetFolder(CinetuneNode):
         extraction = _frame_extraction(frame_extraction, target_frames, frame_stride, frame_sample, max_frames)
         dataset = scan_folder(dataset_folder(folder), repeats=repeats, trigger_word=trigger_word,
                               default_caption=default_caption or None, frame_extraction=extraction)
-        return io.NodeOutput(dataset, ui=ui.PreviewText(dataset.summary()))
+        return io.NodeOutput(dataset, ui=ui.PreviewText(dataset_summary(dataset)))
 
 
 class CombineDatasets(CinetuneNode):
@@ -301,7 +310,7 @@ class CombineDatasets(CinetuneNode):
     @classmethod
     def execute(cls, dataset_1, dataset_2, dataset_3=None, dataset_4=None) -> io.NodeOutput:
         dataset = combine_datasets([d for d in (dataset_1, dataset_2, dataset_3, dataset_4) if d is not None])
-        return io.NodeOutput(dataset, ui=ui.PreviewText(dataset.summary()))
+        return io.NodeOutput(dataset, ui=ui.PreviewText(dataset_summary(dataset)))
 
 
 class K5CacheText(CinetuneNode):
@@ -342,6 +351,8 @@ class K5CacheText(CinetuneNode):
 
 
 class K5CacheLatents(CinetuneNode):
+    INPUT_RULES = {"frames": FrameCount(K5_LATENT_FORMAT)}
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

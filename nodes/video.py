@@ -25,8 +25,10 @@ class SaveVideoMP4(CinetuneNode):
                 io.Image.Input("images", tooltip="Video frames as an IMAGE batch [frames, height, width, 3]."),
                 io.Float.Input("fps", default=24.0, min=1.0, max=240.0, step=0.001,
                                tooltip="Frames per second. Kandinsky 5 generates 24 fps video."),
-                io.String.Input("filename_prefix", default="Cinetune/k5",
-                                tooltip="Output name prefix; may contain a subfolder. A counter is appended."),
+                io.String.Input("filename_prefix", default="cinetune/video",
+                                tooltip="Output name prefix; may contain sub-folders (the example workflows use "
+                                        "cinetune/<family>/<workflow>, beside the caches and runs in "
+                                        "output/cinetune). A counter is appended."),
                 io.Audio.Input("audio", optional=True,
                                tooltip="Optional sound (e.g. from LTX-2 Decode), muxed as AAC; trimmed or padded with "
                                        "silence to the video's duration."),

@@ -31,7 +31,8 @@ Decisions (sources: reference k5.md §5 and §8, musubi-tuner's cache scripts, t
 code):
 
 - **Interruption**: every file is written atomically (temporary file + rename), ``check_interrupt()`` is called
-  before each entry and ``progress(done, total)`` after it; an interrupted run leaves only complete entries and
+  before each entry, ``progress(0, total)`` before the first and ``progress(done, total)`` after each (the cacher
+  nodes drive the host's progress bar with it); an interrupted run leaves only complete entries and
   the next run skips them. An existing entry is checked by its header (tensor names, file length); a damaged
   one (truncated, unreadable, not safetensors) is encoded again.
 - **Damaged is not missing.** :func:`load_cached_dataset` reports an entry whose file exists but fails that check

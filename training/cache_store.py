@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.checkpoint import CheckpointError, load_state_dict, read_safetensors_header, write_json_atomic
+from .data import counted
 from .frames import Bucket
 from .items import DatasetError, DatasetItem, DatasetProblem
 
@@ -118,10 +119,11 @@ class CacheReport:
 
     Attributes:
         written: entries encoded and written by this run.
-        skipped: entries that were already cached (complete files found).
+        skipped: entries that were already cached (complete files found) and are reused.
         problems: files left out: the dataset's scan problems followed by those found while caching.
         cache_dir: the cache folder (the root passed in, holding ``text/`` and ``latents/``).
         entries: every complete entry file the dataset uses after this run (written or already cached), in order.
+        kind: ``"text"`` or ``"latent"`` (the sub-cache; names the entries in :meth:`summary`), "" if unknown.
     """
 
     written: int
@@ -129,14 +131,22 @@ class CacheReport:
     problems: list[DatasetProblem] = field(default_factory=list)
     cache_dir: Path = Path(".")
     entries: list[Path] = field(default_factory=list)
+    kind: str = ""
 
     def summary(self) -> str:
-        """Multi-line text for node outputs and logs: counts, the folder, then one line per problem."""
-        head = (f"{self.written} written, {self.skipped} already cached, {len(self.problems)} problems "
-                f"in {self.cache_dir}")
-        lines = [head]
+        """Multi-line text for node outputs and logs, e.g. ``"5 clips: 3 encoded, 2 reused from the cache; 1 file
+        skipped"``, the cache folder, then one line per file skipped (the file and the fix)."""
+        noun, note = _REPORT_NOUNS.get(self.kind, ("entry", ""))
+        total = counted(self.written + self.skipped, noun, "entries" if noun == "entry" else None)
+        lines = [f"{total}{note}: {self.written} encoded, {self.skipped} reused from the cache; "
+                 f"{counted(len(self.problems), 'file')} skipped",
+                 f"cache: {self.cache_dir}"]
         lines += [f"  - {problem}" for problem in self.problems]
         return "\n".join(lines)
+
+
+#: How :meth:`CacheReport.summary` names the entries of each kind.
+_REPORT_NOUNS = {"text": ("caption", " (with the empty caption for caption dropout)"), "latent": ("clip", "")}
 
 
 # ------------------------------------------------------------------------------------------------ identities

@@ -91,6 +91,7 @@ from .frames import (
     plan_clips,
 )
 from .items import (
+    counted,
     EXTRACTION_MODES,
     Dataset,
     DatasetError,
@@ -108,7 +109,7 @@ __all__ = [
     "FrameSpec", "frame_indices", "Clip", "plan_clips",
     "Bucket", "make_buckets", "assign_bucket", "load_clip", "dataset_fingerprint",
     "AUDIO_CHANNELS", "MISSING_AUDIO", "NoAudioError", "clip_fps", "clip_audio_span", "has_audio_track",
-    "check_clip_audio", "load_clip_audio",
+    "check_clip_audio", "load_clip_audio", "counted", "dataset_summary",
 ]
 
 
@@ -521,3 +522,19 @@ def dataset_fingerprint(items: Dataset | Iterable[DatasetItem]) -> str:
         rows.append(row)
     payload = json.dumps({"version": _FINGERPRINT_VERSION, "items": rows}, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- summaries
+
+
+def dataset_summary(dataset: Dataset) -> str:
+    """What a dataset holds, as the Dataset Folder node shows it: a first line such as ``"3 items (1 video,
+    2 images), 0 problems"`` (``"2 videos, 1 with sound"`` where videos have sound), one line per frame
+    extraction the items carry, then one line per problem (the file and the fix).
+
+    Args:
+        dataset: from :func:`scan_folder`, :func:`from_tensors` or :func:`combine_datasets`.
+    Returns:
+        Multi-line text.
+    """
+    return dataset.summary()

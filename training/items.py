@@ -23,7 +23,7 @@ from typing import Literal
 from torch import Tensor
 
 __all__ = ["DatasetError", "DatasetItem", "DatasetProblem", "Dataset", "EXTRACTION_MODES", "DEFAULT_MAX_FRAMES",
-           "FrameExtraction", "parse_target_frames"]
+           "FrameExtraction", "parse_target_frames", "counted"]
 
 
 class DatasetError(ValueError):
@@ -202,6 +202,12 @@ class DatasetProblem:
         return f"{self.path}: {self.message}" if self.path is not None else self.message
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and the noun in the number it takes: ``counted(1, "video")`` → ``"1 video"``, ``counted(2, "video")``
+    → ``"2 videos"`` (``plural`` when adding "s" is wrong)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
 @dataclass
 class Dataset:
     """Usable items plus the problems found while building them.
@@ -224,13 +230,15 @@ class Dataset:
         return len(self.items)
 
     def summary(self) -> str:
-        """Multi-line text: item counts by kind, the frame extractions the items carry, then one line per problem (for
-        node outputs / logs)."""
-        videos = sum(item.kind == "video" for item in self.items)
-        sound = sum(bool(item.has_audio) for item in self.items)
-        lines = [f"{len(self.items)} items ({videos} videos, {sound} of them with sound, "
-                 f"{len(self.items) - videos} images), {len(self.problems)} problems"]
-        extractions = {item.extraction: None for item in self.items if item.extraction is not None}
+        """What the dataset holds, as the Dataset Folder node shows it: a first line such as ``"3 items (1 video,
+        2 images), 0 problems"`` (``"2 videos, 1 with sound"`` where videos have sound), one line per frame
+        extraction the items carry, then one line per problem (the file and the fix)."""
+        videos = [item for item in self.items if item.kind == "video"]
+        images = len(self.items) - len(videos)
+        sound = sum(bool(item.has_audio) for item in videos)
+        kinds = [counted(len(videos), "video"), *([f"{sound} with sound"] if sound else []), counted(images, "image")]
+        lines = [f"{counted(len(self.items), 'item')} ({', '.join(kinds)}), {counted(len(self.problems), 'problem')}"]
+        extractions = dict.fromkeys(item.extraction for item in self.items if item.extraction is not None)
         lines += [f"frame extraction: {extraction.describe()}" for extraction in extractions]
         lines += [f"  - {problem}" for problem in self.problems]
         return "\n".join(lines)

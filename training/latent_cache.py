@@ -247,7 +247,8 @@ def cache_latents(dataset: Dataset, vae: VAELike, cache_dir: str | os.PathLike, 
         allow_upscale: enlarge items smaller than their bucket (otherwise a smaller bucket of the same aspect).
         i2v: also cache the first/last frame latents for image-to-video training (only in layouts with
             ``i2v_frames``; otherwise ignored).
-        progress: called as ``progress(done, total)`` after each clip (total = clips with a bucket).
+        progress: called as ``progress(0, total)`` before the first clip and ``progress(done, total)`` after each
+            (total = clips with a bucket).
         check_interrupt: called before each clip; whatever it raises propagates (complete entries stay).
         layout: the family's :class:`CacheLayout` (its family goes into the keys).
         audio_vae: the family's audio VAE (:class:`AudioVAELike`); None = no sound. Needs a latent format with
@@ -280,6 +281,8 @@ def cache_latents(dataset: Dataset, vae: VAELike, cache_dir: str | os.PathLike, 
     written = skipped = 0
     paths: list[Path] = []
     failed: dict[str, DatasetProblem] = {}  # one problem per file, however many of its clips fail
+    if progress is not None:
+        progress(0, len(jobs))
     try:
         for done, job in enumerate(jobs, start=1):
             _tick(check_interrupt)
@@ -303,7 +306,7 @@ def cache_latents(dataset: Dataset, vae: VAELike, cache_dir: str | os.PathLike, 
     problems = list(dataset.problems) + problems + list(failed.values())
     if written + skipped == 0:
         raise _nothing_usable(problems)
-    return CacheReport(written, skipped, problems, Path(cache_dir), paths)
+    return CacheReport(written, skipped, problems, Path(cache_dir), paths, kind="latent")
 
 
 def _write_latent(vae: VAELike, audio_vae: AudioVAELike | None, folder: Path, job: _Job, path: Path,

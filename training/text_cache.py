@@ -103,7 +103,8 @@ def cache_text(dataset: Dataset, encoder: TextEncoderLike | TextEntryFn, cache_d
         cache_dir: cache folder (created if missing); entries go to its ``text/`` sub-folder.
         encoder_id: from :func:`~cinetune.training.cache_store.encoder_identity` or :func:`~cinetune.training.cache_store.weights_identity` for the text-encoder weights and dtype.
         template_for: ``item → template name``; None = the layout's template or :func:`~cinetune.training.cache_store.default_template`.
-        progress: called as ``progress(done, total)`` after each entry (total = distinct entries).
+        progress: called as ``progress(0, total)`` before the first entry and ``progress(done, total)`` after each
+            (total = distinct entries).
         check_interrupt: called before each entry; whatever it raises propagates (complete entries stay).
         layout: the family's :class:`CacheLayout` (its family goes into the keys).
 
@@ -125,6 +126,8 @@ def cache_text(dataset: Dataset, encoder: TextEncoderLike | TextEntryFn, cache_d
     manifest = _Manifest(folder, "text")
     written = skipped = 0
     paths: list[Path] = []
+    if progress is not None:
+        progress(0, len(entries))
     try:
         for done, (caption, template) in enumerate(entries, start=1):
             _tick(check_interrupt)
@@ -144,7 +147,7 @@ def cache_text(dataset: Dataset, encoder: TextEncoderLike | TextEntryFn, cache_d
                 progress(done, len(entries))
     finally:
         manifest.save()
-    return CacheReport(written, skipped, list(dataset.problems), Path(cache_dir), paths)
+    return CacheReport(written, skipped, list(dataset.problems), Path(cache_dir), paths, kind="text")
 
 
 def _entry_function(encoder, layout: CacheLayout) -> Callable[[str, str], dict[str, Tensor]]:

@@ -37,6 +37,7 @@ from cinetune.training.data import (
     Bucket,
     DatasetError,
     FrameSpec,
+    dataset_summary,
     from_tensors,
     load_clip,
     scan_folder,
@@ -349,6 +350,24 @@ def test_second_run_encodes_nothing(built, models):
     latents = cache_latents(built.ds, vae, built.cache, vae_id=models.vae_id, i2v=True, **SETTINGS)
     assert (text.written, text.skipped, latents.written, latents.skipped) == (0, 5, 0, 3)
     assert te.calls == [] and vae.calls == []
+    assert text.summary().splitlines() == [
+        "5 captions (with the empty caption for caption dropout): 0 encoded, 5 reused from the cache; 0 files skipped",
+        f"cache: {built.cache}"]
+    assert latents.summary().splitlines()[0] == "3 clips: 0 encoded, 3 reused from the cache; 0 files skipped"
+    first = built.text_report.summary().splitlines()[0]
+    assert first.endswith(": 5 encoded, 0 reused from the cache; 0 files skipped")
+
+
+def test_the_dataset_summary_counts_kinds_and_lists_problems(tmp_path, test_data):
+    data = make_folder(tmp_path / "data", test_data)
+    (data / "chelsea.txt").unlink()
+    summary = dataset_summary(scan_folder(data)).splitlines()
+    assert summary[0] == "2 items (1 video, 1 with sound, 1 image), 1 problem"
+    assert len(summary) == 2 and str(data / "chelsea.png") in summary[1]
+    (data / "bbb.mp4").unlink()
+    shutil.copy(test_data["chelsea"], data / "second.png")
+    (data / "second.txt").write_text("a second cat")
+    assert dataset_summary(scan_folder(data, default_caption="a cat")) == "3 items (0 videos, 3 images), 0 problems"
 
 
 def test_changed_caption_reencodes_one_text_entry_and_no_latent(fresh, models, tmp_path):
@@ -476,7 +495,7 @@ def test_interrupted_runs_leave_complete_files_and_resume(fresh, models, tmp_pat
                    progress=lambda done, total: seen.append((done, total)))
     with pytest.raises(Stop):
         cache_latents(ds, models.vae, cache, vae_id=models.vae_id, check_interrupt=stop_after(2), **SETTINGS)
-    assert seen == [(1, 5), (2, 5)]
+    assert seen == [(0, 5), (1, 5), (2, 5)]  # the total first, then after each entry
     assert no_temp_files(cache)
     for sub in ("text", "latents"):
         files = entries(cache / sub)
@@ -522,13 +541,16 @@ def test_bad_files_become_problems_and_good_ones_are_cached(tmp_path, test_data,
     seen = []
     report = cache_latents(ds, models.vae, tmp_path / "cache", vae_id=models.vae_id,
                            progress=lambda done, total: seen.append((done, total)), **SETTINGS)
-    assert (report.written, report.skipped) == (1, 0) and seen == [(1, 2), (2, 2)]  # astronaut, cut
+    assert (report.written, report.skipped) == (1, 0) and seen == [(0, 2), (1, 2), (2, 2)]  # astronaut, cut
     assert len(list((tmp_path / "cache" / "latents").glob("*.failed.json"))) == 1
     problems = {p.path.name: p.message for p in report.problems}
     assert set(problems) == {"broken.mp4", "short.mp4", "cut.mp4"}
     assert "too short" in problems["short.mp4"] and "target_frames ≤ 9" in problems["short.mp4"]
     assert "cannot be decoded" in problems["cut.mp4"] and "re-encode" in problems["cut.mp4"]
-    assert str(data / "cut.mp4") in report.summary()
+    summary = report.summary().splitlines()
+    assert summary[:2] == ["1 clip: 1 encoded, 0 reused from the cache; 3 files skipped",
+                           f"cache: {tmp_path / 'cache'}"]
+    assert any(str(data / "cut.mp4") in line and "cannot be decoded" in line for line in summary[2:])
     cache_text(ds, models.encoder, tmp_path / "cache", encoder_id=models.encoder_id)
     samples = load_cached_dataset(ds, tmp_path / "cache", encoder_id=models.encoder_id, vae_id=models.vae_id,
                                   **SETTINGS)

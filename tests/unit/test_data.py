@@ -499,7 +499,7 @@ def test_scan_records_which_items_have_sound(mixed):
     assert by_id["bbb.mp4"].has_audio is True  # 5.1 AAC
     assert by_id["tiny.gif"].has_audio is False and by_id["astronaut.png"].has_audio is False
     assert from_tensors([torch.rand(2, 8, 8, 3)], "x").items[0].has_audio is False
-    assert "(2 videos, 1 of them with sound, 2 images)" in mixed.summary()
+    assert "(2 videos, 1 with sound, 2 images)" in mixed.summary()
 
 
 def itu_stereo_16k(path: Path) -> np.ndarray:
