@@ -39,16 +39,17 @@ Decisions (where the sources leave a choice):
 - **alpha = 0** in a file means alpha = rank, as kohya-ss sd-scripts and musubi-tuner treat it (ComfyUI would apply
   such a layer with scale 0, i.e. not at all).
 - **kohya names** replace every ``.`` of the module path with ``_``, which is ambiguous for names that contain
-  ``_``. They are resolved against ``module_names`` when given, else with the kohya resolvers of the registered
-  model families (:class:`cinetune.core.family.LoRAKeyGrammar`); a family without one needs ``module_names``.
+  ``_``. They are resolved against ``module_names`` when given, else with the kohya resolver of ``family_grammar``
+  or, without it, of the registered model families (:class:`cinetune.core.family.LoRAKeyGrammar`); a family
+  without one needs ``module_names``.
 - **diffusers module names.** Where a family's diffusers port renames modules, the paths of ``diffusers``,
   ``peft`` and ``bare`` files are converted to the family's own names with the family's
-  :attr:`cinetune.core.family.LoRAKeyGrammar.diffusers_to_official` (the family is recognised from the LoRA's
-  paths, else from ``module_names``); ``comfyui`` and ``kohya`` files already use the family's own names (ComfyUI
-  maps ``diffusion_model.`` keys onto the original model). The PEFT config diffusers saves beside such a LoRA
-  (``lora_adapter_metadata``, each field prefixed with ``transformer.`` by diffusers ``loaders/lora_base.py``
-  ``_save_lora_weights``) is read with that prefix removed, and its ``alpha_pattern``/``rank_pattern`` are matched
-  against the paths as the file names them.
+  :attr:`cinetune.core.family.LoRAKeyGrammar.diffusers_to_official` (of ``family_grammar`` when given, else of the
+  family recognised from the LoRA's paths, else from ``module_names``); ``comfyui`` and ``kohya`` files already use
+  the family's own names (ComfyUI maps ``diffusion_model.`` keys onto the original model). The PEFT config
+  diffusers saves beside such a LoRA (``lora_adapter_metadata``, each field prefixed with ``transformer.`` by
+  diffusers ``loaders/lora_base.py`` ``_save_lora_weights``) is read with that prefix removed, and its
+  ``alpha_pattern``/``rank_pattern`` are matched against the paths as the file names them.
 - **Architecture** of a saved LoRA (``modelspec.architecture``) is the name of the registered family its module
   paths belong to (:func:`cinetune.core.family.guess_family`) unless given.
 """
@@ -61,13 +62,16 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
 from .checkpoint import load_state_dict, read_safetensors_header, save_file_atomic
 from .family import guess_family, guess_model_family, registered_families
 from .lora import LoRAError, LoRALinear, LoRAWeights, _first
+
+if TYPE_CHECKING:
+    from .family import LoRAKeyGrammar
 
 __all__ = ["PEFT_DEFAULT_ALPHA", "LAYOUTS", "lora_state_dict", "export_lora_state_dict", "peft_config", "save_lora",
            "load_lora"]
@@ -280,25 +284,33 @@ def _kohya_table(module_names: Iterable[str]) -> dict[str, list[str]]:
     return table
 
 
-def _resolve_kohya(rest: str, table: dict[str, list[str]] | None) -> str | None:
+def _resolve_kohya(rest: str, table: dict[str, list[str]] | None, grammar: LoRAKeyGrammar | None,
+                   fallback: bool) -> str | None:
+    """Module path of a kohya name body: from the model's names (``table``) when given — then, only with
+    ``fallback``, also from the grammars —, else from ``grammar`` or every registered family's grammar."""
     if table is not None:
         names = table.get(rest)
         if names and len(names) > 1:
             raise LoRAError(f"kohya LoRA name lora_unet_{rest} fits several modules of the model ({names}); "
                             "this file cannot be mapped unambiguously — convert it to the diffusion_model. layout.")
-        return names[0] if names else None
-    for family in registered_families():
-        path = family.lora_grammar.resolve_kohya(rest)
+        if names or not fallback:
+            return names[0] if names else None
+    grammars = [grammar] if grammar is not None else [f.lora_grammar for f in registered_families()]
+    for g in grammars:
+        path = g.resolve_kohya(rest)
         if path is not None:
             return path
     return None
 
 
-def _official_names(fmt: str, paths: list[str], module_names: list[str] | None) -> Callable[[str], str] | None:
+def _official_names(fmt: str, paths: list[str], module_names: list[str] | None,
+                    grammar: LoRAKeyGrammar | None) -> Callable[[str], str] | None:
     """The converter of diffusers module names of the family the LoRA (else the model) belongs to, for the layouts
     diffusers and PEFT write; None where names need no conversion."""
     if fmt not in ("diffusers", "peft", "bare"):
         return None
+    if grammar is not None:
+        return grammar.official_path
     family = guess_family(paths)
     if family is None and module_names is not None:
         family = guess_family(module_names)
@@ -381,7 +393,7 @@ def _truthy(value: Any) -> bool:
 
 def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], *,
               module_names: Iterable[str] | None = None, metadata: Mapping[str, Any] | None = None,
-              default_alpha: float | None = None) -> LoRAWeights:
+              default_alpha: float | None = None, family_grammar: LoRAKeyGrammar | None = None) -> LoRAWeights:
     """Read a LoRA in any supported layout (listed in the module docstring) and normalise it.
 
     Args:
@@ -393,6 +405,9 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]
         metadata: extra metadata (overrides the file's); may carry a PEFT config (``lora_alpha``, ``r``,
             ``alpha_pattern``, ``use_rslora`` keys, or a JSON config under ``lora_adapter_metadata``).
         default_alpha: alpha for layers without any alpha information in the file or a PEFT config.
+        family_grammar: the :class:`~cinetune.core.family.LoRAKeyGrammar` of the model's family, when known: kohya
+            names are then resolved with it (not with every registered family's) and diffusers names converted with
+            its ``diffusers_to_official``.
 
     Returns:
         :class:`LoRAWeights` keyed by the family's own module paths, with tensors in their stored dtypes on the
@@ -405,6 +420,17 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]
             contradicts the tensors.
         CheckpointError: the file is missing or not a readable safetensors/pickle file.
     """
+    return _read_lora(path_or_state_dict, module_names=module_names, metadata=metadata, default_alpha=default_alpha,
+                      grammar=family_grammar, strict=True)[0]
+
+
+def _read_lora(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor], *,
+               module_names: Iterable[str] | None, metadata: Mapping[str, Any] | None, default_alpha: float | None,
+               grammar: LoRAKeyGrammar | None, strict: bool) -> tuple[LoRAWeights, list[str]]:
+    """:func:`load_lora`, and the kohya keys no grammar resolves. With ``strict`` False, layers that are not in
+    ``module_names`` and unresolved kohya names are not errors: the layers are kept (kohya names resolved with the
+    grammars where the model's names do not have them) and the unresolved keys returned, for callers that report
+    layer-set differences themselves."""
     file_meta: dict[str, str] = {}
     folder: Path | None = None
     if isinstance(path_or_state_dict, (str, os.PathLike)):
@@ -464,12 +490,12 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]
     name_set = set(names) if names is not None else None
 
     # Group halves by layer and resolve names.
-    to_official = _official_names(fmt, [rest for rest, _ in parsed], names)
+    to_official = _official_names(fmt, [rest for rest, _ in parsed], names, grammar)
     halves: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     file_paths: dict[str, str] = {}  # layer → its path as the file names it (PEFT config patterns match that)
     unresolved: list[str] = []
     for (rest, role), (key, tensor) in parsed.items():
-        path = _resolve_kohya(rest, table) if fmt == "kohya" else rest
+        path = _resolve_kohya(rest, table, grammar, not strict) if fmt == "kohya" else rest
         if path is None:
             unresolved.append(_KOHYA_PREFIX + rest)
             continue
@@ -480,12 +506,12 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]
         halves.setdefault(layer, {})[role] = (key, tensor)
         file_paths[layer] = path
     unresolved = sorted(set(unresolved))
-    if unresolved and names is None:
+    if unresolved and names is None and strict:
         known = ", ".join(f.display_name for f in registered_families()) or "none registered"
         raise LoRAError(f"{where}: kohya names that no registered model family ({known}) resolves: "
                         f"{_first(unresolved)}. They look like LoRA layers for {guess_model_family(unresolved)}; "
                         "pass module_names (the target model's module names) to resolve them.")
-    if name_set is not None:
+    if name_set is not None and strict:
         missing = sorted({layer for layer in halves if layer not in name_set} | set(unresolved))
         if missing:
             raise LoRAError(f"{where}: {len(missing)} LoRA layers name no module of this model: {_first(missing)}. "
@@ -545,7 +571,7 @@ def load_lora(path_or_state_dict: str | os.PathLike | Mapping[str, torch.Tensor]
             alpha, source = float(rank), "rank"
         sources.add(source)
         layers[layer] = (down, up, alpha)
-    return LoRAWeights(layers, fmt, {k: str(v) for k, v in meta.items()}, ",".join(sorted(sources)))
+    return LoRAWeights(layers, fmt, {k: str(v) for k, v in meta.items()}, ",".join(sorted(sources))), unresolved
 
 
 def _natural_key(name: str) -> list:

@@ -7,7 +7,8 @@ Objective (reference k5.md §8; kandinskylab/kandinsky-5 LoRA training, kohya-ss
 ``kandinsky5_train_network.py``; Liu et al. 2022, arXiv:2209.03003): per sample one σ, ``x0 = latent ×
 SCALING_FACTOR`` (latents are cached raw, as the official trainer does), ε ~ N(0, I),
 ``x_σ = (1 − σ)·x0 + σ·ε``, target ``v = ε − x0``, ``loss = mean((pred − v)²)`` in float32 over every element of
-the batch (all channels and frames). The DiT gets ``timestep = 1000·σ`` (official; musubi-tuner adds 1, not
+the batch (all channels and frames); with ``loss_weighting`` each sample's squared error is first multiplied by
+w(σ) (:func:`cinetune.training.sigmas.weighted_mse`). The DiT gets ``timestep = 1000·σ`` (official; musubi-tuner adds 1, not
 done here). The official LoRA example samples ``"logit_normal"`` σ and shifts it with ``scheduler_scale`` 5.0, the
 default ``flow_shift``.
 
@@ -43,12 +44,12 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.flow import add_noise, velocity_target
 from ..training.adapter import LossTerms, TrainingAdapter, register_training_adapter, sample_tensor
 from ..training.config import TrainConfig, TrainingError
+from ..training.sigmas import weighted_mse
 from .dit import k5_fp8_keep_high_precision
 from .family import K5_BLOCK_PREFIXES, K5_FAMILY, K5_LORA_TARGETS
 from .nabla import NablaConfig, check_nabla_grid
@@ -107,8 +108,10 @@ class K5Batch:
 def flow_matching_loss(model: nn.Module, x0: Tensor, noise: Tensor, sigma: Tensor, text: Tensor, pooled: Tensor, *,
                        text_mask: Tensor | None = None, cond: Tensor | None = None, mask: Tensor | None = None,
                        rope_scale: Sequence[float] = (1.0, 2.0, 2.0), attention_backend: str = "sdpa",
-                       nabla: NablaConfig | None = None, compute_dtype: torch.dtype = torch.float32) -> Tensor:
-    """The training loss of one micro-batch: ``mean((model(x_σ) − (ε − x0))²)`` in float32.
+                       nabla: NablaConfig | None = None, compute_dtype: torch.dtype = torch.float32,
+                       weighting: str = "none") -> Tensor:
+    """The training loss of one micro-batch: ``mean((model(x_σ) − (ε − x0))²)`` in float32, each sample weighted by
+    w(σ) when ``weighting`` is not ``"none"``.
 
     Args:
         model: the Kandinsky 5 DiT (with LoRA layers while training).
@@ -118,6 +121,7 @@ def flow_matching_loss(model: nn.Module, x0: Tensor, noise: Tensor, sigma: Tenso
         cond, mask: ``[B, 16, T, h, w]`` conditioning latent and ``[B, 1, T, h, w]`` mask for a DiT with
             conditioning channels (both or neither).
         rope_scale, attention_backend, nabla: passed to the DiT. compute_dtype: dtype of the DiT inputs.
+        weighting: one of :data:`cinetune.training.config.LOSS_WEIGHTINGS` (:mod:`cinetune.training.sigmas`).
 
     Returns:
         0-dim float32 loss (differentiable w.r.t. the trainable parameters). The DiT gets ``timestep = 1000·σ``.
@@ -133,7 +137,7 @@ def flow_matching_loss(model: nn.Module, x0: Tensor, noise: Tensor, sigma: Tenso
     pred = model(x_in.to(compute_dtype), text.to(compute_dtype), pooled.to(compute_dtype),
                  (1000.0 * sigma).float(), text_mask=text_mask, rope_scale=tuple(rope_scale),
                  attention_backend=attention_backend, nabla=nabla)
-    return F.mse_loss(pred.float(), target.float())
+    return weighted_mse(pred, target, sigma, weighting)
 
 
 class K5TrainingAdapter(TrainingAdapter):
@@ -269,7 +273,7 @@ class K5TrainingAdapter(TrainingAdapter):
                             "caption_dropout to 0.")
 
     def loss(self, model: nn.Module, batch: K5Batch, sigma: Tensor, *, generator: torch.Generator, empty: Any,
-             config: TrainConfig, device: torch.device) -> LossTerms:
+             config: TrainConfig, device: torch.device, share: slice | None = None) -> LossTerms:
         cfg, dev, B = config, device, batch.size
         latent = batch.latent
         noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32)
@@ -303,12 +307,18 @@ class K5TrainingAdapter(TrainingAdapter):
             text[j, :t.shape[0]] = t.to(cfg.compute_dtype)
             text_mask[j, :t.shape[0]] = True
         text_mask = None if bool(text_mask.all()) else text_mask.to(dev)
+        pooled = torch.stack([p.float() for p in pooled])
+        factor = 1.0
+        if share is not None:  # this rank's samples; their loss weighs as their part of the whole micro-batch
+            x0, noise, sigma, text, pooled = x0[share], noise[share], sigma[share], text[share], pooled[share]
+            cond, mask = (None, None) if cond is None else (cond[share], mask[share])
+            text_mask = None if text_mask is None else text_mask[share]
+            factor = len(range(B)[share]) / B
 
-        return LossTerms(flow_matching_loss(
-            model, x0.to(dev), noise.to(dev), sigma.to(dev), text.to(dev),
-            torch.stack([p.float() for p in pooled]).to(dev), text_mask=text_mask, cond=cond, mask=mask,
-            rope_scale=cfg.rope_scale, attention_backend=cfg.attention_backend, nabla=cfg.nabla,
-            compute_dtype=cfg.compute_dtype))
+        return LossTerms(factor * flow_matching_loss(
+            model, x0.to(dev), noise.to(dev), sigma.to(dev), text.to(dev), pooled.to(dev), text_mask=text_mask,
+            cond=cond, mask=mask, rope_scale=cfg.rope_scale, attention_backend=cfg.attention_backend, nabla=cfg.nabla,
+            compute_dtype=cfg.compute_dtype, weighting=cfg.loss_weighting))
 
 
 #: The Kandinsky 5 adapter, registered on import.

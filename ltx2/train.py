@@ -25,7 +25,9 @@ January/February 2026, the 19B line; reference ltx2.md §9.1):
 - positions as at inference (:func:`~cinetune.ltx2.rope.video_positions` with the sample's fps,
   :func:`~cinetune.ltx2.rope.audio_positions`);
 - loss: ``se = (pred − v)²`` in float32; video ``mean(se · m) / mean(m)`` with m = 1 on unconditioned tokens (the
-  masked mean), audio ``mean(se)``, total = video + audio; both parts are reported (``loss_terms``).
+  masked mean), audio ``mean(se)``, total = video + audio; both parts are reported (``loss_terms``). With
+  ``loss_weighting`` each sample's squared errors (video and audio) are first multiplied by w(σ) of its σ
+  (:func:`cinetune.training.sigmas.weighted_mse`; not an ltx-trainer option).
 
 Modes: **video-only** (``with_audio`` None/False: the DiT runs without the audio stream and without the
 audio↔video attentions, exactly as at inference without audio; the audio modules get no LoRA by default),
@@ -66,7 +68,6 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.checkpoint import save_file_atomic
@@ -74,6 +75,7 @@ from ..core.flow import add_noise, velocity_target
 from ..core.lora import LoRALinear, LoRAWeights
 from ..training.adapter import LossTerms, TrainingAdapter, sample_tensor
 from ..training.config import TrainConfig, TrainingError
+from ..training.sigmas import weighted_mse
 from .config import LTX2_BLOCK_PREFIXES, LTX2_LORA_TARGETS, ltx2_fp8_keep_high_precision
 from .connectors import LTX2TextProjection
 from .dit import LTX2DiT, patchify_audio, patchify_video
@@ -175,7 +177,8 @@ def ltx2_flow_matching_loss(model: nn.Module, video: Tensor, video_noise: Tensor
                             video_context: Tensor, video_positions: Tensor, audio: Tensor | None = None,
                             audio_noise: Tensor | None = None, audio_context: Tensor | None = None,
                             audio_positions: Tensor | None = None, conditioned: Tensor | None = None,
-                            compute_dtype: torch.dtype = torch.float32) -> LossTerms:
+                            compute_dtype: torch.dtype = torch.float32, weighting: str = "none",
+                            scales: tuple[float, float] = (1.0, 1.0)) -> LossTerms:
     """The LTX-2 training loss of one micro-batch (objective in the module notes).
 
     Args:
@@ -187,6 +190,7 @@ def ltx2_flow_matching_loss(model: nn.Module, video: Tensor, video_noise: Tensor
         audio_context: audio connector output ``[B, L, D]``; audio_positions: ``[B or 1, 1, Na, 2]``.
         conditioned: bool ``[B, Nv]``, True = clean conditioning token (σ 0, not in the loss); None = none.
         compute_dtype: dtype of the DiT inputs.
+        weighting: per-sample loss weighting w(σ), one of :data:`cinetune.training.config.LOSS_WEIGHTINGS`.
 
     Returns:
         :class:`~cinetune.training.adapter.LossTerms` with ``total`` = video + audio loss and ``parts``
@@ -213,15 +217,12 @@ def ltx2_flow_matching_loss(model: nn.Module, video: Tensor, video_noise: Tensor
         audio_context=None if audio is None else audio_context.to(compute_dtype),
         video_positions=video_positions, audio_positions=None if audio is None else audio_positions)
     target = velocity_target(video, video_noise).float()
-    if conditioned is None:
-        video_loss = F.mse_loss(pred_video.float(), target)
-    else:
-        keep = (~conditioned).unsqueeze(-1).float()
-        video_loss = ((pred_video.float() - target).square() * keep).mean() / keep.mean()
+    keep = None if conditioned is None else (~conditioned).unsqueeze(-1).float()
+    video_loss = scales[0] * weighted_mse(pred_video, target, sigma, weighting, keep=keep)
     parts = {"video": video_loss.detach()}
     if audio is None:
         return LossTerms(video_loss, parts)
-    audio_loss = F.mse_loss(pred_audio.float(), velocity_target(audio, audio_noise).float())
+    audio_loss = scales[1] * weighted_mse(pred_audio, velocity_target(audio, audio_noise), sigma, weighting)
     parts["audio"] = audio_loss.detach()
     return LossTerms(video_loss + audio_loss, parts)
 
@@ -360,7 +361,7 @@ class LTX2TrainingAdapter(TrainingAdapter):
     # ----------------------------------------------------------------------------------------------- loss
 
     def loss(self, model: nn.Module, batch: LTX2Batch, sigma: Tensor, *, generator: torch.Generator, empty: Any,
-             config: TrainConfig, device: torch.device) -> LossTerms:
+             config: TrainConfig, device: torch.device, share: slice | None = None) -> LossTerms:
         cfg, dev, B = config, device, batch.size
         frames, height, width = batch.video.shape[2:]
         video = patchify_video(batch.video)
@@ -380,20 +381,32 @@ class LTX2TrainingAdapter(TrainingAdapter):
         texts = [empty[0] if drop[j] else batch.text[j] for j in range(B)]
         masks = [empty[1] if drop[j] else batch.text_mask[j] for j in range(B)]
         features, mask = _left_pad(texts, masks)
+        scales = (1.0, 1.0)
+        fps = list(batch.fps)
+        if share is not None:  # this rank's samples; their losses weigh as their part of the whole micro-batch
+            kept = None if conditioned is None else (~conditioned).sum()
+            video, video_noise, sigma, features, mask = (video[share], video_noise[share], sigma[share],
+                                                         features[share], mask[share])
+            audio, audio_noise = (None, None) if audio is None else (audio[share], audio_noise[share])
+            n = len(range(B)[share])
+            scales = (n / B if conditioned is None else float((~conditioned[share]).sum() / kept), n / B)
+            conditioned = None if conditioned is None else conditioned[share]
+            fps = fps[share]
         with torch.no_grad():
             video_context, audio_context = self.text_projection.connect(features.to(dev), mask.to(dev))
 
-        if len(set(batch.fps)) == 1:
-            v_pos = video_positions(frames, height, width, fps=batch.fps[0], device=dev)
+        if len(set(fps)) == 1:
+            v_pos = video_positions(frames, height, width, fps=fps[0], device=dev)
         else:
-            v_pos = torch.cat([video_positions(frames, height, width, fps=r, device=dev) for r in batch.fps])
+            v_pos = torch.cat([video_positions(frames, height, width, fps=r, device=dev) for r in fps])
         return ltx2_flow_matching_loss(
             model, video.to(dev), video_noise.to(dev), sigma.to(dev), video_context=video_context,
             video_positions=v_pos, audio=None if audio is None else audio.to(dev),
             audio_noise=None if audio_noise is None else audio_noise.to(dev),
             audio_context=None if audio is None else audio_context,
             audio_positions=None if audio is None else audio_positions(audio.shape[1], device=dev),
-            conditioned=None if conditioned is None else conditioned.to(dev), compute_dtype=cfg.compute_dtype)
+            conditioned=None if conditioned is None else conditioned.to(dev), compute_dtype=cfg.compute_dtype,
+            weighting=cfg.loss_weighting, scales=scales)
 
     @contextmanager
     def running(self, model: nn.Module, config: TrainConfig, device: torch.device) -> Iterator[None]:
@@ -420,7 +433,7 @@ class LTX2TrainingAdapter(TrainingAdapter):
             proj.train(saved[0])
             proj.attention_backend, model.attention_backend, model.gradient_checkpointing = saved[1:]
 
-    def save_lora(self, path: Path, modules: Mapping[str, LoRALinear], *, dtype: torch.dtype,
+    def save_lora(self, path: Path, modules: LoRAWeights | Mapping[str, LoRALinear], *, dtype: torch.dtype,
                   metadata: Mapping[str, str]) -> Path:
         return save_ltx2_lora(path, modules, dtype=dtype, metadata=metadata)
 

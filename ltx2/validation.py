@@ -17,6 +17,11 @@ Decisions (ltx-trainer validates with CFG and STG at block 29 for 30 steps, Ligh
   (at most :data:`MAX_VALIDATION_FRAMES` frames), at its frame rate; an image-only dataset gives a 9-frame clip at
   the family's default 24 fps.
 - **Sound** is generated and muxed whenever the VAEs hold the audio VAE and vocoder.
+- **Image-to-video**: a start image is encoded once before training (:func:`encode_start_image`, the path of the
+  LTX-2 Sampler's ``start_image``: cover-resize, centre crop, H.264 round trip, VAE) and conditions the first latent
+  frame at strength 1 in every clip of its prompt.
+- A validation prompt may set its own size, frame rate, steps, seed and video/audio text guidance
+  (:func:`validation_request`); the other guidance terms stay the official ones.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from ..training.runs import ValidationClip
 from . import pipeline
 from .family import LTX2_LATENT_FORMAT
 
-__all__ = ["MAX_VALIDATION_FRAMES", "validation_size", "validation_request", "render_validation"]
+__all__ = ["MAX_VALIDATION_FRAMES", "validation_size", "validation_request", "encode_start_image",
+           "render_validation"]
 
 #: Longest validation clip in frames (5 s at 24 fps, the official default length).
 MAX_VALIDATION_FRAMES = 121
@@ -58,7 +64,8 @@ def validation_size(samples: Sequence[Any]) -> tuple[int, int, int, float]:
 
 
 def validation_request(width: int, height: int, frames: int, fps: float, *, seed: int, steps: int,
-                       num_blocks: int, distilled: bool = False, audio: bool = True) -> pipeline.SamplingRequest:
+                       num_blocks: int, distilled: bool = False, audio: bool = True, video_cfg: float | None = None,
+                       audio_cfg: float | None = None) -> pipeline.SamplingRequest:
     """The :class:`~cinetune.ltx2.pipeline.SamplingRequest` of a validation clip (module notes).
 
     Args:
@@ -67,20 +74,39 @@ def validation_request(width: int, height: int, frames: int, fps: float, *, seed
         steps: ``dev`` sampling steps (≥ 2). num_blocks: the DiT's block count (STG off when block 29 is missing).
         distilled: the model is a distilled checkpoint: its fixed 8-step schedule without guidance instead.
         audio: generate the sound track.
+        video_cfg, audio_cfg: text guidance scales; None = the official 3 and 7.
 
     Raises:
         SizeError / ValueError: from :meth:`~cinetune.ltx2.pipeline.SamplingRequest.check`.
     """
+    guidance = {k: float(v) for k, v in (("video_cfg", video_cfg), ("audio_cfg", audio_cfg)) if v is not None}
     request = pipeline.SamplingRequest(width=width, height=height, frames=frames, fps=fps, seed=seed, steps=steps,
-                                       mode="distilled" if distilled else "dev", audio=audio)
+                                       mode="distilled" if distilled else "dev", audio=audio, **guidance)
     if request.stg_block >= num_blocks:
         request.stg = 0.0
     request.check()
     return request
 
 
+def encode_start_image(vaes, image: torch.Tensor, width: int, height: int, *,
+                       device: torch.device | str = "cpu") -> pipeline.Keyframe:
+    """The first-frame condition of a ``width × height`` validation clip
+    (:func:`cinetune.ltx2.pipeline.encode_keyframe` at frame 0, strength 1; its latent on the CPU).
+
+    Args:
+        vaes: :class:`~cinetune.ltx2.loader.LTX2VAEs` on ``device``. image: ComfyUI IMAGE ``[B, H, W, 3]`` float 0..1
+            (the first image is used).
+
+    Raises:
+        ValueError: a bad image or size.
+    """
+    with torch.no_grad():
+        return pipeline.encode_keyframe(vaes, image[:1], width, height, frame_index=0, strength=1.0, device=device)
+
+
 def render_validation(dit: torch.nn.Module, conditioning: pipeline.LTX2Conditioning, vaes,
-                      request: pipeline.SamplingRequest, *, attention_backend: str = "sdpa",
+                      request: pipeline.SamplingRequest, *, keyframes: Sequence[pipeline.Keyframe] = (),
+                      attention_backend: str = "sdpa",
                       device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                       check_interrupt: Callable[[], None] | None = None) -> ValidationClip:
     """Sample one clip with the model as it is (its LoRA layers included) and decode video and sound.
@@ -91,6 +117,7 @@ def render_validation(dit: torch.nn.Module, conditioning: pipeline.LTX2Condition
         vaes: :class:`~cinetune.ltx2.loader.LTX2VAEs` on ``device``; with ``request.audio`` it needs the audio VAE
             and vocoder.
         request: from :func:`validation_request`.
+        keyframes: image conditions, e.g. the start image from :func:`encode_start_image` at the request's size.
         attention_backend, device, dtype: as :func:`~cinetune.ltx2.pipeline.generate`.
         check_interrupt: raises to stop (every model call).
 
@@ -105,8 +132,9 @@ def render_validation(dit: torch.nn.Module, conditioning: pipeline.LTX2Condition
         raise ValueError("validation with sound needs the audio VAE and vocoder: load them with LTX-2 VAE Loader "
                          "(audio_vae_name '(same file)'), or generate validation clips without audio.")
     with torch.no_grad():
-        video, audio = pipeline.generate(dit, conditioning, request, attention_backend=attention_backend,
-                                         device=device, dtype=dtype, check_interrupt=check_interrupt)
+        video, audio = pipeline.generate(dit, conditioning, request, keyframes=list(keyframes),
+                                         attention_backend=attention_backend, device=device, dtype=dtype,
+                                         check_interrupt=check_interrupt)
         frames = pipeline.decode_video(vaes, video.to(device)).cpu()
         sound = pipeline.decode_audio(vaes, audio.to(device)) if audio is not None else None
     if sound is None:

@@ -1,47 +1,46 @@
-"""The LoRA trainer nodes, one per model family over one training loop: one execution runs (or resumes) a whole run.
+"""What the LoRA trainer nodes of both families share (the nodes: :mod:`.trainer_k5`, :mod:`.trainer_ltx2`): one
+execution runs (or resumes) a whole run.
 
-Every optimizer step sends a ``cinetune.train.progress`` websocket event (drawn by web/js/loss_chart.js; LTX-2 events
-carry the video and audio losses in ``loss_terms``) and checks for interruption; an interrupted run leaves a
-resumable checkpoint and a usable LoRA. The final LoRA is copied into ComfyUI's ``loras`` folder, in the key layout
-native ``LoraLoaderModelOnly`` reads. The checks, run folders, reuse of a finished run and validation scheduling
-live in :mod:`cinetune.training.runs`; the validation samplers in the families' libraries.
+Every optimizer step sends a ``cinetune.train.progress`` websocket event (drawn by web/js/loss_chart.js; it carries
+every field of :class:`~cinetune.training.config.TrainEvent`: LTX-2 loss parts, gradient norm, held-out loss) and
+checks for interruption; an interrupted run leaves a resumable checkpoint and a usable LoRA. The final LoRA (and the
+EMA LoRA, when kept) is copied into ComfyUI's ``loras`` folder, in the key layout native ``LoraLoaderModelOnly``
+reads. The checks, run folders, reuse of a finished run, validation scheduling and the settings nodes' values live
+in :mod:`cinetune.training.runs`; the validation samplers in the families' libraries.
+
+Both trainers keep their widgets; optional inputs appended at the end take the settings nodes
+(:mod:`.train_settings`), laid over the widgets, a chain of validation prompts and a held-out cached dataset.
+Validation clips (one per prompt) are made at step 0 when asked (only when a run starts fresh, with the LoRA it
+starts from) and at the trainer's validation steps; the settings of the validation are saved in the run's metadata
+(``run.json`` and the LoRA file), so a headless run sees them.
 
 Widget order is frozen once released: add new inputs at the end, with defaults.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from comfy_api.latest import io, ui
 
-from ..core.checkpoint import CheckpointError
+from ..core.lora import loras_applied
+from ..core.lora_formats import load_lora
 from ..core.offload import model_on_device
-from ..k5.family import NABLA_SIZE_MULTIPLE
-from ..k5.pipeline import sample as k5_sample
-from ..k5.train import K5_TRAINING
-from ..ltx2.text import load_text_projection
-from ..ltx2.train import LTX2TrainingAdapter, ltx2_train_config
-from ..ltx2.validation import render_validation, validation_request, validation_size
 from ..training.adapter import TrainingAdapter
-from ..training.config import TIMESTEP_SAMPLING, TrainConfig, TrainEvent, TrainingError
+from ..training.checkpointing import resolve_resume
+from ..training.config import TrainConfig, TrainEvent, TrainingError
 from ..training.data import dataset_fingerprint
-from ..training.runs import (ValidationClip, ValidationPlan, check_audio_cache, check_base_model, check_blocks_to_swap,
-                             check_bucket_step, check_i2v_cache, finished_run, install_lora, latest_validation,
+from ..training.runs import (ValidationPlan, ValidationPrompt, ValidationPrompts, check_blocks_to_swap,
+                             checked_settings, config_overrides, finished_run, install_lora, latest_validations,
                              run_directory)
-from ..training.samples import empty_texts_from_cache, samples_from_cache
-from ..training.schedules import LR_SCHEDULES, OPTIMIZERS
+from ..training.schedules import LR_SCHEDULES, OPTIMIZERS, make_optimizer
 from ..training.trainer import train_lora
 from . import host
-from .checks import CinetuneNode, FileName, check_file_name
-from .k5 import K5ModelHandle, training_dtype
-from .ltx2 import LTX2ModelHandle
-from .ltx2_training import LTX2TrainingDataType, ltx2_empty_caption, ltx2_training_data, ltx2_training_samples
-from .training import TrainingDataType
-from .types import K5VAE, LTX2VAE, K5Conditioning, K5Model, LTX2Conditioning, LTX2Model, LTX2TextEncoder
+from .checks import CinetuneNode, FileName, InputError, check_file_name
+from .types import CheckpointSettingsType, LoRASettingsType, OptimizerSettingsType, SamplingSettingsType
 
 PROGRESS_EVENT = "cinetune.train.progress"
 STATUS_EVENT = "cinetune.train.status"
@@ -49,10 +48,10 @@ CATEGORY = "Cinetune/training"
 
 #: ``output_name`` names the run folder and ``models/loras/<name>.safetensors``, written through a temporary file.
 OUTPUT_NAME = FileName(suffix=".safetensors", atomic=True)
-
-
-def _validation_steps(value: Any) -> None:
-    ValidationPlan.parse(0, value)
+#: The EMA LoRA is installed as ``<output_name>_ema``.
+EMA_SUFFIX = "_ema"
+#: The trainer widgets whose combination the training config checks at queue time.
+_COMBINED = ("rank", "alpha", "learning_rate", "optimizer", "lr_schedule", "warmup_steps", "max_steps", "epochs")
 
 
 def run_folder(name: str) -> Path:
@@ -64,7 +63,7 @@ def run_folder(name: str) -> Path:
     return run_directory(host.output_directory(), check_file_name(name, OUTPUT_NAME, "output_name"))
 
 
-def _with_block_swap(handle, blocks_to_swap: int, use_pinned_memory: bool):
+def with_block_swap(handle, blocks_to_swap: int, use_pinned_memory: bool):
     """The model handle with the trainer's block-swap setting (-1 keeps the loader's)."""
     if blocks_to_swap < 0:
         return handle
@@ -73,7 +72,38 @@ def _with_block_swap(handle, blocks_to_swap: int, use_pinned_memory: bool):
                    use_pinned_memory=use_pinned_memory and host.pinned_memory_allowed())
 
 
-class _Events:
+def _optimizer_installed(name: Any) -> None:
+    """Input rule: the optimizer's optional package is installed (raises ValueError with the pip line)."""
+    if name not in OPTIMIZERS:
+        return  # the combo check names the options
+    try:
+        make_optimizer([torch.nn.Parameter(torch.zeros(1))], name, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.99),
+                       eps=1e-8)
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    except Exception:  # anything else is reported when the run builds its optimizer
+        pass
+
+
+class TrainerNode(CinetuneNode):
+    """Base of both trainer nodes: per-input checks, then the trainer widgets checked together as the training
+    config checks them (warm-up longer than the run, warm-up with a constant schedule, …)."""
+
+    INPUT_RULES = {"output_name": OUTPUT_NAME, "optimizer": _optimizer_installed}
+
+    @classmethod
+    def validate_inputs(cls, **values) -> bool:
+        super().validate_inputs(**values)
+        given = {name: values[name] for name in _COMBINED if values.get(name) is not None}
+        if len(given) == len(_COMBINED):
+            try:
+                checked_settings(**given)
+            except TrainingError as e:
+                raise InputError(f"{cls.define_schema().display_name}: {e}") from None
+        return True
+
+
+class Events:
     """The websocket events of one run on one trainer node."""
 
     def __init__(self, node_id: str, run: str, max_steps: int) -> None:
@@ -90,51 +120,163 @@ class _Events:
                                        "status": kind, "step": step, "message": message})
 
 
-def _train(handle, base_handle, *, node_id: str, output_name: str, config: TrainConfig, samples: list, empty: Any,
-           adapter: TrainingAdapter, resume: bool, metadata: dict, plan: ValidationPlan,
-           render: Callable[[int, torch.nn.Module], ValidationClip] | None) -> io.NodeOutput:
-    """Run (or reuse) the training run, install its LoRA and return the node's outputs: the base model with the LoRA
-    applied, the LoRA's name, and the newest validation clip as the node's preview."""
+# ---------------------------------------------------------------------------------------------------------------
+# Settings and validation
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The settings nodes connected to a trainer (None: not connected)."""
+
+    optimizer: Any = None
+    lora: Any = None
+    sampling: Any = None
+    checkpoint: Any = None
+
+    def config(self, base: dict[str, Any], build: Callable[..., TrainConfig] = TrainConfig) -> TrainConfig:
+        """``build(**base)`` with the connected settings laid over ``base`` (the trainer widgets)."""
+        return build(**{**base, **config_overrides(self.optimizer, self.lora, self.sampling, self.checkpoint)})
+
+    def start_loras(self, model: torch.nn.Module) -> list:
+        """The LoRA a fresh run starts from, as ``(weights, 1.0)`` for :func:`~cinetune.core.lora.loras_applied`
+        (step-0 validation clips show it); empty without ``init_lora``."""
+        path = getattr(self.lora, "init_lora", None)
+        if path is None:
+            return []
+        return [(load_lora(path, module_names=[name for name, _ in model.named_modules()]), 1.0)]
+
+
+def validation_prompts(family: str, conditioning: Any, chain: ValidationPrompts | None,
+                       legacy: Callable[[Any], ValidationPrompt]) -> ValidationPrompts:
+    """The run's validation prompts: the Validation Prompt chain, or the one prompt of ``validation_conditioning``
+    (``legacy(conditioning)``), or none.
+
+    Raises:
+        TrainingError: both are connected, or the chain is another family's.
+    """
+    if conditioning is not None and chain is not None:
+        raise TrainingError("connect either validation_conditioning (one prompt) or validation (Validation Prompt "
+                            "nodes), not both.")
+    if chain is not None:
+        if not isinstance(chain, ValidationPrompts) or chain.family != family:
+            made = getattr(chain, "family", type(chain).__name__)
+            raise TrainingError(f"validation holds {made} prompts; connect the {family} Validation Prompt node.")
+        return chain
+    if conditioning is not None:
+        return ValidationPrompts(family, (legacy(conditioning),))
+    return ValidationPrompts(family)
+
+
+def check_validation(plan: ValidationPlan, prompts: ValidationPrompts, vae: Any) -> None:
+    """Refuse a validation that is due without a prompt or a VAE to decode it.
+
+    Raises:
+        TrainingError: naming what to connect.
+    """
+    if plan.active and (not prompts.prompts or vae is None):
+        raise TrainingError("validation (validate_every > 0, validation steps or sample_at_start) needs a prompt "
+                            "(validation, or validation_conditioning) and vae connected.")
+
+
+def holdout_samples(data: Any, training: Any, to_samples: Callable[[Any], list], config: TrainConfig) -> list | None:
+    """The held-out samples for the validation loss from the ``validation_data`` cache, or None.
+
+    Raises:
+        TrainingError: ``validation_loss_every`` > 0 without validation data; validation data cached with another
+            text encoder or VAE than the training data.
+    """
+    if data is None:
+        if config.validation_loss_every:
+            raise TrainingError("validation_loss_every > 0 (Training Checkpoint Settings) needs held-out samples: "
+                                "connect a second cached dataset of the same model to validation_data.")
+        return None
+    for what, attr in (("text encoder", "encoder_id"), ("VAE", "vae_id")):
+        if getattr(data, attr, None) != getattr(training, attr, None):
+            raise TrainingError(f"validation_data was cached with another {what} than training_data: cache both "
+                                "datasets with the same loaders.")
+    return to_samples(data)
+
+
+def run_metadata(output_name: str, handle: Any, data: Any, plan: ValidationPlan, prompts: ValidationPrompts,
+                 holdout_data: Any) -> dict[str, Any]:
+    """The run's metadata (``run.json`` and the LoRA file): name, base model, dataset hash, trigger word, and the
+    validation settings when clips are made."""
+    metadata = {"cinetune.run": output_name, "base_model": handle.path.name, "variant": handle.variant.id,
+                "dataset_hash": dataset_fingerprint(data.dataset), "trigger_word": data.dataset.trigger_word}
+    if plan.active:
+        metadata["validation"] = {"every": plan.every, "steps": list(plan.steps), **prompts.settings()}
+    if holdout_data is not None:
+        metadata["validation_dataset_hash"] = dataset_fingerprint(holdout_data.dataset)
+    return metadata
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def train(handle, base_handle, *, node_id: str, output_name: str, config: TrainConfig, samples: list, empty: Any,
+          adapter: TrainingAdapter, resume: bool, metadata: dict, plan: ValidationPlan,
+          render: Callable[[int, torch.nn.Module], Any] | None, settings: Settings,
+          holdout: list | None = None) -> io.NodeOutput:
+    """Run (or reuse) the training run, install its LoRA (and EMA LoRA) and return the node's outputs: the base
+    model with the LoRA applied, the LoRA's name, and the newest validation clips as the node's preview."""
     run_dir = run_folder(output_name)
-    events = _Events(node_id, output_name, config.max_steps)
+    if config.ema_decay:
+        check_file_name(output_name + EMA_SUFFIX, OUTPUT_NAME, "output_name (with EMA)")
+    events = Events(node_id, output_name, config.max_steps)
     device = host.compute_device()
     host.free_host_models()
     events.status("started", 0, f"{len(samples)} samples, {config.max_steps} steps")
     finished = finished_run(run_dir, config, metadata)
+    on_written = lambda step, path: events.status("validation", step, str(path))  # noqa: E731
     try:
         if finished is not None:  # the same finished run (ComfyUI dropped its cached output): reuse it
             result = finished
         else:
-            validate = plan.validator(render, run_dir, lambda step, path: events.status("validation", step, str(path)))
+            fresh = resolve_resume(run_dir, resume) is None  # refuses to overwrite a run before anything is made
+            if fresh and plan.at_start:  # the start LoRA is applied before placement, as the samplers do
+                with (torch.inference_mode(False), loras_applied(handle.model, settings.start_loras(handle.model)),
+                      model_on_device(handle.model, handle.blocks, device, **handle.placement())):
+                    plan.start(render, run_dir, handle.model, on_written)
             with (torch.inference_mode(False),
                   model_on_device(handle.model, handle.blocks, device, **handle.placement())):
                 result = train_lora(handle.model, samples, empty, config, run_dir, adapter=adapter, device=device,
                                     resume=resume, on_event=events.progress, check_interrupt=host.check_interrupt,
-                                    validate=validate, validate_every=plan.cadence, metadata=metadata)
+                                    validate=plan.validator(render, run_dir, on_written),
+                                    validate_every=plan.cadence, metadata=metadata, holdout=holdout)
     except BaseException as e:
         events.status("interrupted", 0, f"{type(e).__name__}: {e}; the last checkpoint is in {run_dir}")
         raise
-    installed = install_lora(result.lora_path, host.model_folder("loras"), output_name)
+    loras = host.model_folder("loras")
+    installed = install_lora(result.lora_path, loras, output_name)
+    if result.ema_lora_path is not None:
+        install_lora(result.ema_lora_path, loras, output_name + EMA_SUFFIX, run=output_name)
     events.status("finished", result.steps, str(installed))
     trained = base_handle.with_lora(installed.name, 1.0)
-    clip = latest_validation(run_dir)
+    clips = latest_validations(run_dir)
     preview = None
-    if clip is not None:
-        subfolder = clip.parent.relative_to(host.output_directory()).as_posix()
-        preview = ui.PreviewVideo([ui.SavedResult(clip.name, subfolder, io.FolderType.output)])
+    if clips:
+        subfolder = clips[0].parent.relative_to(host.output_directory()).as_posix()
+        preview = ui.PreviewVideo([ui.SavedResult(c.name, subfolder, io.FolderType.output) for c in clips])
     return io.NodeOutput(trained, installed.name, ui=preview)
 
 
-def _optimizer_inputs(*, rank: int, lr_schedule: str, max_steps: int) -> list:
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs both trainers share
+
+
+def optimizer_inputs(*, rank: int, lr_schedule: str, max_steps: int) -> list:
     """The widgets both trainers share from rank to gradient_accumulation, with the family's defaults."""
     return [
         io.Int.Input("rank", default=rank, min=1, max=512, tooltip="LoRA rank (dimension)."),
         io.Float.Input("alpha", default=float(rank), min=0.01, max=1024.0, step=1.0,
                        tooltip="LoRA alpha; the update is scaled by alpha/rank."),
         io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-5, round=1e-7,
-                       tooltip="Peak learning rate."),
+                       tooltip="Peak learning rate (Prodigy: a multiplier of its own step size, usually 1.0)."),
         io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw",
-                       tooltip="adamw (torch), adamw8bit (needs bitsandbytes, less memory), adafactor."),
+                       tooltip="adamw (torch), adamw8bit (bitsandbytes, less memory), adafactor, prodigy (prodigyopt, "
+                               "finds its own step size), adamw_schedulefree (schedulefree, no decaying schedule). "
+                               "Details in Training Optimizer Settings."),
         io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default=lr_schedule,
                        tooltip="Learning-rate schedule over max_steps."),
         io.Int.Input("warmup_steps", default=0, min=0, max=100000,
@@ -148,7 +290,7 @@ def _optimizer_inputs(*, rank: int, lr_schedule: str, max_steps: int) -> list:
     ]
 
 
-def _flow_shift_input(default: float, note: str) -> io.Float.Input:
+def flow_shift_input(default: float, note: str) -> io.Float.Input:
     return io.Float.Input("flow_shift", default=default, min=0.1, max=100.0, step=0.1,
                           tooltip=f"Shift k of the sampled sigmas, σ' = kσ/(1+(k−1)σ){note}.")
 
@@ -158,7 +300,7 @@ GRADIENT_CHECKPOINTING = io.Boolean.Input(
     tooltip="Recompute each block in the backward pass: much less memory, ~30% slower. Required with block swap.")
 
 
-def _swap_inputs(loader: str) -> list:
+def swap_inputs(loader: str) -> list:
     return [
         io.Int.Input("blocks_to_swap", default=-1, min=-1, max=200,
                      tooltip=f"Transformer blocks streamed from CPU memory during training (-1: as set on the "
@@ -169,7 +311,7 @@ def _swap_inputs(loader: str) -> list:
     ]
 
 
-def _run_inputs() -> list:
+def run_inputs() -> list:
     return [
         io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seeds sigma, noise and data order."),
         io.Int.Input("save_every", default=250, min=0, max=1000000,
@@ -178,221 +320,31 @@ def _run_inputs() -> list:
                          tooltip="Continue the newest checkpoint of output_name's run folder. Off with an existing "
                                  "run folder is an error, so nothing is overwritten."),
         io.Int.Input("validate_every", default=0, min=0, max=1000000,
-                     tooltip="Every N steps sample a short video with the current LoRA (needs "
-                             "validation_conditioning and vae)."),
+                     tooltip="Every N steps sample a short video per validation prompt with the current LoRA "
+                             "(needs validation or validation_conditioning, and vae)."),
     ]
 
 
-class K5TrainLoRA(CinetuneNode):
-    INPUT_RULES = {"output_name": OUTPUT_NAME}
-
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="CinetuneK5TrainLoRA",
-            display_name="K5 Train LoRA (Cinetune)",
-            category=CATEGORY,
-            description="Trains a LoRA on the cached dataset. Watch the loss on the node; Cancel saves a resumable "
-                        "checkpoint; 'resume' continues the run. The LoRA lands in models/loras.",
-            inputs=[
-                K5Model.Input("model", tooltip="From K5 Model Loader (its weight dtype, attention, NABLA and block "
-                                               "swap settings are used for training)."),
-                TrainingDataType.Input("training_data", tooltip="From K5 Cache Latents."),
-                io.String.Input("output_name", default="k5_lora",
-                                tooltip="Name of the run folder (output/cinetune/runs/<name>) and of the LoRA file "
-                                        "models/loras/<name>.safetensors."),
-                *_optimizer_inputs(rank=16, lr_schedule="constant", max_steps=1000),
-                io.Combo.Input("timestep_sampling", options=["shift", "logit_normal", "uniform"], default="shift",
-                               tooltip="How sigma is drawn: shift (musubi-tuner), logit_normal (official), uniform; "
-                                       "all then shifted by flow_shift."),
-                _flow_shift_input(5.0, ""),
-                GRADIENT_CHECKPOINTING,
-                io.Combo.Input("image_to_video", options=["off", "first", "first_last"], default="off",
-                               tooltip="Image-to-video training: the clean first (and last) frame latent conditions "
-                                       "the model (needs image_to_video on in K5 Cache Latents)."),
-                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Probability of training a clip with the empty caption."),
-                *_run_inputs(),
-                K5Conditioning.Input("validation_conditioning", optional=True,
-                                     tooltip="Prompt for validation videos, from K5 Text Encode."),
-                K5VAE.Input("vae", optional=True, tooltip="Decodes validation videos."),
-                *_swap_inputs("K5 Model Loader"),
-            ],
-            outputs=[K5Model.Output(display_name="model"), io.String.Output(display_name="lora_name")],
-            hidden=[io.Hidden.unique_id],
-            not_idempotent=True,
-        )
-
-    @classmethod
-    def execute(cls, model, training_data, output_name, rank, alpha, learning_rate, optimizer, lr_schedule,
-                warmup_steps, max_steps, epochs, batch_size, gradient_accumulation, timestep_sampling, flow_shift,
-                gradient_checkpointing, image_to_video, caption_dropout, seed, save_every, resume, validate_every,
-                validation_conditioning=None, vae=None, blocks_to_swap=-1, use_pinned_memory=True) -> io.NodeOutput:
-        base: K5ModelHandle = model
-        check_base_model(base.loras, lora_loader="K5 LoRA Loader", model_loader="K5 Model Loader",
-                         trainer="K5 Train LoRA")
-        handle = _with_block_swap(base, blocks_to_swap, use_pinned_memory)
-        data = training_data
-        if handle.nabla is not None:
-            check_bucket_step(data.bucket_step, NABLA_SIZE_MULTIPLE, attention="NABLA", widget="nabla",
-                              cacher="K5 Cache Latents")
-        check_i2v_cache(image_to_video, data.i2v, cacher="K5 Cache Latents")
-        plan = ValidationPlan(validate_every)
-        if plan.active and (validation_conditioning is None or vae is None):
-            raise TrainingError("validate_every > 0 needs validation_conditioning and vae connected.")
-        cached = data.cached_samples()
-        device = host.compute_device()
-        config = TrainConfig(
-            rank=rank, alpha=alpha, learning_rate=learning_rate, optimizer=optimizer, lr_schedule=lr_schedule,
-            warmup_steps=warmup_steps, max_steps=max_steps, epochs=epochs, batch_size=batch_size,
-            grad_accum=gradient_accumulation, timestep_sampling=timestep_sampling, flow_shift=flow_shift,
-            gradient_checkpointing=gradient_checkpointing or handle.blocks_to_swap > 0, nabla=handle.nabla,
-            rope_scale=handle.variant.rope_scale, attention_backend=handle.attention_backend, i2v=image_to_video,
-            caption_dropout=caption_dropout, seed=seed, save_every=save_every, compute_dtype=training_dtype(device))
-
-        def render(step: int, net: torch.nn.Module) -> ValidationClip:
-            return _k5_validation(net, handle, validation_conditioning, vae, cached[0], seed=seed, device=device,
-                                  dtype=config.compute_dtype)
-
-        metadata = {"cinetune.run": output_name, "base_model": handle.path.name, "variant": handle.variant.id,
-                    "dataset_hash": dataset_fingerprint(data.dataset), "trigger_word": data.dataset.trigger_word}
-        empty = empty_texts_from_cache(cached, data.cache_dir, data.encoder_id) if caption_dropout else None
-        return _train(handle, base, node_id=str(cls.hidden.unique_id), output_name=output_name, config=config,
-                      samples=samples_from_cache(cached), empty=empty, adapter=K5_TRAINING, resume=resume, metadata=metadata, plan=plan, render=render)
-
-
-def _k5_validation(net, handle: K5ModelHandle, conditioning, vae, first, *, seed: int, device,
-                   dtype: torch.dtype) -> ValidationClip:
-    """A 20-step Kandinsky 5 clip (at most 17 frames) at the first cached sample's size, with the current LoRA."""
-    latent = k5_sample(net, conditioning["positive"], conditioning["negative"], width=first.bucket[0],
-                       height=first.bucket[1], frames=min(first.frames, 17), seed=seed, steps=20, guidance=5.0,
-                       scheduler_scale=5.0, rope_scale=handle.variant.rope_scale,
-                       attention_backend=handle.attention_backend, nabla=handle.nabla, device=device, dtype=dtype,
-                       check_interrupt=host.check_interrupt)
-    with host.on_compute_device(vae) as vae_device:
-        video = vae.decode(latent.to(vae_device))
-    return ValidationClip(((video.float().clamp(-1, 1) + 1) / 2)[0].permute(1, 2, 3, 0).cpu())
-
-
-class LTX2TrainLoRA(CinetuneNode):
-    INPUT_RULES = {"output_name": OUTPUT_NAME, "validation_steps": _validation_steps}
-
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="CinetuneLTX2TrainLoRA",
-            display_name="LTX-2 Train LoRA (Cinetune)",
-            category=CATEGORY,
-            description="Trains an LTX-2 LoRA on the cached dataset, video and sound together (ltx-trainer's "
-                        "audio-video objective). Watch both losses on the node; Cancel saves a resumable checkpoint; "
-                        "'resume' continues the run. The LoRA lands in models/loras.",
-            inputs=[
-                LTX2Model.Input("model", tooltip="From LTX-2 Model Loader (its weight dtype, attention and block swap "
-                                                 "settings are used for training)."),
-                LTX2TrainingDataType.Input("training_data", tooltip="From LTX-2 Cache Latents."),
-                io.String.Input("output_name", default="ltx2_lora",
-                                tooltip="Name of the run folder (output/cinetune/runs/<name>) and of the LoRA file "
-                                        "models/loras/<name>.safetensors."),
-                *_optimizer_inputs(rank=32, lr_schedule="linear", max_steps=2000),
-                io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLING), default="shifted_logit_normal",
-                               tooltip="How sigma is drawn: shifted_logit_normal (ltx-trainer: centred by the "
-                                       "clip's token count), logit_normal, shift (musubi-tuner), uniform; all then "
-                                       "shifted by flow_shift."),
-                _flow_shift_input(1.0, " (1 = none, ltx-trainer's)"),
-                GRADIENT_CHECKPOINTING,
-                io.Boolean.Input("audio", default=True,
-                                 tooltip="Train the sound too (audio stream, audio↔video attentions): every clip "
-                                         "needs an audio latent (LTX-2 Cache Latents with audio on). Off trains video only."),
-                io.Float.Input("first_frame_conditioning", default=0.5, min=0.0, max=1.0, step=0.05,
-                               tooltip="Probability that a clip trains image-to-video: its clean first frame "
-                                       "conditions the rest (ltx-trainer's first_frame_conditioning_p; 0 = "
-                                       "text-to-video only, 1 = image-to-video only)."),
-                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Probability of training a clip with the empty caption."),
-                *_run_inputs(),
-                io.String.Input("validation_steps", default="",
-                                tooltip="Steps that also get a validation video, e.g. '100, 500, 2000' (besides "
-                                        "every validate_every steps; empty = none)."),
-                io.Int.Input("validation_sampling_steps", default=30, min=2, max=200,
-                             tooltip="Sampling steps of each validation video (ltx-trainer: 30; the official "
-                                     "guidance is used; a distilled model uses its 8 fixed steps)."),
-                *_swap_inputs("LTX-2 Model Loader"),
-                LTX2Conditioning.Input("validation_conditioning", optional=True,
-                                       tooltip="Prompt for validation videos, from LTX-2 Text Encode."),
-                LTX2VAE.Input("vae", optional=True,
-                              tooltip="Decodes validation videos and their sound (LTX-2 VAE Loader with the audio "
-                                      "VAE)."),
-                LTX2TextEncoder.Input("text_encoder", optional=True,
-                                      tooltip="LTX-2 Text Encoder Loader: its text connectors are used (they must be "
-                                              "those the captions were cached with). Leave empty to read them from "
-                                              "the model's checkpoint file."),
-            ],
-            outputs=[LTX2Model.Output(display_name="model"), io.String.Output(display_name="lora_name")],
-            hidden=[io.Hidden.unique_id],
-            not_idempotent=True,
-        )
-
-    @classmethod
-    def execute(cls, model, training_data, output_name, rank, alpha, learning_rate, optimizer, lr_schedule,
-                warmup_steps, max_steps, epochs, batch_size, gradient_accumulation, timestep_sampling, flow_shift,
-                gradient_checkpointing, audio, first_frame_conditioning, caption_dropout, seed, save_every, resume,
-                validate_every, validation_steps, validation_sampling_steps, blocks_to_swap=-1,
-                use_pinned_memory=True, validation_conditioning=None, vae=None, text_encoder=None) -> io.NodeOutput:
-        base: LTX2ModelHandle = model
-        check_base_model(base.loras, lora_loader="LTX-2 LoRA Loader", model_loader="LTX-2 Model Loader",
-                         trainer="LTX-2 Train LoRA")
-        handle = _with_block_swap(base, blocks_to_swap, use_pinned_memory)
-        plan = ValidationPlan.parse(validate_every, validation_steps)
-        if not epochs:
-            plan.check_within(max_steps)
-        if plan.active and (validation_conditioning is None or vae is None):
-            raise TrainingError("validation (validate_every > 0 or validation_steps) needs validation_conditioning "
-                                "and vae connected.")
-        device = host.compute_device()
-        config = ltx2_train_config(
-            rank=rank, alpha=alpha, learning_rate=learning_rate, optimizer=optimizer, lr_schedule=lr_schedule,
-            warmup_steps=warmup_steps, max_steps=max_steps, epochs=epochs, batch_size=batch_size,
-            grad_accum=gradient_accumulation, timestep_sampling=timestep_sampling, flow_shift=flow_shift,
-            gradient_checkpointing=gradient_checkpointing or handle.blocks_to_swap > 0,
-            attention_backend=handle.attention_backend, i2v="first" if first_frame_conditioning > 0 else "off",
-            i2v_prob=first_frame_conditioning, caption_dropout=caption_dropout, with_audio=audio, seed=seed,
-            save_every=save_every, compute_dtype=training_dtype(device))
-        data = ltx2_training_data(training_data)
-        check_audio_cache(audio, data.audio, cacher="LTX-2 Cache Latents")
-        samples = ltx2_training_samples(data)
-        empty = ltx2_empty_caption(data) if caption_dropout else None
-        projection = _text_projection(text_encoder, handle, config.compute_dtype)
-        if plan.active:
-            request = validation_request(*validation_size(samples), seed=seed, steps=validation_sampling_steps,
-                                         num_blocks=len(handle.blocks), distilled=handle.variant.distilled,
-                                         audio=vae.audio is not None)
-
-        def render(step: int, net: torch.nn.Module) -> ValidationClip:
-            with host.on_compute_device(vae) as vae_device:
-                return render_validation(net, validation_conditioning, vae, request,
-                                         attention_backend=handle.attention_backend, device=vae_device,
-                                         dtype=config.compute_dtype, check_interrupt=host.check_interrupt)
-
-        metadata = {"cinetune.run": output_name, "base_model": handle.path.name, "variant": handle.variant.id,
-                    "dataset_hash": dataset_fingerprint(data.dataset), "trigger_word": data.dataset.trigger_word}
-        return _train(handle, base, node_id=str(cls.hidden.unique_id), output_name=output_name, config=config,
-                      samples=samples, empty=empty, adapter=LTX2TrainingAdapter(projection), resume=resume,
-                      metadata=metadata, plan=plan, render=render)
-
-
-def _text_projection(text_encoder, handle: LTX2ModelHandle, dtype: torch.dtype):
-    """The text connectors the LTX-2 adapter runs: the text encoder's when connected, else read from the DiT's file.
-
-    Raises:
-        TrainingError: no encoder connected and the DiT's file holds no connectors.
-    """
-    if text_encoder is not None:
-        return text_encoder.projection
-    try:
-        return load_text_projection(handle.path, dtype=dtype)
-    except CheckpointError as e:
-        raise TrainingError(f"{handle.path.name} holds no LTX-2 text connectors (a DiT-only file): connect the LTX-2 "
-                            f"Text Encoder Loader to LTX-2 Train LoRA's text_encoder. ({e})") from e
-
-
-NODES = [K5TrainLoRA, LTX2TrainLoRA]
+def settings_inputs(validation: Any, data: Any, *, family: str, cacher: str) -> list:
+    """The optional inputs appended to both trainers: the settings nodes, the validation prompts and the held-out
+    dataset."""
+    return [
+        OptimizerSettingsType.Input("optimizer_settings", optional=True,
+                                    tooltip="Training Optimizer Settings: weight decay, betas, eps, gradient "
+                                            "clipping, minimum learning rate."),
+        LoRASettingsType.Input("lora_settings", optional=True,
+                               tooltip="Training LoRA Settings: which layers get LoRA, dropouts, a LoRA to start "
+                                       "from."),
+        SamplingSettingsType.Input("sampling_settings", optional=True,
+                                   tooltip="Training Sampling Settings: σ range, loss weighting, image-to-video "
+                                           "probability."),
+        CheckpointSettingsType.Input("checkpoint_settings", optional=True,
+                                     tooltip="Training Checkpoint Settings: epochs, kept checkpoints, saved dtype, "
+                                             "TensorBoard, EMA, held-out loss."),
+        validation.Input("validation", optional=True,
+                         tooltip=f"{family} Validation Prompt(s): one clip per prompt every validate_every steps "
+                                 "(instead of validation_conditioning)."),
+        data.Input("validation_data", optional=True,
+                   tooltip=f"Held-out samples for the validation loss: a second dataset cached by {cacher} with the "
+                           "same loaders (see validation_loss_every in Training Checkpoint Settings)."),
+    ]

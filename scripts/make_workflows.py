@@ -54,11 +54,45 @@ def save(prefix: str):
     return (7, "CinetuneSaveVideo", [("fps", 24.0), ("filename_prefix", prefix)], {"images": (6, 0, "IMAGE")}, [])
 
 
+def settings_nodes(validation_prompt):
+    """The training settings nodes (ids 14-17, their defaults: the run as without them) and a validation prompt (id
+    18) reading the prompt of node 4, and the trainer links to them."""
+    nodes = [
+        (14, "CinetuneTrainingOptimizerSettings",
+         [("weight_decay", 0.001), ("beta1", 0.9), ("beta2", 0.95), ("eps", 1e-8), ("max_grad_norm", 1.0),
+          ("min_lr_ratio", 0.0), ("d_coef", 1.0), ("safeguard_warmup", False)], {},
+         [("optimizer_settings", "CINETUNE_OPTIMIZER_SETTINGS")]),
+        (15, "CinetuneTrainingLoRASettings",
+         [("include_patterns", ""), ("exclude_patterns", ""), ("lora_dropout", 0.0), ("rank_dropout", 0.0),
+          ("module_dropout", 0.0), ("init_lora", "none")], {}, [("lora_settings", "CINETUNE_LORA_SETTINGS")]),
+        (16, "CinetuneTrainingSamplingSettings",
+         [("sigma_min", 0.0), ("sigma_max", 1.0), ("loss_weighting", "none"), ("i2v_probability", -1.0)], {},
+         [("sampling_settings", "CINETUNE_SAMPLING_SETTINGS")]),
+        (17, "CinetuneTrainingCheckpointSettings",
+         [("save_every_epochs", 0), ("keep_checkpoints", 3), ("save_dtype", "bf16"), ("tensorboard", False),
+          ("ema_decay", 0.0), ("validation_loss_every", 0), ("validation_loss_sigmas", "0.1, 0.3, 0.5, 0.7, 0.9")],
+         {}, [("checkpoint_settings", "CINETUNE_CHECKPOINT_SETTINGS")]),
+        validation_prompt,
+    ]
+    links = {"optimizer_settings": (14, 0, "CINETUNE_OPTIMIZER_SETTINGS"),
+             "lora_settings": (15, 0, "CINETUNE_LORA_SETTINGS"),
+             "sampling_settings": (16, 0, "CINETUNE_SAMPLING_SETTINGS"),
+             "checkpoint_settings": (17, 0, "CINETUNE_CHECKPOINT_SETTINGS"),
+             "validation": (18, 0, validation_prompt[4][0][1])}
+    return nodes, links
+
+
 def training_nodes():
+    """Cache a dataset, train a K5 LoRA with every settings node and a validation prompt, then sample with it."""
     text = text_encode("ohwx, a big white rabbit stands in a sunny meadow, cartoon style")
     train_sampler = (5, "CinetuneK5Sampler", sampler(5.0, start=False)[2],
                      {"model": (13, 0, "CINETUNE_K5_MODEL"), "conditioning": (4, 0, "CINETUNE_K5_CONDITIONING")},
                      [("latent", "LATENT")])
+    validation = (18, "CinetuneK5ValidationPrompt",
+                  [("width", 0), ("height", 0), ("frames", 17), ("steps", 20), ("guidance", 5.0),
+                   ("scheduler_scale", 5.0), ("seed", 42), ("sample_at_start", False)],
+                  {"conditioning": (4, 0, "CINETUNE_K5_CONDITIONING")}, [("validation", "CINETUNE_K5_VALIDATION")])
+    settings, settings_links = settings_nodes(validation)
     return [*LOADERS,
             (10, "CinetuneDatasetFolder", [("folder", "k5_lora_dataset"), ("repeats", 1), ("trigger_word", "ohwx"),
                                             ("default_caption", "")], {}, [("dataset", "CINETUNE_DATASET")]),
@@ -69,16 +103,18 @@ def training_nodes():
                                             ("nabla", False), ("image_to_video", False), ("allow_upscale", False)],
              {"text_cache": (11, 0, "CINETUNE_K5_TEXT_CACHE"), "vae": (3, 0, "CINETUNE_K5_VAE")},
              [("training_data", "CINETUNE_K5_TRAINING_DATA")]),
+            text, *settings,
             (13, "CinetuneK5TrainLoRA",
              [("output_name", "k5_lora"), ("rank", 16), ("alpha", 16.0), ("learning_rate", 1e-4),
               ("optimizer", "adamw"), ("lr_schedule", "constant"), ("warmup_steps", 0), ("max_steps", 1000),
               ("epochs", 0), ("batch_size", 1), ("gradient_accumulation", 1), ("timestep_sampling", "shift"),
               ("flow_shift", 5.0), ("gradient_checkpointing", True), ("image_to_video", "off"),
-              ("caption_dropout", 0.0), ("seed", 0), ("save_every", 250), ("resume", False), ("validate_every", 0),
+              ("caption_dropout", 0.0), ("seed", 0), ("save_every", 250), ("resume", False), ("validate_every", 250),
               ("blocks_to_swap", -1), ("use_pinned_memory", True)],
-             {"model": (1, 0, "CINETUNE_K5_MODEL"), "training_data": (12, 0, "CINETUNE_K5_TRAINING_DATA")},
+             {"model": (1, 0, "CINETUNE_K5_MODEL"), "training_data": (12, 0, "CINETUNE_K5_TRAINING_DATA"),
+              "vae": (3, 0, "CINETUNE_K5_VAE"), **settings_links},
              [("model", "CINETUNE_K5_MODEL"), ("lora_name", "STRING")]),
-            text, train_sampler, *DECODE_AND_SAVE, save("Cinetune/k5_lora_sample")]
+            train_sampler, *DECODE_AND_SAVE, save("Cinetune/k5_lora_sample")]
 
 
 LTX2_CKPT = "ltx-2-19b-dev.safetensors"
@@ -116,10 +152,16 @@ def ltx2_decode_and_save(src: int, prefix: str):
 
 
 def ltx2_training_nodes():
-    """Cache a dataset (captions, video and sound latents), train an LTX-2 LoRA with validation clips, then sample
-    with the trained LoRA."""
+    """Cache a dataset (captions, video and sound latents), train an LTX-2 LoRA with every settings node and a
+    validation prompt (clips with sound), then sample with the trained LoRA."""
     text = ltx2_text_encode("ohwx, a big white rabbit walks out of his burrow in a green meadow and stretches, "
                             "cartoon style. Birds chirp and leaves rustle in a light breeze.")
+    validation = (18, "CinetuneLTX2ValidationPrompt",
+                  [("width", 0), ("height", 0), ("frames", 49), ("fps", 0.0), ("steps", 30), ("video_cfg", 3.0),
+                   ("audio_cfg", 7.0), ("seed", 42), ("sample_at_start", False)],
+                  {"conditioning": (4, 0, "CINETUNE_LTX2_CONDITIONING")},
+                  [("validation", "CINETUNE_LTX2_VALIDATION")])
+    settings, settings_links = settings_nodes(validation)
     return [*LTX2_LOADERS,
             (10, "CinetuneDatasetFolder", [("folder", "ltx2_lora_dataset"), ("repeats", 1), ("trigger_word", "ohwx"),
                                             ("default_caption", "")], {}, [("dataset", "CINETUNE_DATASET")]),
@@ -131,6 +173,7 @@ def ltx2_training_nodes():
                                               ("missing_audio", "silence"), ("fps", 0.0)],
              {"text_cache": (11, 0, "CINETUNE_LTX2_TEXT_CACHE"), "vae": (3, 0, "CINETUNE_LTX2_VAE")},
              [("training_data", "CINETUNE_LTX2_TRAINING_DATA")]),
+            text, *settings,
             (13, "CinetuneLTX2TrainLoRA",
              [("output_name", "ltx2_lora"), ("rank", 32), ("alpha", 32.0), ("learning_rate", 1e-4),
               ("optimizer", "adamw"), ("lr_schedule", "linear"), ("warmup_steps", 0), ("max_steps", 2000),
@@ -140,9 +183,8 @@ def ltx2_training_nodes():
               ("save_every", 250), ("resume", False), ("validate_every", 250), ("validation_steps", ""),
               ("validation_sampling_steps", 30), ("blocks_to_swap", -1), ("use_pinned_memory", True)],
              {"model": (1, 0, "CINETUNE_LTX2_MODEL"), "training_data": (12, 0, "CINETUNE_LTX2_TRAINING_DATA"),
-              "validation_conditioning": (4, 0, "CINETUNE_LTX2_CONDITIONING"), "vae": (3, 0, "CINETUNE_LTX2_VAE")},
+              "vae": (3, 0, "CINETUNE_LTX2_VAE"), **settings_links},
              [("model", "CINETUNE_LTX2_MODEL"), ("lora_name", "STRING")]),
-            text,
             ltx2_sampler(5, width=768, height=512, mode="dev", links={"model": (13, 0, "CINETUNE_LTX2_MODEL")}),
             *ltx2_decode_and_save(5, "Cinetune/ltx2_lora_sample")]
 

@@ -3,13 +3,13 @@ Kandinsky 5 and LTX-2 models:
 
 1. example_workflows/k5_text_to_video.json — prints where the mp4 is;
 2. example_workflows/k5_lora_training.json on a real dataset (the Big Buck Bunny clip and two photos, with
-   captions): caches text and latents, trains a LoRA for 30 steps, samples with it — prints where the LoRA and the
-   sampled mp4 are;
+   captions): caches text and latents, trains a LoRA for 30 steps with every training settings node connected (at
+   their defaults) and a validation prompt, samples with it — prints where the LoRA and the sampled mp4 are;
 3. example_workflows/ltx2_text_to_video.json — video with sound: prints where the mp4 is and its audio stream;
 4. example_workflows/ltx2_lora_training.json on the same dataset (the clip's AAC 5.1 sound, the photos with a silent
    track): caches captions, video and sound latents, trains an LTX-2 LoRA for 10 steps (video and audio losses) with
-   a validation clip at the last step, samples with it — prints where the LoRA, the validation clip and the sampled
-   mp4 (with sound) are.
+   the settings nodes and a validation clip of its validation prompt at the last step, samples with it — prints
+   where the LoRA, the validation clip and the sampled mp4 (with sound) are.
 
 Each UI-format example workflow is converted to API format with the running server's /object_info; its model
 widgets are pointed at the tiny models and sizes and step counts are made small, so everything takes about a

@@ -25,8 +25,12 @@ adapter                     what the family decides
 
 Calls per micro-batch, in order: ``batch = load_batch(model, samples, config)``, then the loop draws the σ of
 every sample from the run's generator (:func:`cinetune.training.sigmas.sample_sigmas`, with ``batch.tokens`` for
-the token-count shift), then ``loss(model, batch, sigma, …)`` draws everything else it needs from the same
-generator, in an order it documents, so runs are reproducible and resume exactly.
+the token-count shift, mapped into ``[sigma_min, sigma_max]``) and, when a LoRA dropout is on, one seed for the
+global RNG the dropout uses, then ``loss(model, batch, sigma, …)`` draws everything else it needs from the same
+generator, in an order it documents, so runs are reproducible and resume exactly. ``loss`` applies
+``config.loss_weighting`` to each sample's squared error (:func:`cinetune.training.sigmas.weighted_mse`). The
+held-out loss (:mod:`cinetune.training.holdout`) calls ``load_batch`` and ``loss`` the same way, with its own
+generator, in eval mode under ``torch.no_grad``.
 
 :func:`gradient_checkpointing` and the adapter registry (:func:`register_training_adapter`,
 :func:`training_adapter_for`) live here too.
@@ -44,7 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..core.lora import LoRALinear, save_lora
+from ..core.lora import LoRALinear, LoRAWeights, save_lora
 from .config import TrainConfig, TrainingError
 
 __all__ = ["Batch", "LossTerms", "TrainingAdapter", "register_training_adapter", "registered_training_adapters",
@@ -137,12 +141,16 @@ class TrainingAdapter(ABC):
 
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch, sigma: Tensor, *, generator: torch.Generator, empty: Any,
-             config: TrainConfig, device: torch.device) -> LossTerms:
+             config: TrainConfig, device: torch.device, share: slice | None = None) -> LossTerms:
         """The training loss of one micro-batch at the sampled ``sigma`` (``[B]`` float32, CPU).
 
         Draws noise and the conditioning/dropout decisions from ``generator`` (CPU) in a documented order, builds the
         DiT's inputs on ``device`` in ``config.compute_dtype``, runs the forward with grad enabled and returns the
         float32 loss. ``empty`` is what :meth:`empty_caption` returned.
+
+        ``share`` (data-parallel runs, :mod:`cinetune.training.distributed`): draw everything for the whole batch
+        exactly as without it, then run the DiT on ``batch[share]`` only and return that share's part of the
+        batch's loss (and of each part): the parts of the shares of a partition sum to the whole batch's loss.
         """
 
     def running(self, model: nn.Module, config: TrainConfig, device: torch.device) -> ContextManager[None]:
@@ -150,11 +158,12 @@ class TrainingAdapter(ABC):
         set model attributes the forward reads, and restore everything on exit. Default: nothing."""
         return nullcontext()
 
-    def save_lora(self, path: Path, modules: Mapping[str, LoRALinear], *, dtype: torch.dtype,
+    def save_lora(self, path: Path, modules: LoRAWeights | Mapping[str, LoRALinear], *, dtype: torch.dtype,
                   metadata: Mapping[str, str]) -> Path:
-        """Write the final LoRA (``run_dir/lora.safetensors``). Default: ``diffusion_model.<path>.lora_down/
-        lora_up.weight`` + ``.alpha`` (:func:`cinetune.core.lora_formats.save_lora`). Checkpoint LoRAs always use
-        that layout (in ``lora_dtype``), so resuming restores the exact tensors."""
+        """Write the final LoRA (``run_dir/lora.safetensors``) or its weight EMA (``lora_ema.safetensors``, given as
+        :class:`~cinetune.core.lora.LoRAWeights`). Default: ``diffusion_model.<path>.lora_down/lora_up.weight`` +
+        ``.alpha`` (:func:`cinetune.core.lora_formats.save_lora`). Checkpoint LoRAs always use that layout (in
+        ``lora_dtype``), so resuming restores the exact tensors."""
         return save_lora(path, modules, dtype=dtype, metadata=metadata)
 
 

@@ -5,6 +5,8 @@ Run folder layout (the same for every model family; a run started by an earlier 
     run_dir/
         run.json                        config and metadata of the latest start
         lora.safetensors                final LoRA (save_dtype), also written at an interruption
+        lora_ema.safetensors            EMA of the LoRA weights (only with ema_decay > 0)
+        tensorboard/                    event files (only with tensorboard on)
         checkpoints/step_NNNNNN/
             lora.safetensors            LoRA in lora_dtype (Cinetune/ComfyUI layout, usable as a LoRA as is)
             state.pt                    everything else needed to continue exactly (keys below)
@@ -13,7 +15,10 @@ Run folder layout (the same for every model family; a run started by an earlier 
 ``epoch``, ``position``, ``order`` (the epoch's batches), ``generator`` (the run generator's state), ``rng`` (global
 torch/NumPy/Python states, and CUDA's when initialised), ``optimizer``, ``scheduler``, ``losses`` (per-step
 history), ``config`` (:meth:`~cinetune.training.config.TrainConfig.to_dict`), ``fingerprint`` (LoRA layers with
-their in/out features, rank, alpha, optimizer, model config) and ``dataset`` (hash of the sample list).
+their in/out features, rank, alpha, optimizer, model config) and ``dataset`` (hash of the sample list); only when
+used, ``train_weights`` (a schedule-free optimizer's train-mode LoRA parameters, ``"<path>.lora_down"``/
+``".lora_up"``, while ``lora.safetensors`` holds its evaluation weights) and ``ema`` (the weight EMA,
+:mod:`cinetune.training.ema`).
 
 A checkpoint is written into a temporary folder and renamed into place, so every ``step_*`` folder is complete;
 temporary folders a killed process left behind are removed at the next start.

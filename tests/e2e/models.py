@@ -79,6 +79,8 @@ def tiny_workflow(api: dict, names: dict[str, str], *, output_name: str = "tiny_
         elif ctype == "CinetuneK5TrainLoRA":
             inputs.update(max_steps=max_steps or TINY_TRAINING["max_steps"], save_every=TINY_TRAINING["save_every"],
                           output_name=output_name, rank=8, alpha=8.0, learning_rate=1e-3)
+        elif ctype == "CinetuneK5ValidationPrompt":
+            inputs.update(frames=5, steps=2)
     return api
 
 
@@ -113,6 +115,8 @@ def _tiny_ltx2(api: dict, names: dict[str, str], *, output_name: str, max_steps:
                           rank=rank, alpha=float(rank), learning_rate=1e-3, validate_every=0,
                           validation_steps=str(max_steps),
                           validation_sampling_steps=TINY_LTX2_TRAINING["validation_sampling_steps"])
+        elif ctype == "CinetuneLTX2ValidationPrompt":
+            inputs.update(frames=TINY_LTX2_TRAINING["frames"], steps=TINY_LTX2_TRAINING["validation_sampling_steps"])
 
 
 def tiny_ui_workflow(name: str, names: dict[str, str], **overrides) -> dict:

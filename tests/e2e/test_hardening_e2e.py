@@ -29,7 +29,9 @@ def _training_prompt(name: str, *, max_steps: int = 2) -> dict:
     """The example training workflow on the tiny models, ending in the trainer and a memory estimate (no sampling)."""
     api = json.loads((ROOT / "example_workflows" / "api" / "k5_lora_training.json").read_text())
     prompt = tiny_workflow(api, TINY_NAMES, output_name=name, max_steps=max_steps)
-    prompt = {k: v for k, v in prompt.items() if k in ("1", "2", "3", "10", "11", "12", "13")}
+    prompt = {k: v for k, v in prompt.items()
+              if k in ("1", "2", "3", "10", "11", "12", "13", "14", "15", "16", "17")}
+    del prompt["13"]["inputs"]["validation"]  # its prompt chain needs the text encode node
     prompt["11"]["inputs"]["cache_name"] = name
     prompt["13"]["inputs"]["save_every"] = 0
     prompt["20"] = {"class_type": "CinetuneK5MemoryEstimate", "inputs": {

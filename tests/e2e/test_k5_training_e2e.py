@@ -1,5 +1,6 @@
 """Kandinsky 5 LoRA training end to end in a real ComfyUI over the API queue, on the tiny models and a real
-dataset (the Big Buck Bunny clip and two photos): cache, train, sample with the LoRA."""
+dataset (the Big Buck Bunny clip and two photos): cache, train (the example workflow connects every training
+settings node and a validation prompt), sample with the LoRA."""
 
 from __future__ import annotations
 
@@ -29,7 +30,9 @@ def _training_prompt(name: str) -> dict:
 
 
 def _video_frames(comfy_client, comfy_layout, entry) -> torch.Tensor:
-    video = [p for p in comfy_client.output_files(entry, comfy_layout.output) if p.suffix == ".mp4"][0]
+    """The frames of the Save Video node's mp4 (node 7; the trainer may show validation clips too)."""
+    video = [p for p in comfy_client.output_files({"outputs": {"7": entry["outputs"]["7"]}}, comfy_layout.output)
+             if p.suffix == ".mp4"][0]
     return read_video(video)[0].float()
 
 
@@ -111,6 +114,7 @@ def test_training_with_block_swap_fp8_and_validation_videos(comfy_client, comfy_
     prompt = _training_prompt("e2e_swap_fp8")
     prompt["1"]["inputs"].update(weight_dtype="fp8_e4m3fn")
     prompt["13"]["inputs"].update(max_steps=6, validate_every=3, save_every=0, blocks_to_swap=3)
+    del prompt["13"]["inputs"]["validation"]  # the one-prompt input of earlier workflows still works
     prompt["13"]["inputs"]["validation_conditioning"] = ["4", 0]
     prompt["13"]["inputs"]["vae"] = ["3", 0]
     entry = comfy_client.run(prompt, timeout=1200)

@@ -1,7 +1,7 @@
 """LTX-2 LoRA training end to end in a real ComfyUI over the API queue, on the tiny LTX-2 models and a real dataset
 (the Big Buck Bunny clip with its AAC 5.1 sound and two photos, trained with a silent track): the example workflow
-caches captions, video and sound latents, trains a LoRA on both losses with a validation clip with sound, and samples
-with the new LoRA."""
+caches captions, video and sound latents, trains a LoRA on both losses (every training settings node connected) with
+a validation clip with sound from its validation prompt, and samples with the new LoRA."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "e2e_ltx2_lora"
 STEPS = TINY_LTX2_TRAINING["max_steps"]
-TRAINER, SAMPLER, SAVE = "13", "5", "7"
+TRAINER, SAMPLER, SAVE, VALIDATION = "13", "5", "7", "18"
 
 
 def _example(api: bool = True) -> dict:
@@ -101,14 +101,16 @@ def test_training_reports_both_losses_every_step(trained, comfy_client):
 
 
 def test_the_validation_clip_has_sound_and_is_the_nodes_preview(trained, comfy_layout):
-    _, entry = trained
+    prompt, entry = trained
     clip = Path(comfy_layout.output) / "cinetune" / "runs" / NAME / "validation" / f"step_{STEPS:06d}.mp4"
     meta, sound = probe_video(clip), probe_audio(clip)
-    # the size of the dataset's only clip (Big Buck Bunny) in its bucket
+    # the validation prompt's frames, at the size of the dataset's only clip (Big Buck Bunny) in its bucket (width and
+    # height 0 on the prompt)
     source = probe_video(Path(comfy_layout.input) / DATASET_FOLDER / "bbb.mp4")
     bucket = assign_bucket(source["width"], source["height"],
                            make_buckets(TINY_LTX2_TRAINING["resolution"], LTX2_LATENT_FORMAT))
-    assert meta["frames"] == TINY_LTX2_TRAINING["frames"]
+    assert prompt[VALIDATION]["inputs"]["width"] == prompt[VALIDATION]["inputs"]["height"] == 0
+    assert meta["frames"] == prompt[VALIDATION]["inputs"]["frames"]
     assert (meta["width"], meta["height"]) == (bucket.width, bucket.height)
     assert sound is not None and sound["codec"] == "aac" and sound["channels"] == 2
     assert entry["outputs"][TRAINER]["images"][0]["filename"] == clip.name

@@ -1,0 +1,164 @@
+"""K5 Train LoRA: the Kandinsky 5 LoRA trainer node (shared run machinery in :mod:`.trainer`).
+
+Widget order is frozen once released: add new inputs at the end, with defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from comfy_api.latest import io
+
+from ..k5.family import K5_FAMILY, NABLA_SIZE_MULTIPLE
+from ..k5.train import K5_TRAINING
+from ..k5.validation import (K5ValidationRequest, decode_validation, encode_start_image, sample_validation,
+                             validation_size)
+from ..training.config import TrainConfig, TrainingError
+from ..training.runs import (ValidationClip, ValidationPlan, ValidationPrompt, check_base_model, check_bucket_step,
+                             check_i2v_cache)
+from ..training.samples import empty_texts_from_cache, samples_from_cache
+from . import host
+from .k5 import K5ModelHandle, training_dtype
+from .trainer import (CATEGORY, GRADIENT_CHECKPOINTING, Settings, TrainerNode, check_validation,
+                      flow_shift_input, holdout_samples, optimizer_inputs, run_inputs, run_metadata, settings_inputs,
+                      swap_inputs, train, validation_prompts, with_block_swap)
+from .training import TrainingDataType
+from .types import K5VAE, K5Conditioning, K5Model, K5Validation
+
+
+def _legacy_prompt(seed: int):
+    """The one prompt of ``validation_conditioning``: the first clip's size (≤ 17 frames), 20 steps, guidance 5."""
+    return lambda conditioning: ValidationPrompt(conditioning, frames=0, steps=20, guidance=5.0, seed=seed,
+                                                 extra=(("scheduler_scale", 5.0),))
+
+
+class K5TrainLoRA(TrainerNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CinetuneK5TrainLoRA",
+            display_name="K5 Train LoRA (Cinetune)",
+            category=CATEGORY,
+            description="Trains a LoRA on the cached dataset. Watch the loss on the node; Cancel saves a resumable "
+                        "checkpoint; 'resume' continues the run. The LoRA lands in models/loras. More settings: "
+                        "the Training … Settings and K5 Validation Prompt nodes.",
+            inputs=[
+                K5Model.Input("model", tooltip="From K5 Model Loader (its weight dtype, attention, NABLA and block "
+                                               "swap settings are used for training)."),
+                TrainingDataType.Input("training_data", tooltip="From K5 Cache Latents."),
+                io.String.Input("output_name", default="k5_lora",
+                                tooltip="Name of the run folder (output/cinetune/runs/<name>) and of the LoRA file "
+                                        "models/loras/<name>.safetensors."),
+                *optimizer_inputs(rank=16, lr_schedule="constant", max_steps=1000),
+                io.Combo.Input("timestep_sampling", options=["shift", "logit_normal", "uniform"], default="shift",
+                               tooltip="How sigma is drawn: shift (musubi-tuner), logit_normal (official), uniform; "
+                                       "all then shifted by flow_shift."),
+                flow_shift_input(5.0, ""),
+                GRADIENT_CHECKPOINTING,
+                io.Combo.Input("image_to_video", options=["off", "first", "first_last"], default="off",
+                               tooltip="Image-to-video training: the clean first (and last) frame latent conditions "
+                                       "the model (needs image_to_video on in K5 Cache Latents)."),
+                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Probability of training a clip with the empty caption."),
+                *run_inputs(),
+                K5Conditioning.Input("validation_conditioning", optional=True,
+                                     tooltip="One prompt for validation videos, from K5 Text Encode (or connect "
+                                             "validation instead)."),
+                K5VAE.Input("vae", optional=True, tooltip="Decodes validation videos (and encodes their start "
+                                                          "images)."),
+                *swap_inputs("K5 Model Loader"),
+                *settings_inputs(K5Validation, TrainingDataType, family="K5", cacher="K5 Cache Latents"),
+            ],
+            outputs=[K5Model.Output(display_name="model"), io.String.Output(display_name="lora_name")],
+            hidden=[io.Hidden.unique_id],
+            not_idempotent=True,
+        )
+
+    @classmethod
+    def execute(cls, model, training_data, output_name, rank, alpha, learning_rate, optimizer, lr_schedule,
+                warmup_steps, max_steps, epochs, batch_size, gradient_accumulation, timestep_sampling, flow_shift,
+                gradient_checkpointing, image_to_video, caption_dropout, seed, save_every, resume, validate_every,
+                validation_conditioning=None, vae=None, blocks_to_swap=-1, use_pinned_memory=True,
+                optimizer_settings=None, lora_settings=None, sampling_settings=None, checkpoint_settings=None,
+                validation=None, validation_data=None) -> io.NodeOutput:
+        base: K5ModelHandle = model
+        check_base_model(base.loras, lora_loader="K5 LoRA Loader", model_loader="K5 Model Loader",
+                         trainer="K5 Train LoRA")
+        handle = with_block_swap(base, blocks_to_swap, use_pinned_memory)
+        data = training_data
+        if handle.nabla is not None:
+            check_bucket_step(data.bucket_step, NABLA_SIZE_MULTIPLE, attention="NABLA", widget="nabla",
+                              cacher="K5 Cache Latents")
+        check_i2v_cache(image_to_video, data.i2v, cacher="K5 Cache Latents")
+        prompts = validation_prompts(K5_FAMILY.name, validation_conditioning, validation, _legacy_prompt(seed))
+        plan = ValidationPlan(validate_every, at_start=prompts.sample_at_start)
+        check_validation(plan, prompts, vae)
+        settings = Settings(optimizer_settings, lora_settings, sampling_settings, checkpoint_settings)
+        device = host.compute_device()
+        widgets = dict(
+            rank=rank, alpha=alpha, learning_rate=learning_rate, optimizer=optimizer, lr_schedule=lr_schedule,
+            warmup_steps=warmup_steps, max_steps=max_steps, epochs=epochs, batch_size=batch_size,
+            grad_accum=gradient_accumulation, timestep_sampling=timestep_sampling, flow_shift=flow_shift,
+            gradient_checkpointing=gradient_checkpointing or handle.blocks_to_swap > 0, nabla=handle.nabla,
+            rope_scale=handle.variant.rope_scale, attention_backend=handle.attention_backend, i2v=image_to_video,
+            caption_dropout=caption_dropout, seed=seed, save_every=save_every, compute_dtype=training_dtype(device))
+        probability = getattr(sampling_settings, "i2v_probability", None)
+        if probability is not None:
+            if image_to_video == "off" and probability > 0:
+                raise TrainingError(f"i2v_probability {probability:g} (Training Sampling Settings) needs "
+                                    "image-to-video training: set image_to_video to 'first' or 'first_last', or "
+                                    "i2v_probability to -1.")
+            widgets["i2v_prob"] = probability
+        config = settings.config(widgets, TrainConfig)
+        cached_data = data.cached_samples()
+        samples = samples_from_cache(cached_data)
+        holdout = holdout_samples(validation_data, data, lambda d: samples_from_cache(d.cached_samples()), config)
+        render = _renderer(prompts, samples, handle, vae, config) if plan.active else None
+        metadata = run_metadata(output_name, handle, data, plan, prompts, validation_data)
+        empty = empty_texts_from_cache(cached_data, data.cache_dir, data.encoder_id) if caption_dropout else None
+        return train(handle, base, node_id=str(cls.hidden.unique_id), output_name=output_name, config=config,
+                     samples=samples, empty=empty, adapter=K5_TRAINING, resume=resume, metadata=metadata, plan=plan,
+                     render=render, settings=settings, holdout=holdout)
+
+
+def _renderer(prompts, samples, handle: K5ModelHandle, vae, config: TrainConfig):
+    """``render(step, model)``: one clip per prompt (sizes checked now, start images encoded when first needed).
+
+    Raises:
+        TrainingError: a prompt's size or frame count the model cannot sample (NABLA needs 128 px sides).
+    """
+    default = validation_size(samples)
+    requests, starts = [], []
+    for number, prompt in enumerate(prompts.prompts, 1):
+        sized = prompt.sized(*default)
+        request = K5ValidationRequest(sized.width, sized.height, sized.frames, sized.steps, sized.guidance,
+                                      sized.option("scheduler_scale", 5.0), sized.seed)
+        try:
+            request.check(nabla=handle.nabla is not None)
+        except ValueError as e:
+            raise TrainingError(f"validation prompt {number}: {e}") from None
+        requests.append(request)
+        starts.append(None if sized.start_image is None else  # encoded once, when first needed
+                      functools.cache(functools.partial(_encode, vae, sized.start_image, request)))
+
+    def render(step: int, net: torch.nn.Module) -> list[ValidationClip]:
+        clips = []
+        for prompt, request, start in zip(prompts.prompts, requests, starts):
+            latent = sample_validation(
+                net, prompt.conditioning, request, start_latent=None if start is None else start(),
+                rope_scale=handle.variant.rope_scale, attention_backend=handle.attention_backend, nabla=handle.nabla,
+                device=host.compute_device(), dtype=config.compute_dtype, check_interrupt=host.check_interrupt)
+            with host.on_compute_device(vae) as device:
+                clips.append(decode_validation(vae, latent, device=device))
+        return clips
+
+    return render
+
+
+def _encode(vae, image, request: K5ValidationRequest):
+    with host.on_compute_device(vae) as device:
+        return encode_start_image(vae, image, request.width, request.height, device=device)
+
+
+NODES = [K5TrainLoRA]
