@@ -12,7 +12,14 @@ from . import host
 
 class PlacedModel:
     """Mixin for a handle dataclass with ``model``, ``blocks`` (execution order), ``blocks_to_swap``,
-    ``use_pinned_memory`` and ``loras`` (``(name, weights, strength)`` applied unmerged while sampling)."""
+    ``use_pinned_memory``, ``loras`` (``(name, weights, strength)`` applied unmerged while sampling), ``path``,
+    ``variant``, ``attention_backend`` and ``weight_dtype``."""
+
+    def loader_settings(self) -> dict:
+        """The loader settings a training run's recipe records (plain JSON values): ``weight_dtype``, ``attention``,
+        ``variant`` (its id), ``blocks_to_swap``, ``use_pinned_memory``."""
+        return {"weight_dtype": self.weight_dtype, "attention": self.attention_backend, "variant": self.variant.id,
+                "blocks_to_swap": self.blocks_to_swap, "use_pinned_memory": self.use_pinned_memory}
 
     def placement(self) -> dict:
         """Keyword arguments of :func:`~cinetune.core.offload.model_on_device` for this model: its block swap,

@@ -58,6 +58,8 @@ class LTX2ModelHandle(PlacedModel):
     use_pinned_memory: bool = True
     loras: tuple[tuple[str, LoRAWeights, float], ...] = ()
     """``(name, weights, strength)`` applied unmerged while sampling; the shared base weights never change."""
+    weight_dtype: str = "default"
+    """The loader's ``weight_dtype`` (recorded in a training run's recipe, so a headless run loads the same weights)."""
 
     @property
     def blocks(self) -> list[torch.nn.Module]:
@@ -76,7 +78,7 @@ class LTX2ModelLoader(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneLTX2ModelLoader",
-            display_name="LTX-2 Model Loader (Cinetune)",
+            display_name="LTX-2 Model Loader",
             category=f"{CATEGORY}/loaders",
             description="Loads the LTX-2 19B audio+video DiT from the official combined .safetensors (dev, distilled, "
                         "fp8), ComfyUI's split DiT file or a diffusers snapshot's transformer file.",
@@ -110,7 +112,7 @@ class LTX2ModelLoader(CinetuneNode):
             raise ValueError(f"blocks_to_swap={blocks_to_swap} is more than the {total} transformer blocks of "
                              f"{path.name}: use at most {total}.")
         handle = LTX2ModelHandle(loaded.model.eval(), loaded.config, loaded.variant, attention, path, blocks_to_swap,
-                                 use_pinned_memory and host.pinned_memory_allowed())
+                                 use_pinned_memory and host.pinned_memory_allowed(), weight_dtype=weight_dtype)
         return io.NodeOutput(handle)
 
 
@@ -119,7 +121,7 @@ class LTX2TextEncoderLoader(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneLTX2TextEncoderLoader",
-            display_name="LTX-2 Text Encoder Loader (Cinetune)",
+            display_name="LTX-2 Text Encoder Loader",
             category=f"{CATEGORY}/loaders",
             description="Loads Gemma 3 12B and the LTX-2 text projection and embeddings connectors (taken from the "
                         "LTX-2 checkpoint, which must be the same file as the DiT's).",
@@ -141,6 +143,7 @@ class LTX2TextEncoderLoader(CinetuneNode):
         gemma_path = host.model_path("text_encoders", gemma_name)
         ckpt_path = _file(("checkpoints", "text_encoders"), ckpt_name)
         encoder = load_ltx2_text_encoder(gemma_path, ckpt_path, dtype=DTYPES[dtype])
+        encoder.projection_path = ckpt_path  # where its connectors come from, for a training run's recipe
         return io.NodeOutput(encoder)
 
 
@@ -149,7 +152,7 @@ class LTX2VAELoader(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneLTX2VAELoader",
-            display_name="LTX-2 VAE Loader (Cinetune)",
+            display_name="LTX-2 VAE Loader",
             category=f"{CATEGORY}/loaders",
             description="Loads the LTX-2 video VAE, and the audio VAE with its vocoder, from the combined checkpoint or "
                         "from split files.",
@@ -179,7 +182,7 @@ class LTX2UpsamplerLoader(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneLTX2UpsamplerLoader",
-            display_name="LTX-2 Latent Upsampler Loader (Cinetune)",
+            display_name="LTX-2 Latent Upsampler Loader",
             category=f"{CATEGORY}/loaders",
             description="Loads the LTX-2 ×2 spatial latent upsampler used between the two stages.",
             inputs=[
@@ -199,7 +202,7 @@ class LTX2TextEncode(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneLTX2TextEncode",
-            display_name="LTX-2 Text Encode (Cinetune)",
+            display_name="LTX-2 Text Encode",
             category=CATEGORY,
             description="Encodes a prompt and a negative prompt with Gemma 3 and the LTX-2 connectors (1024 tokens, "
                         "left padded, no chat template, as official inference).",
@@ -229,7 +232,7 @@ class LTX2Sampler(NodeRules, CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneLTX2Sampler",
-            display_name="LTX-2 Sampler (Cinetune)",
+            display_name="LTX-2 Sampler",
             category=CATEGORY,
             description="Generates an LTX-2 video latent and its audio latent together (Euler, multimodal guidance). "
                         "mode 'dev': official LTX-2 schedule and guidance; 'distilled': the 8-step guidance-free "
@@ -325,7 +328,7 @@ class LTX2LatentUpsample(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneLTX2LatentUpsample",
-            display_name="LTX-2 Latent Upsample (Cinetune)",
+            display_name="LTX-2 Latent Upsample",
             category=CATEGORY,
             description="Doubles the width and height of an LTX-2 video latent with the spatial latent upsampler "
                         "(between stage 1 and stage 2 of the two-stage pipeline).",
@@ -349,7 +352,7 @@ class LTX2Decode(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneLTX2Decode",
-            display_name="LTX-2 Decode (Cinetune)",
+            display_name="LTX-2 Decode",
             category=CATEGORY,
             description="Decodes the video latent into frames (IMAGE) and the audio latent into a 24 kHz stereo "
                         "waveform (AUDIO) with the audio VAE and vocoder.",
@@ -378,7 +381,7 @@ class LTX2LoRALoader(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneLTX2LoRALoader",
-            display_name="LTX-2 LoRA Loader (Cinetune)",
+            display_name="LTX-2 LoRA Loader",
             category=f"{CATEGORY}/loaders",
             description="Applies an LTX-2 LoRA for sampling (official ltx-trainer, ComfyUI, kohya or Cinetune files; "
                         "e.g. the distilled LoRA for stage 2). Chain several for several LoRAs.",
@@ -404,7 +407,7 @@ class LTX2MemoryEstimate(NodeRules, CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneLTX2MemoryEstimate",
-            display_name="LTX-2 Memory Estimate (Cinetune)",
+            display_name="LTX-2 Memory Estimate",
             category=CATEGORY,
             description="Predicts peak GPU memory of one LTX-2 sampling step or one LoRA training step (weights, "
                         "block swap, activations of the video and audio tokens; in training also the text "

@@ -2,10 +2,10 @@
 (K5 Train LoRA, LTX-2 Train LoRA), as kijai's trainer "args" nodes do, so the trainers stay readable.
 
 - Training Optimizer / LoRA / Sampling / Checkpoint Settings output frozen values
-  (:class:`~cinetune.training.runs.OptimizerSettings`, …) that say which ``TrainConfig`` fields they set; the
+  (:class:`~cinetune.training.settings.OptimizerSettings`, …) that say which ``TrainConfig`` fields they set; the
   trainer's widgets are the base and the connected settings are laid over them. Unconnected, the run is as before.
 - K5 / LTX-2 Validation Prompt: one prompt each (its own size, steps, guidance, seed, optional start image), chained
-  through ``previous`` into a list of prompts (:class:`~cinetune.training.runs.ValidationPrompts`). One node per
+  through ``previous`` into a list of prompts (:class:`~cinetune.training.settings.ValidationPrompts`). One node per
   family because the conditioning socket differs; they share :class:`_ValidationPrompt`.
 
 Every tooltip names the musubi-tuner (``musubi:``) and ltx-trainer (``ltx-trainer:``) setting it corresponds to.
@@ -25,8 +25,8 @@ from ..core.family import LatentFormat
 from ..k5.family import K5_FAMILY
 from ..ltx2.family import LTX2_FAMILY
 from ..training.config import LOSS_WEIGHTINGS, TrainingError
-from ..training.runs import (SAVE_DTYPES, CheckpointSettings, LoRASettings, OptimizerSettings, SamplingSettings,
-                             ValidationPrompt, ValidationPrompts, checked_settings)
+from ..training.settings import (SAVE_DTYPES, CheckpointSettings, LoRASettings, OptimizerSettings, SamplingSettings,
+                                 ValidationPrompt, ValidationPrompts, checked_settings)
 from . import host
 from .checks import CinetuneNode, InputError
 from .types import (K5Conditioning, K5Validation, LoRASettingsType, LTX2Conditioning, LTX2Validation,
@@ -72,7 +72,7 @@ class OptimizerSettingsNode(_Settings):
         d = OptimizerSettings()
         return io.Schema(
             node_id="CinetuneTrainingOptimizerSettings",
-            display_name="Training Optimizer Settings (Cinetune)",
+            display_name="Training Optimizer Settings",
             category=CATEGORY,
             description="Weight decay, betas, eps, gradient clipping and the learning-rate floor for K5 / LTX-2 Train "
                         "LoRA (connect to optimizer_settings). The optimizer, learning rate, schedule, warm-up and "
@@ -122,7 +122,7 @@ class LoRASettingsNode(_Settings):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneTrainingLoRASettings",
-            display_name="Training LoRA Settings (Cinetune)",
+            display_name="Training LoRA Settings",
             category=CATEGORY,
             description="Which layers get LoRA, LoRA / rank / module dropout, and a LoRA file to continue training "
                         "(connect to lora_settings). Rank and alpha stay on the trainer.",
@@ -170,7 +170,7 @@ class SamplingSettingsNode(_Settings):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneTrainingSamplingSettings",
-            display_name="Training Sampling Settings (Cinetune)",
+            display_name="Training Sampling Settings",
             category=CATEGORY,
             description="The σ range trained, the loss weighting over σ and the image-to-video probability (connect "
                         "to sampling_settings). How σ is drawn and its shift stay on the trainer.",
@@ -212,7 +212,7 @@ class CheckpointSettingsNode(_Settings):
         d = CheckpointSettings()
         return io.Schema(
             node_id="CinetuneTrainingCheckpointSettings",
-            display_name="Training Checkpoint Settings (Cinetune)",
+            display_name="Training Checkpoint Settings",
             category=CATEGORY,
             description="Checkpoints per epoch, how many are kept, the saved LoRA's dtype, TensorBoard logs, an EMA "
                         "LoRA and the held-out validation loss (connect to checkpoint_settings; the held-out samples "
@@ -324,7 +324,7 @@ class K5ValidationPromptNode(_ValidationPrompt):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneK5ValidationPrompt",
-            display_name="K5 Validation Prompt (Cinetune)",
+            display_name="K5 Validation Prompt",
             category=CATEGORY,
             description="One validation prompt for K5 Train LoRA (connect to validation; chain several through "
                         "previous). Clips are made every validate_every steps of the trainer and saved as mp4 in the "
@@ -362,7 +362,7 @@ class LTX2ValidationPromptNode(_ValidationPrompt):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneLTX2ValidationPrompt",
-            display_name="LTX-2 Validation Prompt (Cinetune)",
+            display_name="LTX-2 Validation Prompt",
             category=CATEGORY,
             description="One validation prompt for LTX-2 Train LoRA (connect to validation; chain several through "
                         "previous). Clips with sound are made every validate_every steps (and at validation_steps) "

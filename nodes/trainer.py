@@ -14,11 +14,19 @@ Validation clips (one per prompt) are made at step 0 when asked (only when a run
 starts from) and at the trainer's validation steps; the settings of the validation are saved in the run's metadata
 (``run.json`` and the LoRA file), so a headless run sees them.
 
+Every run folder gets the run's recipe (:mod:`cinetune.training.recipe`) before the first step, so the run can be
+continued headless (``python -m cinetune.training.launch``). The last input, ``gpus``, hands a run to that many local
+worker processes under torchrun (:func:`~cinetune.training.launch.launch_workers`) and follows their events; the
+workers render no validation clips, so ``gpus`` > 1 with validation clips is refused (queue time where the widgets
+show it) rather than silently skipping them. After Cancel or an error the partial LoRA is installed as
+``<output_name>_step<k>`` and its path is the "interrupted" status message.
+
 Widget order is frozen once released: add new inputs at the end, with defaults.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -30,13 +38,16 @@ from ..core.lora import loras_applied
 from ..core.lora_formats import load_lora
 from ..core.offload import model_on_device
 from ..training.adapter import TrainingAdapter
-from ..training.checkpointing import resolve_resume
+from ..training.checkpointing import list_checkpoints, resolve_resume
 from ..training.config import TrainConfig, TrainEvent, TrainingError
 from ..training.data import dataset_fingerprint
-from ..training.runs import (ValidationPlan, ValidationPrompt, ValidationPrompts, check_blocks_to_swap,
-                             checked_settings, config_overrides, finished_run, install_lora, latest_validations,
-                             run_directory)
+from ..training.distributed import check_local_workers, check_world_divides
+from ..training.launch import launch_workers
+from ..training.recipe import CachedData, RunRecipe, write_recipe
+from ..training.runs import (ValidationPlan, check_blocks_to_swap, finished_run, install_lora, install_partial_lora,
+                             latest_validations, run_directory)
 from ..training.schedules import LR_SCHEDULES, OPTIMIZERS, make_optimizer
+from ..training.settings import ValidationPrompt, ValidationPrompts, checked_settings, config_overrides
 from ..training.trainer import train_lora
 from . import host
 from .checks import CinetuneNode, FileName, InputError, check_file_name
@@ -95,11 +106,17 @@ class TrainerNode(CinetuneNode):
     def validate_inputs(cls, **values) -> bool:
         super().validate_inputs(**values)
         given = {name: values[name] for name in _COMBINED if values.get(name) is not None}
-        if len(given) == len(_COMBINED):
-            try:
+        try:
+            if len(given) == len(_COMBINED):
                 checked_settings(**given)
-            except TrainingError as e:
-                raise InputError(f"{cls.define_schema().display_name}: {e}") from None
+            gpus = values.get("gpus")
+            if isinstance(gpus, int) and gpus > 1:
+                swap = values.get("blocks_to_swap")
+                clips = bool(values.get("validate_every")) or bool(str(values.get("validation_steps") or "").strip())
+                check_local_workers(gpus, blocks_to_swap=swap if isinstance(swap, int) else 0,
+                                    validation_clips=clips)
+        except TrainingError as e:
+            raise InputError(f"{cls.define_schema().display_name}: {e}") from None
         return True
 
 
@@ -210,6 +227,46 @@ def run_metadata(output_name: str, handle: Any, data: Any, plan: ValidationPlan,
     return metadata
 
 
+def recipe_data(data: Any, cached: list, holdout_data: Any = None) -> dict[str, CachedData]:
+    """The ``data`` of a run's recipe: the training samples ``cached`` (the ``CachedSample`` list the run's samples
+    were made from, in training order) of the training data ``data``, and the held-out data's when connected."""
+    out = {"train": CachedData.from_samples(cached, cache_dir=data.cache_dir, encoder_id=data.encoder_id,
+                                            vae_id=data.vae_id)}
+    if holdout_data is not None:
+        out["holdout"] = CachedData.from_samples(holdout_data.cached_samples(), cache_dir=holdout_data.cache_dir,
+                                                 encoder_id=holdout_data.encoder_id, vae_id=holdout_data.vae_id)
+    return out
+
+
+def _check_workers(gpus: int, device: torch.device, handle, plan: ValidationPlan, samples: list,
+                   config: TrainConfig) -> None:
+    """Refuse ``gpus`` > 1 where the run cannot be handed to worker processes (before anything is written).
+
+    Raises:
+        DistributedError: see :func:`~cinetune.training.distributed.check_local_workers` and
+            :func:`~cinetune.training.distributed.check_world_divides`.
+    """
+    visible = torch.cuda.device_count() if device.type == "cuda" else None
+    check_local_workers(gpus, device.type, visible_gpus=visible, blocks_to_swap=handle.blocks_to_swap,
+                        validation_clips=plan.active)
+    check_world_divides([(tuple(s.bucket), int(s.frames)) for s in samples],
+                        [int(getattr(s, "repeats", 1)) for s in samples], config.batch_size, gpus)
+
+
+def _interrupted(events: Events, run_dir: Path, output_name: str, since_ns: int, error: BaseException) -> None:
+    """After an interruption or error: install the partial LoRA the trainer left as ``<output_name>_step<k>``
+    (:func:`~cinetune.training.runs.install_partial_lora`) and send its path as the "interrupted" status (the chart
+    shows it as the partial LoRA); without one, the status says what happened and where the last checkpoint is."""
+    done = list_checkpoints(run_dir)
+    step = done[-1][0] if done else 0
+    message = f"{type(error).__name__}: {error}; the last checkpoint is in {run_dir}"
+    try:
+        partial = install_partial_lora(run_dir, host.model_folder("loras"), output_name, since_ns=since_ns)
+    except Exception as e:  # the run's own error is what is raised; this one is only reported
+        partial, message = None, f"{message} (its partial LoRA was not installed: {e})"
+    events.status("interrupted", step, message if partial is None else str(partial))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -217,35 +274,62 @@ def run_metadata(output_name: str, handle: Any, data: Any, plan: ValidationPlan,
 def train(handle, base_handle, *, node_id: str, output_name: str, config: TrainConfig, samples: list, empty: Any,
           adapter: TrainingAdapter, resume: bool, metadata: dict, plan: ValidationPlan,
           render: Callable[[int, torch.nn.Module], Any] | None, settings: Settings,
-          holdout: list | None = None) -> io.NodeOutput:
+          holdout: list | None = None, recipe: RunRecipe | None = None, gpus: int = 1) -> io.NodeOutput:
     """Run (or reuse) the training run, install its LoRA (and EMA LoRA) and return the node's outputs: the base
-    model with the LoRA applied, the LoRA's name, and the newest validation clips as the node's preview."""
+    model with the LoRA applied, the LoRA's name, and the newest validation clips as the node's preview.
+
+    ``recipe`` (the run's :class:`~cinetune.training.recipe.RunRecipe`) is written into the run folder before the
+    first step, so the run can be continued headless. With ``gpus`` > 1 the run is handed to that many local worker
+    processes (torchrun, FSDP2; :func:`~cinetune.training.launch.launch_workers`) whose events drive the progress
+    and the chart; Cancel makes them save a checkpoint and stop. After any interruption the partial LoRA is
+    installed as ``<output_name>_step<k>``.
+
+    Raises:
+        TrainingError: refused settings (``gpus`` > 1 without a recipe, or one the workers cannot run, see
+            :func:`_check_workers`); whatever the run raises (a failing worker is named by its rank).
+    """
     run_dir = run_folder(output_name)
     if config.ema_decay:
         check_file_name(output_name + EMA_SUFFIX, OUTPUT_NAME, "output_name (with EMA)")
-    events = Events(node_id, output_name, config.max_steps)
     device = host.compute_device()
+    if gpus > 1:
+        if recipe is None:
+            raise TrainingError("training on several GPUs needs the run's recipe; this trainer node passes none.")
+        _check_workers(gpus, device, handle, plan, samples, config)
+    events = Events(node_id, output_name, config.max_steps)
     host.free_host_models()
-    events.status("started", 0, f"{len(samples)} samples, {config.max_steps} steps")
+    where = "" if gpus == 1 else f" on {gpus} {'GPUs' if device.type == 'cuda' else 'processes'}"
+    events.status("started", 0, f"{len(samples)} samples, {config.max_steps} steps{where}")
     finished = finished_run(run_dir, config, metadata)
     on_written = lambda step, path: events.status("validation", step, str(path))  # noqa: E731
+    started_ns = time.time_ns()
     try:
         if finished is not None:  # the same finished run (ComfyUI dropped its cached output): reuse it
             result = finished
+            if recipe is not None:  # a run finished by an older version gets its recipe, so it can go on headless
+                write_recipe(run_dir, recipe)
         else:
             fresh = resolve_resume(run_dir, resume) is None  # refuses to overwrite a run before anything is made
-            if fresh and plan.at_start:  # the start LoRA is applied before placement, as the samplers do
-                with (torch.inference_mode(False), loras_applied(handle.model, settings.start_loras(handle.model)),
+            if recipe is not None:
+                write_recipe(run_dir, recipe)
+            if gpus > 1:  # the workers load their own copy of the model; this one stays where it is
+                result = launch_workers(run_dir, gpus, device=device.type, on_event=events.progress,
+                                        check_interrupt=host.check_interrupt)
+            else:
+                if fresh and plan.at_start:  # the start LoRA is applied before placement, as the samplers do
+                    with (torch.inference_mode(False),
+                          loras_applied(handle.model, settings.start_loras(handle.model)),
+                          model_on_device(handle.model, handle.blocks, device, **handle.placement())):
+                        plan.start(render, run_dir, handle.model, on_written)
+                with (torch.inference_mode(False),
                       model_on_device(handle.model, handle.blocks, device, **handle.placement())):
-                    plan.start(render, run_dir, handle.model, on_written)
-            with (torch.inference_mode(False),
-                  model_on_device(handle.model, handle.blocks, device, **handle.placement())):
-                result = train_lora(handle.model, samples, empty, config, run_dir, adapter=adapter, device=device,
-                                    resume=resume, on_event=events.progress, check_interrupt=host.check_interrupt,
-                                    validate=plan.validator(render, run_dir, on_written),
-                                    validate_every=plan.cadence, metadata=metadata, holdout=holdout)
+                    result = train_lora(handle.model, samples, empty, config, run_dir, adapter=adapter,
+                                        device=device, resume=resume, on_event=events.progress,
+                                        check_interrupt=host.check_interrupt,
+                                        validate=plan.validator(render, run_dir, on_written),
+                                        validate_every=plan.cadence, metadata=metadata, holdout=holdout)
     except BaseException as e:
-        events.status("interrupted", 0, f"{type(e).__name__}: {e}; the last checkpoint is in {run_dir}")
+        _interrupted(events, run_dir, output_name, started_ns, e)
         raise
     loras = host.model_folder("loras")
     installed = install_lora(result.lora_path, loras, output_name)
@@ -323,6 +407,16 @@ def run_inputs() -> list:
                      tooltip="Every N steps sample a short video per validation prompt with the current LoRA "
                              "(needs validation or validation_conditioning, and vae)."),
     ]
+
+
+def gpus_input() -> io.Int.Input:
+    """The ``gpus`` widget, the last input of both trainers (optional, so prompts saved without it still run)."""
+    return io.Int.Input("gpus", default=1, min=1, max=64, optional=True,
+                        tooltip="Local GPUs: 1 trains inside ComfyUI; N > 1 runs the run with torchrun in N worker "
+                                "processes (FSDP2 shards the model over them; needs blocks_to_swap 0 and no "
+                                "validation clips) and follows it here (progress, chart, Cancel). The global batch "
+                                "(batch_size) is split over them, so it must be a multiple of N. On a CPU-only "
+                                "server: N gloo processes.")
 
 
 def settings_inputs(validation: Any, data: Any, *, family: str, cacher: str) -> list:

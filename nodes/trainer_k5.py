@@ -15,14 +15,15 @@ from ..k5.train import K5_TRAINING
 from ..k5.validation import (K5ValidationRequest, decode_validation, encode_start_image, sample_validation,
                              validation_size)
 from ..training.config import TrainConfig, TrainingError
-from ..training.runs import (ValidationClip, ValidationPlan, ValidationPrompt, check_base_model, check_bucket_step,
-                             check_i2v_cache)
+from ..training.recipe import RunRecipe
+from ..training.runs import ValidationClip, ValidationPlan, check_base_model, check_bucket_step, check_i2v_cache
+from ..training.settings import ValidationPrompt
 from ..training.samples import empty_texts_from_cache, samples_from_cache
 from . import host
 from .k5 import K5ModelHandle, training_dtype
 from .trainer import (CATEGORY, GRADIENT_CHECKPOINTING, Settings, TrainerNode, check_validation,
-                      flow_shift_input, holdout_samples, optimizer_inputs, run_inputs, run_metadata, settings_inputs,
-                      swap_inputs, train, validation_prompts, with_block_swap)
+                      flow_shift_input, gpus_input, holdout_samples, optimizer_inputs, recipe_data, run_inputs,
+                      run_metadata, settings_inputs, swap_inputs, train, validation_prompts, with_block_swap)
 from .training import TrainingDataType
 from .types import K5VAE, K5Conditioning, K5Model, K5Validation
 
@@ -38,7 +39,7 @@ class K5TrainLoRA(TrainerNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneK5TrainLoRA",
-            display_name="K5 Train LoRA (Cinetune)",
+            display_name="K5 Train LoRA",
             category=CATEGORY,
             description="Trains a LoRA on the cached dataset. Watch the loss on the node; Cancel saves a resumable "
                         "checkpoint; 'resume' continues the run. The LoRA lands in models/loras. More settings: "
@@ -69,6 +70,7 @@ class K5TrainLoRA(TrainerNode):
                                                           "images)."),
                 *swap_inputs("K5 Model Loader"),
                 *settings_inputs(K5Validation, TrainingDataType, family="K5", cacher="K5 Cache Latents"),
+                gpus_input(),
             ],
             outputs=[K5Model.Output(display_name="model"), io.String.Output(display_name="lora_name")],
             hidden=[io.Hidden.unique_id],
@@ -81,7 +83,7 @@ class K5TrainLoRA(TrainerNode):
                 gradient_checkpointing, image_to_video, caption_dropout, seed, save_every, resume, validate_every,
                 validation_conditioning=None, vae=None, blocks_to_swap=-1, use_pinned_memory=True,
                 optimizer_settings=None, lora_settings=None, sampling_settings=None, checkpoint_settings=None,
-                validation=None, validation_data=None) -> io.NodeOutput:
+                validation=None, validation_data=None, gpus=1) -> io.NodeOutput:
         base: K5ModelHandle = model
         check_base_model(base.loras, lora_loader="K5 LoRA Loader", model_loader="K5 Model Loader",
                          trainer="K5 Train LoRA")
@@ -117,9 +119,12 @@ class K5TrainLoRA(TrainerNode):
         render = _renderer(prompts, samples, handle, vae, config) if plan.active else None
         metadata = run_metadata(output_name, handle, data, plan, prompts, validation_data)
         empty = empty_texts_from_cache(cached_data, data.cache_dir, data.encoder_id) if caption_dropout else None
+        recipe = RunRecipe.create(K5_FAMILY.name, models={"dit": handle.path}, loader=handle.loader_settings(),
+                                  data=recipe_data(data, cached_data, validation_data), config=config,
+                                  validation=metadata.get("validation", {}), metadata=metadata)
         return train(handle, base, node_id=str(cls.hidden.unique_id), output_name=output_name, config=config,
                      samples=samples, empty=empty, adapter=K5_TRAINING, resume=resume, metadata=metadata, plan=plan,
-                     render=render, settings=settings, holdout=holdout)
+                     render=render, settings=settings, holdout=holdout, recipe=recipe, gpus=gpus)
 
 
 def _renderer(prompts, samples, handle: K5ModelHandle, vae, config: TrainConfig):

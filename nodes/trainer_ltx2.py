@@ -17,14 +17,17 @@ from ..ltx2.text import load_text_projection
 from ..ltx2.train import LTX2TrainingAdapter, ltx2_train_config
 from ..ltx2.validation import encode_start_image, render_validation, validation_request, validation_size
 from ..training.config import TIMESTEP_SAMPLING, TrainConfig, TrainingError
-from ..training.runs import ValidationClip, ValidationPlan, ValidationPrompt, check_audio_cache, check_base_model
+from ..training.recipe import RunRecipe
+from ..training.runs import ValidationClip, ValidationPlan, check_audio_cache, check_base_model
+from ..training.samples import ltx2_samples_from_cache
+from ..training.settings import ValidationPrompt
 from . import host
 from .k5 import training_dtype
 from .ltx2 import LTX2ModelHandle
 from .ltx2_training import LTX2TrainingDataType, ltx2_empty_caption, ltx2_training_data, ltx2_training_samples
 from .trainer import (CATEGORY, GRADIENT_CHECKPOINTING, Settings, TrainerNode, check_validation,
-                      flow_shift_input, holdout_samples, optimizer_inputs, run_inputs, run_metadata, settings_inputs,
-                      swap_inputs, train, validation_prompts, with_block_swap)
+                      flow_shift_input, gpus_input, holdout_samples, optimizer_inputs, recipe_data, run_inputs,
+                      run_metadata, settings_inputs, swap_inputs, train, validation_prompts, with_block_swap)
 from .types import LTX2VAE, LTX2Conditioning, LTX2Model, LTX2TextEncoder, LTX2Validation
 
 
@@ -45,7 +48,7 @@ class LTX2TrainLoRA(TrainerNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneLTX2TrainLoRA",
-            display_name="LTX-2 Train LoRA (Cinetune)",
+            display_name="LTX-2 Train LoRA",
             category=CATEGORY,
             description="Trains an LTX-2 LoRA on the cached dataset, video and sound together (ltx-trainer's "
                         "audio-video objective). Watch both losses on the node; Cancel saves a resumable checkpoint; "
@@ -94,6 +97,7 @@ class LTX2TrainLoRA(TrainerNode):
                                               "those the captions were cached with). Leave empty to read them from "
                                               "the model's checkpoint file."),
                 *settings_inputs(LTX2Validation, LTX2TrainingDataType, family="LTX-2", cacher="LTX-2 Cache Latents"),
+                gpus_input(),
             ],
             outputs=[LTX2Model.Output(display_name="model"), io.String.Output(display_name="lora_name")],
             hidden=[io.Hidden.unique_id],
@@ -107,7 +111,7 @@ class LTX2TrainLoRA(TrainerNode):
                 validate_every, validation_steps, validation_sampling_steps, blocks_to_swap=-1,
                 use_pinned_memory=True, validation_conditioning=None, vae=None, text_encoder=None,
                 optimizer_settings=None, lora_settings=None, sampling_settings=None, checkpoint_settings=None,
-                validation=None, validation_data=None) -> io.NodeOutput:
+                validation=None, validation_data=None, gpus=1) -> io.NodeOutput:
         base: LTX2ModelHandle = model
         check_base_model(base.loras, lora_loader="LTX-2 LoRA Loader", model_loader="LTX-2 Model Loader",
                          trainer="LTX-2 Train LoRA")
@@ -133,16 +137,25 @@ class LTX2TrainLoRA(TrainerNode):
             save_every=save_every, compute_dtype=training_dtype(device)), ltx2_train_config)
         data = ltx2_training_data(training_data)
         check_audio_cache(audio, data.audio, cacher="LTX-2 Cache Latents")
-        samples = ltx2_training_samples(data)
+        cached = data.cached_samples()
+        samples = ltx2_samples_from_cache(cached)
         holdout = holdout_samples(None if validation_data is None else ltx2_training_data(validation_data), data,
                                   ltx2_training_samples, config)
         empty = ltx2_empty_caption(data) if caption_dropout else None
         projection = _text_projection(text_encoder, handle, config.compute_dtype)
         render = _renderer(prompts, samples, handle, vae, config) if plan.active else None
         metadata = run_metadata(output_name, handle, data, plan, prompts, validation_data)
+        connectors_dtype = str(next(projection.parameters()).dtype).removeprefix("torch.")
+        recipe = RunRecipe.create(
+            LTX2_FAMILY.name,
+            models={"dit": handle.path, "connectors": getattr(text_encoder, "projection_path", None) or handle.path},
+            loader={**handle.loader_settings(), "connectors_dtype": connectors_dtype},
+            data=recipe_data(data, cached, validation_data), config=config,
+            validation=metadata.get("validation", {}), metadata=metadata)
         return train(handle, base, node_id=str(cls.hidden.unique_id), output_name=output_name, config=config,
                      samples=samples, empty=empty, adapter=LTX2TrainingAdapter(projection), resume=resume,
-                     metadata=metadata, plan=plan, render=render, settings=settings, holdout=holdout)
+                     metadata=metadata, plan=plan, render=render, settings=settings, holdout=holdout, recipe=recipe,
+                     gpus=gpus)
 
 
 def _renderer(prompts, samples, handle: LTX2ModelHandle, vae, config: TrainConfig):

@@ -30,19 +30,19 @@ LTX2Conditioning = io.Custom("CINETUNE_LTX2_CONDITIONING")
 """Encoded prompt and negative prompt (:class:`cinetune.ltx2.pipeline.LTX2Conditioning`)."""
 
 OptimizerSettingsType = io.Custom("CINETUNE_OPTIMIZER_SETTINGS")
-"""Optimizer details for a trainer (:class:`cinetune.training.runs.OptimizerSettings`)."""
+"""Optimizer details for a trainer (:class:`cinetune.training.settings.OptimizerSettings`)."""
 
 LoRASettingsType = io.Custom("CINETUNE_LORA_SETTINGS")
-"""LoRA layer selection, dropouts and start file for a trainer (:class:`cinetune.training.runs.LoRASettings`)."""
+"""LoRA layer selection, dropouts and start file for a trainer (:class:`cinetune.training.settings.LoRASettings`)."""
 
 SamplingSettingsType = io.Custom("CINETUNE_SAMPLING_SETTINGS")
-"""σ range, loss weighting and image-to-video probability (:class:`cinetune.training.runs.SamplingSettings`)."""
+"""σ range, loss weighting and image-to-video probability (:class:`cinetune.training.settings.SamplingSettings`)."""
 
 CheckpointSettingsType = io.Custom("CINETUNE_CHECKPOINT_SETTINGS")
-"""Checkpoints, saved dtype, logging, EMA and held-out loss (:class:`cinetune.training.runs.CheckpointSettings`)."""
+"""Checkpoints, saved dtype, logging, EMA and held-out loss (:class:`cinetune.training.settings.CheckpointSettings`)."""
 
 K5Validation = io.Custom("CINETUNE_K5_VALIDATION")
-"""A chain of Kandinsky 5 validation prompts (:class:`cinetune.training.runs.ValidationPrompts`)."""
+"""A chain of Kandinsky 5 validation prompts (:class:`cinetune.training.settings.ValidationPrompts`)."""
 
 LTX2Validation = io.Custom("CINETUNE_LTX2_VALIDATION")
-"""A chain of LTX-2 validation prompts (:class:`cinetune.training.runs.ValidationPrompts`)."""
+"""A chain of LTX-2 validation prompts (:class:`cinetune.training.settings.ValidationPrompts`)."""

@@ -54,7 +54,8 @@ from .config import TrainingError
 
 __all__ = ["DistributedError", "TorchrunEnv", "DistributedContext", "SINGLE_PROCESS", "SHARDING", "BACKENDS",
            "REDUCE_BUCKET_ELEMENTS", "torchrun_env", "choose_backend", "init_distributed", "close_distributed",
-           "rank_share", "check_world_divides", "all_reduce_gradients", "check_sharding", "shard_frozen_blocks"]
+           "rank_share", "check_world_divides", "all_reduce_gradients", "check_sharding", "check_local_workers",
+           "shard_frozen_blocks"]
 
 #: Process-group backends: NCCL for CUDA GPUs, gloo for the CPU.
 BACKENDS: tuple[str, ...] = ("nccl", "gloo")
@@ -425,6 +426,45 @@ def check_sharding(sharding: str, blocks_to_swap: int) -> None:
             "every block on each GPU and gathers it for the block's forward, block swap streams whole blocks from "
             "CPU memory. Set blocks_to_swap to 0 (sharding over N GPUs divides the weights' memory by N), or "
             "replicate the model on every GPU with block swap (--sharding replicate).")
+
+
+def check_local_workers(processes: int, device_type: str | None = None, *, visible_gpus: int | None = None,
+                        blocks_to_swap: int = 0, validation_clips: bool = False) -> None:
+    """Refuse a run on ``processes`` local worker processes (torchrun on this machine, FSDP sharding) started from
+    a trainer that cannot hand it over; one process is always accepted. The arguments left None are not checked
+    (e.g. at queue time, before the device is known).
+
+    Args:
+        processes: worker processes (the trainer node's ``gpus``). device_type: the host's compute device type
+            (``"cuda"``: one process per GPU, NCCL; ``"cpu"``: gloo). visible_gpus: CUDA devices this process sees.
+        blocks_to_swap: the model's block swap (refused with FSDP, :func:`check_sharding`).
+        validation_clips: whether the run would render validation clips (the workers load no VAE or text encoder).
+
+    Raises:
+        DistributedError: ``processes`` < 1; another device type; more processes than visible GPUs; block swap;
+            validation clips. The message says what to change.
+    """
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise DistributedError(f"gpus must be an integer ≥ 1; got {processes!r}.")
+    if processes == 1:
+        return
+    if device_type is not None and device_type not in ("cuda", "cpu"):
+        raise DistributedError(f"gpus={processes} runs one process per CUDA GPU (or, without GPUs, per CPU process "
+                               f"with gloo); this ComfyUI computes on {device_type!r}: set gpus to 1.")
+    if device_type == "cuda" and visible_gpus is not None and visible_gpus < processes:
+        raise DistributedError(f"gpus={processes}, but only {visible_gpus} CUDA GPU(s) are visible to ComfyUI (see "
+                               f"CUDA_VISIBLE_DEVICES): set gpus to at most {visible_gpus}.")
+    if blocks_to_swap > 0:
+        raise DistributedError(
+            f"gpus={processes} shards the model over the GPUs with FSDP, which cannot be combined with block swap "
+            f"(blocks_to_swap={blocks_to_swap}): set blocks_to_swap to 0 on the trainer (or its model loader), since "
+            "sharding divides the weights' memory by the number of GPUs; or set gpus to 1. To keep block swap on "
+            "every GPU, run the run folder headless with --sharding replicate.")
+    if validation_clips:
+        raise DistributedError(
+            f"validation clips are rendered inside ComfyUI, but with gpus={processes} the run trains in worker "
+            "processes that load no VAE or text encoder: set validate_every to 0 (and clear validation_steps and "
+            "sample_at_start), or set gpus to 1. The held-out validation loss (validation_loss_every) still works.")
 
 
 def shard_frozen_blocks(model: nn.Module, blocks: Sequence[nn.Module], ctx: DistributedContext) -> nn.Module:

@@ -9,8 +9,9 @@
         -m cinetune.training.launch runs/my_lora                                      # 2 machines
 
 The run folder's recipe (:mod:`cinetune.training.recipe`, written by the trainer node) names the model files, the
-loader settings, the caches and the training settings. The launcher loads the model through its family's loader
-(:func:`register_run_builder`; Kandinsky 5 and LTX-2 are built in), reads the cached samples, and calls
+loader settings, the caches and the training settings. The launcher loads the model through its family's builder
+(:func:`register_run_builder`, called by each family's ``launch`` module: ``k5/launch.py``, ``ltx2/launch.py``;
+this module names no family), reads the cached samples, and calls
 :func:`cinetune.training.trainer.train_lora` with ``resume=True``: it continues the newest checkpoint (or starts
 the run) and writes the same checkpoints and ``lora.safetensors`` as the node. Under torchrun the ranks train one
 run data-parallel (:mod:`cinetune.training.distributed`); rank 0 alone writes files.
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import inspect
 import json
 import os
@@ -52,7 +54,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
 from torch import nn
 
 from ..core.offload import model_on_device
@@ -63,10 +64,10 @@ from .distributed import (SHARDING, DistributedContext, check_sharding, check_wo
                           init_distributed, shard_frozen_blocks)
 from .ema import EMA_LORA_FILE
 from .recipe import RecipeError, RunRecipe, read_recipe, write_recipe
-from .samples import empty_texts_from_cache, ltx2_empty_text_from_cache, ltx2_samples_from_cache, samples_from_cache
 from .trainer import train_lora
 
 __all__ = ["EVENTS_FILE", "STOP_FILE", "LOG_FILE", "BuiltRun", "StopRequested", "register_run_builder", "build_run",
+           "swap_settings",
            "append_event", "read_events", "request_stop", "launch", "torchrun_command", "launch_workers", "main"]
 
 EVENTS_FILE = "events.jsonl"
@@ -196,63 +197,64 @@ def register_run_builder(family: str, builder: RunBuilder) -> RunBuilder:
     return builder
 
 
+def _pack_root() -> Path:
+    """The folder of the pack (not resolved: a symlinked custom-node folder keeps its own name)."""
+    return Path(os.path.abspath(__file__)).parents[1]
+
+
+def _pack_package() -> str:
+    """The name the pack was imported under: ``cinetune`` when installed; inside ComfyUI the custom-node folder's
+    path, which ComfyUI uses as the module name."""
+    return (__package__ or "cinetune.training").rpartition(".")[0]
+
+
+def _family_launch_modules() -> list[str]:
+    """The pack's packages (beside this one) that have a ``launch`` module: the model families' builders."""
+    root, own = _pack_root(), Path(__file__).parent.name
+    return sorted(d.name for d in root.iterdir() if d.name != own and d.name.isidentifier()
+                  and (d / "__init__.py").is_file() and (d / "launch.py").is_file())
+
+
+def _import_family_builders() -> list[str]:
+    """Import every family's ``launch`` module (each registers its builder); returns the failures as messages."""
+    package = _pack_package()
+    failed = []
+    for name in _family_launch_modules():
+        try:
+            importlib.import_module(f"{package}.{name}.launch")
+        except ImportError as exc:
+            failed.append(f"{package}.{name}.launch: {exc}")
+    return failed
+
+
 def build_run(recipe: RunRecipe) -> BuiltRun:
     """Load the model, adapter, samples and settings of ``recipe`` through its family's builder.
+
+    Builders register themselves when their family's ``launch`` module is imported (``k5/launch.py``,
+    ``ltx2/launch.py``); when none is registered for the recipe's family yet, every package of the pack with a
+    ``launch`` module is imported first, so the command needs no family named here.
 
     Raises:
         RecipeError: no builder for the recipe's family. Loader errors (CheckpointError, CacheError, …) as raised.
     """
+    failed: list[str] = []
+    if recipe.family not in _BUILDERS:
+        failed = _import_family_builders()
     builder = _BUILDERS.get(recipe.family)
     if builder is None:
+        note = f" Modules that failed to import: {'; '.join(failed)}." if failed else ""
         raise RecipeError(f"no headless builder for the model family {recipe.family!r} (known: "
-                          f"{', '.join(_BUILDERS) or 'none'}); update Cinetune or import the family's module.")
+                          f"{', '.join(_BUILDERS) or 'none'}); the run was written by a version of Cinetune with "
+                          f"another family: update Cinetune.{note}")
     return builder(recipe)
 
 
-def _swap(recipe: RunRecipe) -> dict[str, Any]:
+def swap_settings(recipe: RunRecipe) -> dict[str, Any]:
+    """The :class:`BuiltRun` block-swap fields from a recipe's loader settings (``blocks_to_swap``,
+    ``use_pinned_memory``; none swapped and pinned by default)."""
     loader = recipe.loader
     return dict(blocks_to_swap=int(loader.get("blocks_to_swap", 0)),
                 pin_memory=bool(loader.get("use_pinned_memory", True)))
-
-
-def _build_k5(recipe: RunRecipe) -> BuiltRun:
-    from ..k5.dit import load_k5_dit
-    from ..k5.nabla import NablaConfig
-    from ..k5.train import K5_TRAINING
-
-    config = recipe.train_config(nabla_type=NablaConfig)
-    model = load_k5_dit(recipe.model_path("dit"), weight_dtype=recipe.loader.get("weight_dtype", "default"),
-                        device="cpu").model.eval()
-    data = recipe.data["train"]
-    cached = list(data.samples)
-    empty = empty_texts_from_cache(cached, data.cache_dir, data.encoder_id) if config.caption_dropout else None
-    holdout = samples_from_cache(recipe.data["holdout"].samples) if "holdout" in recipe.data else None
-    return BuiltRun(model, K5_TRAINING, samples_from_cache(cached), empty, config, holdout, **_swap(recipe))
-
-
-def _build_ltx2(recipe: RunRecipe) -> BuiltRun:
-    from ..ltx2.loader import load_ltx2_dit
-    from ..ltx2.text import load_text_projection
-    from ..ltx2.train import LTX2TrainingAdapter
-
-    config = recipe.train_config()
-    model = load_ltx2_dit(recipe.model_path("dit"), weight_dtype=recipe.loader.get("weight_dtype", "default"),
-                          device="cpu").model.eval()
-    dtype = recipe.loader.get("connectors_dtype")
-    if dtype not in (None, "float32", "bfloat16", "float16"):
-        raise RecipeError(f"the run's recipe gives the text connectors the dtype {dtype!r}; expected float32, "
-                          "bfloat16 or float16. Queue the training workflow again to rewrite the recipe.")
-    projection = load_text_projection(recipe.model_path("connectors" if "connectors" in recipe.models else "dit"),
-                                      dtype=None if dtype is None else getattr(torch, dtype))
-    data = recipe.data["train"]
-    empty = ltx2_empty_text_from_cache(data.cache_dir, data.encoder_id) if config.caption_dropout else None
-    holdout = ltx2_samples_from_cache(recipe.data["holdout"].samples) if "holdout" in recipe.data else None
-    return BuiltRun(model, LTX2TrainingAdapter(projection), ltx2_samples_from_cache(data.samples), empty, config,
-                    holdout, **_swap(recipe))
-
-
-register_run_builder("kandinsky-5", _build_k5)
-register_run_builder("ltx-2", _build_ltx2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -352,20 +354,22 @@ def torchrun_command(run_dir: str | os.PathLike, nproc_per_node: int, *, device:
 
     ``python -m torch.distributed.run --standalone --nproc_per_node N -m <package>.training.launch <run_dir> --quiet``
     with this process's interpreter. ``<package>`` is the name this pack was imported under (``cinetune`` when
-    installed, the custom-node folder's name inside ComfyUI); in the second case the folder holding the pack is put
-    on ``PYTHONPATH`` so the workers import it under the same name.
+    installed) or, inside ComfyUI (which imports a custom-node folder under its path), the folder's name. When the
+    pack's folder has that name, the folder holding it is put first on ``PYTHONPATH``, so the workers import this
+    copy of the pack.
 
     Raises:
         ValueError: ``nproc_per_node`` < 1.
     """
     if isinstance(nproc_per_node, bool) or not isinstance(nproc_per_node, int) or nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be an integer ≥ 1; got {nproc_per_node!r}")
-    package = (__package__ or "cinetune").split(".")[0]
+    package, pack = _pack_package(), _pack_root()
+    if not package.isidentifier():  # imported by ComfyUI under its path: the workers import the folder by its name
+        package = pack.name
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc_per_node),
             "-m", f"{package}.training.launch", str(run_dir), "--quiet", *(["--device", device] if device else []),
             *extra_args]
     env = dict(os.environ)
-    pack = Path(__file__).resolve().parents[1]
     if pack.name == package:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pack.parent), env.get("PYTHONPATH")) if p)
     return argv, env
@@ -525,4 +529,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m`` runs a second copy of this module as __main__; the families register their builders with the
+    # imported one, so the command runs that one's main
+    sys.exit(importlib.import_module(__spec__.name).main())

@@ -137,8 +137,8 @@ def test_live_loss_chart_draws_the_real_training_run(comfy_server, comfy_client,
                              screenshot_path=tmp_path / "chart.png")
     assert watch.points >= 20 and watch.colored_pixels > 0
     assert "loss_chart" in watch.widget_names
-    # 22 widget values + the seed's control_after_generate value; the chart itself is never saved
-    assert len(watch.widgets_values) == 23 and watch.widgets_values[0] == "chart_lora"
+    # 23 widget values + the seed's control_after_generate value; the chart itself is never saved
+    assert len(watch.widgets_values) == 24 and watch.widgets_values[0] == "chart_lora"
     comfy_client.wait(watch.prompt_id, timeout=600)
 
 

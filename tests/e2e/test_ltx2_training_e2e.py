@@ -196,6 +196,6 @@ def test_the_live_chart_draws_the_video_and_audio_losses(trained, comfy_server, 
     assert watch.points >= 6 and watch.colored_pixels > 0
     assert " · video " in watch.readout and " · audio " in watch.readout, watch.readout
     assert "loss_chart" in watch.widget_names
-    # 25 widget values + the seed's control_after_generate value; the chart itself is never saved
-    assert len(watch.widgets_values) == 26 and watch.widgets_values[0] == "e2e_ltx2_chart"
+    # 26 widget values + the seed's control_after_generate value; the chart itself is never saved
+    assert len(watch.widgets_values) == 27 and watch.widgets_values[0] == "e2e_ltx2_chart"
     comfy_client.wait(watch.prompt_id, timeout=600)

@@ -28,6 +28,7 @@ from cinetune.training.distributed import (
     DistributedContext,
     DistributedError,
     all_reduce_gradients,
+    check_local_workers,
     check_sharding,
     check_world_divides,
     choose_backend,
@@ -272,6 +273,23 @@ def test_fsdp_and_block_swap_are_refused_together():
         check_sharding("fsdp", 4)
     with pytest.raises(DistributedError, match="sharding must be one of fsdp, replicate"):
         check_sharding("zero3", 0)
+
+
+def test_local_workers_are_refused_where_the_trainer_cannot_hand_the_run_over():
+    check_local_workers(1, "mps", visible_gpus=0, blocks_to_swap=8, validation_clips=True)  # in ComfyUI: anything
+    check_local_workers(4, "cuda", visible_gpus=4)
+    check_local_workers(3, "cpu", visible_gpus=0)  # gloo processes; GPUs do not count
+    check_local_workers(2)  # at queue time the device is not known yet
+    with pytest.raises(DistributedError, match="gpus must be an integer ≥ 1; got 0"):
+        check_local_workers(0)
+    with pytest.raises(DistributedError, match="computes on 'mps': set gpus to 1"):
+        check_local_workers(2, "mps")
+    with pytest.raises(DistributedError, match=r"only 2 CUDA GPU\(s\) are visible.*set gpus to at most 2"):
+        check_local_workers(3, "cuda", visible_gpus=2)
+    with pytest.raises(DistributedError, match="cannot be combined with block swap.*--sharding replicate"):
+        check_local_workers(2, "cuda", visible_gpus=2, blocks_to_swap=1)
+    with pytest.raises(DistributedError, match="set validate_every to 0.*validation_loss_every"):
+        check_local_workers(2, "cpu", validation_clips=True)
 
 
 def test_one_process_needs_no_collectives():

@@ -12,14 +12,17 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from families import K5, each_family
+from families import K5, LTX2, each_family
 from test_recipe import make_recipe, write_k5_cache, write_ltx2_cache
 
+from cinetune.core.checkpoint import read_safetensors_header, save_file_atomic
 from cinetune.core.lora import load_lora
 from cinetune.k5.train import K5_TRAINING
 from cinetune.ltx2.text import load_text_projection
@@ -38,6 +41,7 @@ from cinetune.training.launch import (
     torchrun_command,
 )
 from cinetune.training.recipe import RECIPE_FILE, RecipeError, RunRecipe, read_recipe, write_recipe
+from cinetune.training.runs import install_partial_lora
 from cinetune.training.samples import (
     empty_texts_from_cache,
     ltx2_empty_text_from_cache,
@@ -238,3 +242,79 @@ def test_events_are_whole_lines(tmp_path):
         f.write(b'ep": 2}\nnot json\n')
     more, _ = read_events(tmp_path, offset)
     assert [e["step"] for e in more] == [2]
+
+
+def test_the_launcher_names_no_family_and_finds_their_builders(tiny_file, tmp_path):
+    # a fresh interpreter, as under torchrun: importing the launcher imports no family; a run of a family whose
+    # package nobody imported is built by the builder its launch module registers
+    write_recipe(tmp_path / "run", setup_run(LTX2, tiny_file, tmp_path))
+    script = ("import sys\n"
+              "from cinetune.training import launch\n"
+              "from cinetune.training.recipe import read_recipe\n"
+              "loaded = lambda: sorted(m for m in sys.modules if m.split('.')[:2] in (['cinetune', 'k5'], "
+              "['cinetune', 'ltx2']))\n"
+              "before = loaded()\n"
+              "built = launch.build_run(read_recipe(sys.argv[1]))\n"
+              "print(before, type(built.adapter).__name__, len(built.samples), sorted(launch._BUILDERS))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[0] == "[] LTX2TrainingAdapter 3 ['kandinsky-5', 'ltx-2']"
+
+
+def test_an_interrupted_runs_partial_lora_is_installed_by_step(tiny_file, tmp_path):
+    recipe = setup_run(K5, tiny_file, tmp_path)
+    run, loras = tmp_path / "run", tmp_path / "loras"
+    started = time.time_ns()
+    with pytest.raises(Stop):
+        in_graph(K5, recipe, recipe.train_config(), run, stop_before_step(2))  # Cancel after step 1
+    assert install_partial_lora(run, loras, "test", since_ns=time.time_ns() + 10**9) is None  # an older file
+    installed = install_partial_lora(run, loras, "test", since_ns=started)
+    assert installed == loras / "test_step1.safetensors"
+    assert_same_lora(installed, run / "lora.safetensors")
+    assert read_safetensors_header(installed)[1]["cinetune.complete"] == "false"
+    assert install_partial_lora(run, loras, "other") is None  # another run's file
+    save_file_atomic({"x": torch.zeros(1)}, loras / "mine_step1.safetensors", metadata={"cinetune.run": "mine"})
+    shutil.copy(loras / "mine_step1.safetensors", loras / "test_step1.safetensors")
+    with pytest.raises(FileExistsError, match="test_step1.safetensors exists and was not written by the run 'test'"):
+        install_partial_lora(run, loras, "test")  # a file of someone else under the name is left alone
+    in_graph(K5, recipe, recipe.train_config(), run)  # finished: nothing partial to install
+    assert install_partial_lora(run, loras, "test") is None
+
+
+def test_workers_of_a_pack_loaded_as_comfyui_loads_custom_nodes_import_that_pack(tmp_path):
+    # ComfyUI imports a custom-node folder under its path as the module name; the command must name the package
+    # by the folder's name and put the folder holding it on PYTHONPATH
+    link = tmp_path / "custom_nodes" / "cinetune"
+    link.parent.mkdir()
+    link.symlink_to(ROOT, target_is_directory=True)
+    script = ("import importlib, importlib.util, json, os, sys\n"
+              "path = sys.argv[1]\n"
+              "spec = importlib.util.spec_from_file_location(path, path + '/__init__.py')\n"
+              "module = importlib.util.module_from_spec(spec); sys.modules[path] = module; spec.loader.exec_module(module)\n"
+              "launch = importlib.import_module(path + '.training.launch')\n"
+              "argv, env = launch.torchrun_command('run', 2)\n"
+              "print(json.dumps([argv[7], env['PYTHONPATH'].split(os.pathsep)[0]]))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(link)], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    module, first = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (module, first) == ("cinetune.training.launch", str(link.parent))
+    found = subprocess.run([sys.executable, "-c", "import cinetune; print(cinetune.__file__)"], capture_output=True,
+                           text=True, timeout=60, cwd=tmp_path, env={**os.environ, "PYTHONPATH": first})
+    assert found.stdout.strip() == str(link / "__init__.py")
+
+
+def test_the_family_builders_load_what_the_recipe_records(tiny_file, tmp_path):
+    k5 = setup_run(K5, tiny_file, tmp_path / "k5")
+    built = build_run(dataclasses.replace(k5, loader={"weight_dtype": "bf16", "blocks_to_swap": 2,
+                                                      "use_pinned_memory": False}))
+    assert {p.dtype for n, p in built.model.named_parameters() if n.endswith("to_query.weight")} == {torch.bfloat16}
+    assert (built.blocks_to_swap, built.pin_memory, len(built.samples)) == (2, False, 3)
+    assert built.config.to_dict() == k5.config and built.empty is not None  # caption dropout 0.4: empty captions
+    ltx2 = setup_run(LTX2, tiny_file, tmp_path / "ltx2")
+    built = build_run(dataclasses.replace(ltx2, loader={**ltx2.loader, "connectors_dtype": "bfloat16"}))
+    assert {p.dtype for p in built.adapter.text_projection.parameters()} == {torch.bfloat16}
+    assert (built.blocks_to_swap, built.pin_memory) == (0, True)
+    with pytest.raises(RecipeError, match="gives the text connectors the dtype 'int8'; expected one of float32"):
+        build_run(dataclasses.replace(ltx2, loader={**ltx2.loader, "connectors_dtype": "int8"}))

@@ -1,5 +1,5 @@
 """What the training settings nodes and the multi-prompt validation carry, without ComfyUI: the settings values and
-the TrainConfig fields they set (training.runs), the validation plan with step 0 and several prompts, and the
+the TrainConfig fields they set (training.settings), the validation plan with step 0 and several prompts, and the
 families' validation samplers with a start image (k5.validation, ltx2.validation)."""
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from cinetune.k5.validation import (K5ValidationRequest, decode_validation, enco
                                     validation_size)
 from cinetune.ltx2.train import ltx2_train_config
 from cinetune.training.config import TrainConfig, TrainingError
-from cinetune.training.runs import (CheckpointSettings, LoRASettings, OptimizerSettings, SamplingSettings,
-                                    ValidationClip, ValidationPlan, ValidationPrompt, ValidationPrompts,
-                                    checked_settings, config_overrides, install_lora, latest_validation,
-                                    latest_validations, validation_path)
+from cinetune.training import runs, settings
+from cinetune.training.runs import (ValidationClip, ValidationPlan, install_lora, latest_validation, latest_validations,
+                                    validation_path)
+from cinetune.training.settings import (CheckpointSettings, LoRASettings, OptimizerSettings, SamplingSettings,
+                                        ValidationPrompt, ValidationPrompts, checked_settings, config_overrides)
 from test_trainer import LTX2Harness, load_dit, sample
 
 DEFAULTS = (OptimizerSettings(), LoRASettings(), SamplingSettings(), CheckpointSettings())
@@ -67,6 +68,11 @@ def test_each_settings_value_lands_in_its_config_field():
     assert config_overrides(OptimizerSettings(eps=1e-3), OptimizerSettings(eps=1e-4))["eps"] == 1e-4
     saved = cfg.to_dict()
     assert saved["init_lora"] == "/somewhere/start.safetensors" and saved["validation_loss_sigmas"] == [0.25, 0.75]
+
+
+def test_settings_names_stay_importable_from_runs():
+    for name in settings.__all__:
+        assert getattr(runs, name) is getattr(settings, name), name
 
 
 def test_settings_texts_are_checked_by_the_configs_own_rules():
