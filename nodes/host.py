@@ -220,3 +220,29 @@ def free_device_memory() -> int | None:
     if device.type == "cpu":
         return None
     return int(mm.get_free_memory(device))
+
+
+def install_example_inputs(folder: Path) -> list[Path]:
+    """Copy the example workflows' input files (e.g. the image-to-video start image) from ``folder`` into ComfyUI's
+    input folder, leaving any file of the same name that is already there untouched.
+
+    Returns:
+        The files copied. Errors are logged, never raised: a read-only input folder must not stop the pack loading.
+    """
+    import shutil
+
+    copied: list[Path] = []
+    if not folder.is_dir():
+        return copied
+    try:
+        target = input_directory()
+        target.mkdir(parents=True, exist_ok=True)
+        for src in sorted(folder.iterdir()):
+            dst = target / src.name
+            if src.is_file() and not dst.exists():
+                shutil.copyfile(src, dst)
+                copied.append(dst)
+    except OSError as e:
+        log.warning("Cinetune: could not copy the example inputs from %s into the input folder (%s); copy them "
+                    "by hand to run the image-to-video examples.", folder, e)
+    return copied

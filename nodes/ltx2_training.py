@@ -116,7 +116,7 @@ class LTX2CacheText(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneLTX2CacheText",
-            display_name="LTX-2 Cache Text Encoder Outputs (Cinetune)",
+            display_name="LTX-2 Cache Text Encoder Outputs",
             category=CATEGORY,
             description="Encodes every caption once with Gemma 3 and the LTX-2 text projection (1024 tokens, left "
                         "padded, before the connectors, as ltx-trainer caches them) and stores the results on disk. "
@@ -158,7 +158,7 @@ class LTX2CacheLatents(NodeRules, CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneLTX2CacheLatents",
-            display_name="LTX-2 Cache Latents (Cinetune)",
+            display_name="LTX-2 Cache Latents",
             category=CATEGORY,
             description="Selects clips, sorts them into aspect-ratio buckets (sides multiples of 32 px) and encodes "
                         "them with the LTX-2 video VAE, and their sound (stereo, 16 kHz) with the audio VAE, once. "

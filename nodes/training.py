@@ -230,7 +230,7 @@ class DatasetFolder(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneDatasetFolder",
-            display_name="Dataset Folder (Cinetune)",
+            display_name="Dataset Folder",
             category=CATEGORY,
             description="A folder of videos (mp4, mov, webm, mkv, gif) and images with same-name .txt captions, "
                         "searched recursively.",
@@ -294,7 +294,7 @@ class CombineDatasets(CinetuneNode):
                "captions and frame extraction.")
         return io.Schema(
             node_id="CinetuneCombineDatasets",
-            display_name="Combine Datasets (Cinetune)",
+            display_name="Combine Datasets",
             category=CATEGORY,
             description="Trains on several datasets at once. Item names get their folder's name in front, so equal "
                         "file names in different folders stay apart. Both families' cache nodes take the result.",
@@ -320,7 +320,7 @@ class K5CacheText(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneK5CacheText",
-            display_name="K5 Cache Text Encoder Outputs (Cinetune)",
+            display_name="K5 Cache Text Encoder Outputs",
             category=CATEGORY,
             description="Encodes every caption once with Qwen2.5-VL + CLIP and stores the results on disk. Re-running "
                         "encodes only new or changed captions.",
@@ -357,7 +357,7 @@ class K5CacheLatents(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneK5CacheLatents",
-            display_name="K5 Cache Latents (Cinetune)",
+            display_name="K5 Cache Latents",
             category=CATEGORY,
             description="Selects clips, sorts them into aspect-ratio buckets and encodes them with the VAE once. "
                         "Re-running encodes only new or changed clips; an interrupted run resumes where it stopped.",

@@ -17,7 +17,7 @@ class SaveVideoMP4(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneSaveVideo",
-            display_name="Save Video MP4 (Cinetune)",
+            display_name="Save Video MP4",
             category="Cinetune/video",
             description="Saves frames as an H.264 mp4 (yuv420p) in the ComfyUI output folder, with an AAC audio "
                         "track when audio is connected.",

@@ -6,7 +6,9 @@ taken from ``$CINETUNE_CHROMIUM`` when set, else the first of ``chromium``, ``ch
 ``google-chrome`` on ``PATH``.
 
 ``watch_loss_chart`` opens the frontend, loads a UI-format workflow, queues it, waits until the trainer
-node's chart has drawn enough points and returns what it saw (``ChartWatch``).
+node's chart has drawn enough points and returns what it saw (``ChartWatch``). ``open_frontend`` /
+``load_workflow`` / ``canvas_geometry`` / ``drawn_link_hits`` load a workflow and read back how the frontend lays it
+out and draws its links (for the example-workflow layout test and ``scripts/screenshot_workflows.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,7 +157,7 @@ _CLEAR_GRAPH = """async () => {
 """
 
 
-def _skip_first_run_ui(page, page_url: str) -> None:
+def skip_first_run_ui(page, page_url: str) -> None:
     """Keep first-run UI from covering the canvas: the template browser a new user gets (server setting
     ``Comfy.TutorialCompleted``) and the "Nodes 2.0" banner (browser storage)."""
     response = page.request.post(urljoin(page_url, "api/settings/Comfy.TutorialCompleted"), data="true",
@@ -164,7 +167,7 @@ def _skip_first_run_ui(page, page_url: str) -> None:
     page.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true');")
 
 
-def _node_types(workflow_ui: dict) -> list[str]:
+def node_types(workflow_ui: dict) -> list[str]:
     """The registered node types a UI-format workflow uses (subgraph instances excluded)."""
     subgraphs = {s.get("id") for s in (workflow_ui.get("definitions") or {}).get("subgraphs") or []}
     types = {n.get("type") for n in workflow_ui.get("nodes") or []}
@@ -173,7 +176,7 @@ def _node_types(workflow_ui: dict) -> list[str]:
     return sorted(t for t in types if t and t not in subgraphs)
 
 
-def _wait_for_app(page, node_types: list[str], timeout_s: float) -> None:
+def wait_for_app(page, node_types: list[str], timeout_s: float) -> None:
     """Wait until the app is set up: canvas present, the chart extension loaded, and every node type the
     workflow uses registered (loading earlier reports them as missing nodes)."""
     try:
@@ -200,6 +203,10 @@ def _wait_for_app(page, node_types: list[str], timeout_s: float) -> None:
                                timeout=STARTUP_GRAPH_TIMEOUT_S * 1000)
     except Exception:  # noqa: BLE001 - an empty start-up graph is fine
         pass
+
+
+# Older names, kept for callers written against them.
+_skip_first_run_ui, _node_types, _wait_for_app = skip_first_run_ui, node_types, wait_for_app
 
 
 def watch_loss_chart(page_url: str, workflow_ui: dict, node_id: int | str, min_points: int, timeout: float, *,
@@ -233,9 +240,9 @@ def watch_loss_chart(page_url: str, workflow_ui: dict, node_id: int | str, min_p
             page.on("console", lambda msg: errors.append(f"console.{msg.type}: {msg.text}")
                     if msg.type == "error" else None)
             page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
-            _skip_first_run_ui(page, page_url)
+            skip_first_run_ui(page, page_url)
             page.goto(page_url, wait_until="domcontentloaded", timeout=APP_READY_TIMEOUT_S * 1000)
-            _wait_for_app(page, _node_types(workflow_ui), APP_READY_TIMEOUT_S)
+            wait_for_app(page, node_types(workflow_ui), APP_READY_TIMEOUT_S)
             page.evaluate("async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf); }", workflow_ui)
             try:
                 page.wait_for_function(f"() => ({_READ_CHART})({node_id}) !== null", timeout=CHART_TIMEOUT_S * 1000)
@@ -311,3 +318,149 @@ def dump(watch: ChartWatch) -> str:
     """``watch`` as indented JSON, for assertion messages."""
     data = {k: (str(v) if isinstance(v, Path) else v) for k, v in watch.__dict__.items()}
     return json.dumps(data, indent=1, default=str)
+
+
+# --------------------------------------------------------------------------------------------- canvas geometry
+
+# Runs in the page: every node's drawn rectangle (title bar included) and properties, every link's slot centres,
+# the native reroutes and the groups, after one full redraw.
+_GEOMETRY = """() => {
+    const app = window.comfyAPI.app.app, graph = app.graph;
+    app.canvas.draw(true, true);
+    const nodes = graph.nodes.map((n) => ({
+        id: n.id, type: n.type, title: n.title, pos: [...n.pos], size: [...n.size],
+        rect: [n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT, n.size[0], n.size[1] + LiteGraph.NODE_TITLE_HEIGHT],
+        properties: JSON.parse(JSON.stringify(n.properties || {})),
+        widgets: (n.widgets || []).map((w) => ({name: w.name, label: w.label ?? null, type: w.type,
+                                                value: typeof w.value === "string" ? w.value : null})),
+        inputs: (n.inputs || []).map((s, i) => ({name: s.name, link: s.link ?? null, widget: !!s.widget,
+                                                 pos: s.widget ? null : [...n.getInputPos(i)]})),
+        outputs: (n.outputs || []).map((s, i) => ({name: s.name, pos: [...n.getOutputPos(i)]}))}));
+    const links = [];
+    for (const link of graph.links.values ? graph.links.values() : Object.values(graph.links)) {
+        if (!link) continue;
+        const origin = graph.getNodeById(link.origin_id), target = graph.getNodeById(link.target_id);
+        const index = target.inputs.findIndex((s) => s.link === link.id);
+        links.push({id: link.id, origin: link.origin_id, target: link.target_id, parentId: link.parentId ?? null,
+                    start: [...origin.getOutputPos(link.origin_slot)], end: [...target.getInputPos(index)]});
+    }
+    const reroutes = [...(graph.reroutes?.values?.() ?? [])].map((r) => ({
+        id: r.id, pos: [...r.pos], parentId: r.parentId ?? null, linkIds: [...r.linkIds]}));
+    const groups = graph.groups.map((g) => ({title: g.title, bounding: [...g._bounding]}));
+    return {nodes, links, reroutes, groups};
+}
+"""
+
+# Runs in the page: strokes each link's drawn paths (the Path2D objects the canvas kept from its last redraw: one
+# per reroute stretch and one for the last stretch) on an offscreen canvas and reports the node rectangles, other
+# than the link's own ends, that got ink. Links without a kept path are reported as undrawn.
+_DRAWN_HITS = """(scale) => {
+    const app = window.comfyAPI.app.app, graph = app.graph;
+    const rects = graph.nodes.map((n) => [n.id, n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT, n.size[0],
+                                          n.size[1] + LiteGraph.NODE_TITLE_HEIGHT]);
+    const minX = Math.min(...rects.map((r) => r[1])) - 400, minY = Math.min(...rects.map((r) => r[2])) - 600;
+    const maxX = Math.max(...rects.map((r) => r[1] + r[3])) + 400;
+    const maxY = Math.max(...rects.map((r) => r[2] + r[4])) + 400;
+    const canvas = document.createElement("canvas");
+    canvas.width = Math.ceil((maxX - minX) * scale); canvas.height = Math.ceil((maxY - minY) * scale);
+    const ctx = canvas.getContext("2d", {willReadFrequently: true});
+    const hits = [], undrawn = [];
+    for (const link of graph.links.values ? graph.links.values() : Object.values(graph.links)) {
+        if (!link) continue;
+        const paths = [];
+        let reroute = link.parentId !== undefined ? graph.reroutes.get(link.parentId) : undefined;
+        while (reroute) { paths.push(reroute.path); reroute = graph.reroutes.get(reroute.parentId); }
+        paths.push(link.path);
+        if (paths.some((p) => !p)) { undrawn.push(link.id); continue; }
+        ctx.setTransform(1, 0, 0, 1, 0, 0);
+        ctx.clearRect(0, 0, canvas.width, canvas.height);
+        ctx.setTransform(scale, 0, 0, scale, -minX * scale, -minY * scale);
+        ctx.lineWidth = app.canvas.connections_width || 3;
+        ctx.strokeStyle = "#000";
+        for (const p of paths) ctx.stroke(p);
+        for (const [id, x, y, w, h] of rects) {
+            if (id === link.origin_id || id === link.target_id) continue;
+            const px = Math.floor((x - minX) * scale), py = Math.floor((y - minY) * scale);
+            const data = ctx.getImageData(px, py, Math.ceil(w * scale), Math.ceil(h * scale)).data;
+            for (let i = 3; i < data.length; i += 4) if (data[i] > 0) { hits.push([link.id, id]); break; }
+        }
+    }
+    return {hits, undrawn};
+}
+"""
+
+
+@contextmanager
+def open_frontend(page_url: str, viewport: dict | None = None):
+    """A headless Chromium page on the ComfyUI frontend at ``page_url``, first-run UI skipped (context manager
+    yielding the Playwright page; page errors collect in ``page.cinetune_errors``).
+
+    Raises ``RuntimeError`` when no Chromium binary is found.
+    """
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_executable()
+    if executable is None:
+        raise RuntimeError(f"No Chromium binary found: {INSTALL_HINT}")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=executable, args=list(CHROMIUM_ARGS), headless=True)
+        try:
+            page = browser.new_page(viewport=viewport or VIEWPORT)
+            page.cinetune_errors = []
+            page.on("pageerror", lambda exc: page.cinetune_errors.append(f"pageerror: {exc}"))
+            page.on("console", lambda msg: page.cinetune_errors.append(f"console.error: {msg.text}")
+                    if msg.type == "error" else None)
+            skip_first_run_ui(page, page_url)
+            page.goto(page_url, wait_until="domcontentloaded", timeout=APP_READY_TIMEOUT_S * 1000)
+            yield page
+        finally:
+            browser.close()
+
+
+def load_workflow(page, workflow_ui: dict, *, dialogs: bool = False) -> None:
+    """Load a UI-format workflow as the template browser does, once its node types are registered; with
+    ``dialogs`` the missing-nodes and missing-models dialogs may open. Raises ``RuntimeError`` when the app is
+    not ready in time."""
+    wait_for_app(page, node_types(workflow_ui), APP_READY_TIMEOUT_S)
+    page.evaluate("""async ([wf, dialogs]) => {
+        await window.comfyAPI.app.app.loadGraphData(wf, true, true, null,
+            {showMissingNodesDialog: dialogs, showMissingModelsDialog: dialogs});
+    }""", [workflow_ui, dialogs])
+    page.wait_for_timeout(300)  # DOM widgets settle on the next frames
+
+
+def fit_graph(page, margin: float = 40.0, inset: tuple[int, int] = (70, 80)) -> None:
+    """Zoom and pan the canvas so every node, group and reroute is in view (``margin`` canvas units around them,
+    clear of the ``inset`` (left, top) CSS pixels that the sidebar and the top bar cover), then redraw."""
+    page.evaluate("""([margin, inset]) => {
+        const app = window.comfyAPI.app.app, graph = app.graph, canvas = app.canvas;
+        const boxes = graph.nodes.map((n) => [n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT,
+                                              n.pos[0] + n.size[0], n.pos[1] + n.size[1]]);
+        for (const g of graph.groups) boxes.push([g._bounding[0], g._bounding[1], g._bounding[0] + g._bounding[2],
+                                                  g._bounding[1] + g._bounding[3]]);
+        for (const r of graph.reroutes?.values?.() ?? []) boxes.push([r.pos[0], r.pos[1], r.pos[0], r.pos[1]]);
+        const x0 = Math.min(...boxes.map((b) => b[0])) - margin, y0 = Math.min(...boxes.map((b) => b[1])) - margin;
+        const x1 = Math.max(...boxes.map((b) => b[2])) + margin, y1 = Math.max(...boxes.map((b) => b[3])) + margin;
+        const el = canvas.canvas, width = el.clientWidth - inset[0], height = el.clientHeight - inset[1];
+        const scale = Math.min(width / (x1 - x0), height / (y1 - y0));
+        canvas.ds.scale = scale;
+        canvas.ds.offset = [inset[0] / scale - x0 + (width / scale - (x1 - x0)) / 2,
+                            inset[1] / scale - y0 + (height / scale - (y1 - y0)) / 2];
+        canvas.setDirty(true, true);
+        canvas.draw(true, true);
+    }""", [margin, list(inset)])
+    page.wait_for_timeout(300)
+
+
+def canvas_geometry(page) -> dict:
+    """How the frontend laid out the loaded workflow: ``nodes`` (id, type, title, pos, size, drawn ``rect`` with
+    the title bar, properties, widgets, socket ``inputs`` and ``outputs`` with their slot centres), ``links``
+    (id, origin, target, parentId, ``start``/``end`` slot centres), native ``reroutes`` and ``groups``."""
+    return page.evaluate(_GEOMETRY)
+
+
+def drawn_link_hits(page, scale: float = 0.5) -> dict:
+    """Rasterise the paths the canvas drew for each link (call ``fit_graph`` first so every link is drawn) and
+    return ``{"hits": [[link id, node id], ...], "undrawn": [link ids]}``: the nodes, other than a link's ends,
+    whose rectangle (title bar included) the stroke touches."""
+    return page.evaluate(_DRAWN_HITS, scale)

@@ -23,6 +23,7 @@ TINY_TRAINING = {"frames": 17, "resolution": 128, "max_steps": 30, "save_every":
 TINY_LTX2_TRAINING = {"frames": 9, "resolution": 96, "max_steps": 10, "save_every": 5, "rank": 4,
                       "validation_sampling_steps": 2}
 DATASET_FOLDER = "k5_lora_dataset"  # inside the host's input folder, as the example workflow expects
+EXAMPLE_INPUTS = ROOT / "example_workflows" / "input"  # files the example workflows read from the input folder
 
 
 def populate_dataset(layout) -> Path:
@@ -40,12 +41,25 @@ def populate_dataset(layout) -> Path:
     return folder
 
 
+def install_example_inputs(layout) -> list[Path]:
+    """Copy the files the example workflows read (``example_workflows/input``, e.g. the image-to-video start image)
+    into the host's input folder, keeping files already there; returns the copies' paths."""
+    copies = []
+    for src in sorted(EXAMPLE_INPUTS.glob("*")):
+        dst = Path(layout.input) / src.name
+        if src.is_file() and not dst.exists():
+            shutil.copy(src, dst)
+            copies.append(dst)
+    return copies
+
+
 def populate_models(layout) -> dict[str, str]:
     """Write the tiny Kandinsky 5 models (DiT, VAE, Qwen2.5-VL, CLIP) and LTX-2 models (combined checkpoint, Gemma 3,
-    latent upsampler, distilled LoRA) into ``layout.models`` and the small training dataset into the input folder;
-    returns the models' ComfyUI names."""
+    latent upsampler, distilled LoRA) into ``layout.models``, the small training dataset and the example workflows'
+    input files into the input folder; returns the models' ComfyUI names."""
     data = provision_test_data.provision()
     populate_dataset(layout)
+    install_example_inputs(layout)
     names = write_tiny_defaults(layout.models, qwen_tokenizer_dir=data["qwen_tokenizer"],
                                 clip_tokenizer_dir=data["clip_tokenizer"])
     names.update(write_tiny_ltx2_defaults(layout.models, gemma_tokenizer_dir=data["gemma3_tokenizer"]))
@@ -121,7 +135,8 @@ def _tiny_ltx2(api: dict, names: dict[str, str], *, output_name: str, max_steps:
 
 def tiny_ui_workflow(name: str, names: dict[str, str], **overrides) -> dict:
     """The UI-format example workflow ``name`` with the same tiny settings as :func:`tiny_workflow`, built from the
-    workflow description in scripts/make_workflows.py (for tests that drive the real frontend)."""
+    workflow description in scripts/make_workflows.py with the example's layout (for tests that drive the real
+    frontend)."""
     import make_workflows
 
     spec = make_workflows.WORKFLOWS[name]
@@ -129,4 +144,4 @@ def tiny_ui_workflow(name: str, names: dict[str, str], **overrides) -> dict:
     tiny = tiny_workflow(make_workflows.to_api(nodes), names, **overrides)
     nodes = [(nid, ctype, [(n, tiny[str(nid)]["inputs"].get(n, v)) for n, v in widgets], links, outputs)
              for nid, ctype, widgets, links, outputs in nodes]
-    return make_workflows.to_ui(nodes)
+    return make_workflows.build(name, nodes)[0]

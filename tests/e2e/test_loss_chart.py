@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from .browser import (CHROMIUM_ARGS, VIEWPORT, _node_types, _skip_first_run_ui, _wait_for_app, chromium_executable,
-                      dump, missing_browser_reason, watch_loss_chart)
+from .browser import (CHROMIUM_ARGS, VIEWPORT, chromium_executable, dump, missing_browser_reason, node_types,
+                      skip_first_run_ui, wait_for_app, watch_loss_chart)
 from .comfy_host import ComfyClient, ComfyServer, make_layout
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(missing_browser_reason() is not None,
@@ -264,9 +264,9 @@ class _ChartPage:
         self._pw.stop()
 
     def load(self, workflow: dict) -> None:
-        _skip_first_run_ui(self.page, self.base_url)
+        skip_first_run_ui(self.page, self.base_url)
         self.page.goto(self.base_url, wait_until="domcontentloaded", timeout=60_000)
-        _wait_for_app(self.page, _node_types(workflow), 60)
+        wait_for_app(self.page, node_types(workflow), 60)
         self.page.evaluate("async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf); }", workflow)
 
     def queue(self) -> str:
