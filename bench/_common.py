@@ -1,25 +1,41 @@
-"""Helpers shared by the Kandinsky 5 benchmarks (``bench_k5_dit.py``, ``bench_k5_train_step.py``).
+"""Helpers shared by the benchmarks.
 
-- the medium benchmark config (:data:`DIMS`) and its random weights in the official layout (:func:`make_weights`);
-- diffusers' ``Kandinsky5Transformer3DModel`` on the same weights and a call in our latent layout;
+- the medium Kandinsky 5 config (:data:`DIMS`) and its random weights in the official layout (:func:`make_weights`);
+  diffusers' ``Kandinsky5Transformer3DModel`` on the same weights and a call in our latent layout;
 - per-process memory measurement: :func:`memory_mark` resets the peak counter and returns the memory in use,
   :func:`memory_peak` returns the peak since the mark. On CPU this is Linux ``VmRSS`` / ``VmHWM`` (high-water mark
   reset through ``/proc/self/clear_refs`` ← 5); without ``/proc`` the ``ru_maxrss`` since the start of the process
   (an upper bound). On CUDA: ``torch.cuda.memory_allocated`` / ``max_memory_allocated``;
 - :data:`WORKER_ENV`: the environment of the measuring subprocesses. glibc's mmap threshold is pinned to 64 KiB so
-  freed tensors go back to the OS at once and RSS follows live tensor memory rather than allocator retention.
+  freed tensors go back to the OS at once and RSS follows live tensor memory rather than allocator retention;
+- the interleaved subprocess harness: each measured variant runs in its own process (:class:`Worker`, fresh
+  allocator, no shared caches), built and warmed up one after the other, then driven one request per variant per
+  cycle with the order reversed every other cycle (:func:`run_interleaved`), so load from other processes hits the
+  variants of a comparison alike; a worker answers each request with one JSON line (:func:`reply`);
+- the LoRA training-step benchmarks' shared parts: the adapters both sides start from (:func:`lora_down_init`), the
+  worker's step loop (:func:`train_step_worker`) and the report (:func:`print_train_step_ratios`).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 DIMS = dict(model_dim=256, ff_dim=1024, time_dim=128, num_text_blocks=1, num_visual_blocks=4, axes_dims=(8, 12, 12))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+#: LoRA rank and alpha of the training-step benchmarks.
+RANK = 16
+ALPHA = 16.0
 WORKER_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
@@ -124,3 +140,169 @@ def add_size_arguments(parser, dtypes) -> None:
     parser.add_argument("--worker", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interleaved subprocess workers
+
+
+def reply(obj: dict) -> None:
+    """Worker side: answer one request with one JSON line on stdout."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class Worker:
+    """One measured variant in its own subprocess, driven request by request.
+
+    The process runs ``cmd`` (a benchmark script in worker mode) with :data:`WORKER_ENV`; its first JSON line (after
+    building and warming up) is kept as :attr:`info`, and each :meth:`request` writes one command line to its stdin
+    and appends the JSON line it answers to :attr:`replies`. Any other line ends the worker (:meth:`close`).
+
+    Raises:
+        SystemExit: the worker died or exited with an error (its stderr is in the message).
+    """
+
+    def __init__(self, name: str, cmd: Sequence[str]) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(list(cmd), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env=WORKER_ENV)
+        self.info = self._read()
+        self.replies: list[dict] = []
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"worker {self.name} failed:\n{self.proc.stderr.read()}")
+        return json.loads(line)
+
+    def request(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        self.replies.append(self._read())
+        return self.replies[-1]
+
+    def close(self) -> None:
+        if self.proc.poll() is not None:
+            return
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        if self.proc.wait() != 0:
+            raise SystemExit(f"worker {self.name} failed:\n{self.proc.stderr.read()}")
+
+
+def run_interleaved(commands: Mapping[Hashable, tuple[str, Sequence[str]]], runs: int,
+                    request: str) -> dict[Hashable, Worker]:
+    """Start one :class:`Worker` per variant (``{key: (name, cmd)}``), one after the other so builds and warm-ups
+    never overlap, then ``runs`` cycles of one ``request`` each, the order reversed every other cycle; every worker
+    is closed (it saves its outputs on ``quit``). Returns the workers with their replies."""
+    keys = list(commands)
+    workers: dict[Hashable, Worker] = {}
+    try:
+        for key in keys:
+            workers[key] = Worker(*commands[key])
+        for i in range(runs):
+            for key in (keys if i % 2 == 0 else keys[::-1]):
+                workers[key].request(request)
+    finally:
+        for w in workers.values():
+            w.close()
+    return workers
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """First and third quartiles (inclusive method)."""
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative difference ``‖a − b‖ / ‖b‖``."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA training-step benchmarks
+
+
+def lora_down_init(name: str, in_features: int) -> torch.Tensor:
+    """The shared initial ``lora_down`` / ``lora_A`` ``[RANK, in]`` of a layer: kaiming-uniform (a = √5), seeded by
+    the layer name, so both sides get the same adapters whatever order they create them in."""
+    seed = sum((i + 1) * ord(ch) for i, ch in enumerate(name))
+    down = torch.empty(RANK, in_features)
+    torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=torch.Generator().manual_seed(seed))
+    return down
+
+
+def train_step_worker(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor], ups: Mapping[str, torch.Tensor],
+                      checkpointed_blocks: Sequence[torch.nn.Module], out: str, device: torch.device) -> None:
+    """Worker side of a training-step benchmark: one warm-up step (lazy initialisation and the AdamW state, not
+    measured; answered with the loss, the adapter layers and the trainable parameters), then one measured step per
+    ``step`` line on stdin (answered with its wall time and the process's CPU time in s, its peak extra memory in
+    bytes and its loss); ``quit``
+    saves the warm-up step's ``lora_up`` / ``lora_B`` gradients to ``out`` and returns.
+
+    A step is ``zero_grad``, ``loss_fn()``, backward, ``AdamW.step`` with the ``TrainConfig`` defaults,
+    ``zero_grad``. ``checkpointed_blocks``: blocks to run under the trainer's ``gradient_checkpointing`` (empty:
+    none; the reference enables its own checkpointing before)."""
+    from cinetune.training.trainer import TrainConfig, gradient_checkpointing
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    cfg = TrainConfig()
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.eps,
+                                  weight_decay=cfg.weight_decay)
+
+    def step(keep_grads: bool = False):
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        grads = {name: p.grad.detach().clone().cpu() for name, p in ups.items()} if keep_grads else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach()), grads
+
+    ckpt = gradient_checkpointing(list(checkpointed_blocks), enabled=bool(checkpointed_blocks))
+    with torch.inference_mode(False), torch.enable_grad(), ckpt:
+        loss, grads = step(keep_grads=True)
+        synchronize(device)
+        reply({"loss": loss, "layers": len(ups), "trainable": sum(p.numel() for p in params)})
+        for line in sys.stdin:
+            if line.strip() != "step":
+                break
+            base = memory_mark(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            loss, _ = step()
+            synchronize(device)
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            reply({"s": elapsed, "cpu_s": cpu, "peak_bytes": memory_peak(device) - base, "loss": loss})
+    torch.save(grads, out)
+
+
+def print_train_step_ratios(workers: Mapping[tuple[str, bool], Worker], label: Mapping[str, str]) -> None:
+    """The time and memory report of a training-step benchmark, for ``workers`` keyed ``(impl, checkpointing)``
+    with impl ``"ours"`` / ``"diffusers"``: per checkpointing setting the median, quartiles and best step time and
+    the peak extra memory of each side, and the ratios ours/reference (time: median and quartiles of the per-cycle
+    ratios, and best over best; memory: largest peak over largest peak). The per-cycle ratio of the processes' CPU
+    times follows: on a machine shared with other jobs a descheduled thread stalls a parallel region's wall time
+    but adds little CPU time, so it is the steadier of the two (it also counts the threads' busy-waiting)."""
+    ref = label["diffusers"]
+    for ckpt in (False, True):
+        o, d = ("ours", ckpt), ("diffusers", ckpt)
+        t = {v: [s["s"] for s in workers[v].replies] for v in (o, d)}
+        peak = {v: max(s["peak_bytes"] for s in workers[v].replies) for v in (o, d)}
+        ratios = [a / b for a, b in zip(t[o], t[d])]  # adjacent steps of the same cycle
+        lo, hi = quartiles(ratios)
+        print(f"  gradient checkpointing {'on ' if ckpt else 'off'}:")
+        for v in (o, d):
+            q1, q3 = quartiles(t[v])
+            print(f"    {label[v[0]]:15s} step time median {statistics.median(t[v]) * 1000:7.1f} ms "
+                  f"(quartiles {q1 * 1000:.1f}-{q3 * 1000:.1f}, best {min(t[v]) * 1000:.1f}), "
+                  f"peak extra memory {peak[v] / 2 ** 20:6.1f} MiB")
+        print(f"    ratio ours/{ref}: time {statistics.median(ratios):.3f}x (median of per-cycle ratios, "
+              f"quartiles {lo:.3f}-{hi:.3f}), {min(t[o]) / min(t[d]):.3f}x (best)   "
+              f"memory {peak[o] / max(peak[d], 1):.3f}x")
+        if all("cpu_s" in s for v in (o, d) for s in workers[v].replies):
+            cpu = [a["cpu_s"] / b["cpu_s"] for a, b in zip(workers[o].replies, workers[d].replies)]
+            lo, hi = quartiles(cpu)
+            print(f"    CPU time ratio {statistics.median(cpu):.3f}x (median of per-cycle ratios, quartiles "
+                  f"{lo:.3f}-{hi:.3f})")

@@ -30,9 +30,7 @@ Prints both, the ratios, and the relative difference of the two outputs as a san
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from _common import DTYPES, WORKER_ENV, memory_mark, memory_peak, page_in, synchronize
+from _common import DTYPES, memory_mark, memory_peak, page_in, quartiles, rel, reply, run_interleaved, synchronize
 
 #: The medium network, as a checkpoint's ``config.transformer`` metadata (absent keys take the 19B values).
 MEDIUM = {
@@ -139,11 +137,6 @@ def worker(args) -> None:
     dtype = DTYPES[args.dtype]
     call = build(args.worker, Path(args.weights), dtype, device)
     inputs = make_inputs(args, dtype, device)
-
-    def reply(obj) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
-
     with torch.inference_mode():
         out = call(inputs)  # warm-up: one-time lazy initialisation is not part of the measurement
         synchronize(device)
@@ -161,46 +154,13 @@ def worker(args) -> None:
     torch.save([o.float().cpu() for o in out], args.out)
 
 
-class Worker:
-    """One implementation in its own subprocess, driven forward by forward."""
-
-    def __init__(self, which: str, args, weights: Path, out: Path) -> None:
-        cmd = [sys.executable, __file__, "--worker", which, "--weights", str(weights), "--out", str(out),
-               "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
-               "--batch", str(args.batch), "--frames", str(args.frames), "--height", str(args.height),
-               "--width", str(args.width), "--audio-tokens", str(audio_tokens(args)), "--text-len", str(args.text_len)]
-        self.name = which
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=WORKER_ENV)
-        self._read()
-        self.runs: list[dict] = []
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"worker {self.name} failed:\n{self.proc.stderr.read()}")
-        return json.loads(line)
-
-    def run(self) -> dict:
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
-        self.runs.append(self._read())
-        return self.runs[-1]
-
-    def close(self) -> None:
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.close()
-        if self.proc.wait() != 0:
-            raise SystemExit(f"worker {self.name} failed:\n{self.proc.stderr.read()}")
-
-
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
+def worker_command(which: str, args, weights: Path, out: Path) -> tuple[str, list[str]]:
+    """Name and command line of one implementation's worker subprocess."""
+    return which, [sys.executable, __file__, "--worker", which, "--weights", str(weights), "--out", str(out),
+                   "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+                   "--batch", str(args.batch), "--frames", str(args.frames), "--height", str(args.height),
+                   "--width", str(args.width), "--audio-tokens", str(audio_tokens(args)), "--text-len",
+                   str(args.text_len)]
 
 
 def main() -> None:
@@ -232,33 +192,24 @@ def main() -> None:
         tmp = Path(tmp)
         weights = tmp / "ltx2_bench.safetensors"
         make_weights(weights)
-        workers = {}
-        try:
-            for n in names:  # started one after the other: builds and warm-ups never overlap
-                workers[n] = Worker(n, args, weights, tmp / f"{n}.pt")
-            for i in range(args.runs):
-                for n in (names if i % 2 == 0 else names[::-1]):
-                    workers[n].run()
-        finally:
-            for w in workers.values():
-                if w.proc.poll() is None:
-                    w.close()
+        workers = run_interleaved({n: worker_command(n, args, weights, tmp / f"{n}.pt") for n in names}, args.runs,
+                                  "run")
         outs = {n: torch.load(tmp / f"{n}.pt") for n in names}
 
-    t = {n: [r["s"] for r in workers[n].runs] for n in names}
-    peak = {n: max(r["peak_bytes"] for r in workers[n].runs) for n in names}
+    t = {n: [r["s"] for r in workers[n].replies] for n in names}
+    peak = {n: max(r["peak_bytes"] for r in workers[n].replies) for n in names}
     for n in names:
-        q1, q3 = _quartiles(t[n])
+        q1, q3 = quartiles(t[n])
         print(f"  {n:9s} forward time median {statistics.median(t[n]) * 1000:7.1f} ms (quartiles "
               f"{q1 * 1000:.1f}-{q3 * 1000:.1f}, best {min(t[n]) * 1000:.1f}), peak extra memory "
               f"{peak[n] / 2 ** 20:6.1f} MiB")
     ratios = [a / b for a, b in zip(t["ours"], t["diffusers"])]  # adjacent forwards of the same cycle
-    lo, hi = _quartiles(ratios)
+    lo, hi = quartiles(ratios)
     print(f"  ratio ours/diffusers: time {statistics.median(ratios):.3f}x (median of per-cycle ratios, quartiles "
           f"{lo:.3f}-{hi:.3f}), {min(t['ours']) / min(t['diffusers']):.3f}x (best)   "
           f"memory {peak['ours'] / max(peak['diffusers'], 1):.3f}x")
-    print(f"  output relative difference ours vs diffusers: video {_rel(outs['ours'][0], outs['diffusers'][0]):.2e}, "
-          f"audio {_rel(outs['ours'][1], outs['diffusers'][1]):.2e}")
+    print(f"  output relative difference ours vs diffusers: video {rel(outs['ours'][0], outs['diffusers'][0]):.2e}, "
+          f"audio {rel(outs['ours'][1], outs['diffusers'][1]):.2e}")
 
 
 if __name__ == "__main__":

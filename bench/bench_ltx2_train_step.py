@@ -20,8 +20,8 @@ per block, the module names are the same on both sides).
   ``peft.inject_adapter_in_model(LoraConfig(r=16, lora_alpha=16, target_modules=<the same 4 suffixes>))``, with
   diffusers' own ``enable_gradient_checkpointing()`` (also per block, non-reentrant) on or off.
 
-Both start from the same adapters (``lora_down``/``lora_A`` kaiming-uniform seeded by the layer name, as in
-``bench_k5_train_step.py``; ``lora_up``/``lora_B`` zero), so the first loss is the base model's on both sides and the
+Both start from the same adapters (``lora_down``/``lora_A`` kaiming-uniform seeded by the layer name,
+``_common.lora_down_init``; ``lora_up``/``lora_B`` zero), so the first loss is the base model's on both sides and the
 first gradients agree. The adapters are float32 on both sides.
 
 Each of the four variants (ours / reference × checkpointing off / on) runs in its own subprocess, built and warmed up
@@ -42,22 +42,17 @@ Needs ``peft`` (``pip install peft``, in the ``bench`` extra) besides diffusers.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _common import DTYPES, WORKER_ENV, memory_mark, memory_peak, page_in, synchronize
-from bench_k5_train_step import RANK, _quartiles, _rel, lora_down_init
+from _common import (ALPHA, DTYPES, RANK, lora_down_init, page_in, print_train_step_ratios, rel, run_interleaved,
+                     train_step_worker)
 from bench_ltx2_dit import FPS, MEDIUM, SIGMA, audio_tokens, config, make_weights
 
-ALPHA = float(RANK)
 VARIANTS = [(impl, ckpt) for ckpt in (False, True) for impl in ("ours", "diffusers")]
 LABEL = {"ours": "ours", "diffusers": "diffusers+peft"}
 
@@ -151,89 +146,30 @@ def build_diffusers(state: dict, dtype, device):
 
 
 def worker(args) -> None:
-    """Build one variant, run the warm-up step, then one measured step per ``step`` line on stdin (one JSON line
-    each on stdout); ``quit`` saves the first-step gradients and ends."""
+    """Build one variant and run :func:`_common.train_step_worker` on it."""
     from safetensors.torch import load_file
-
-    from cinetune.training.trainer import TrainConfig, gradient_checkpointing
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
     build = build_ours if args.worker == "ours" else build_diffusers
-    model, loss_fn, ups = build(load_file(args.weights), dtype, device)
+    model, loss_fn, ups = build(load_file(args.weights), DTYPES[args.dtype], device)
     page_in(model)
     if args.worker == "diffusers" and args.checkpointing:
         model.enable_gradient_checkpointing()
     inputs = make_inputs(args, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    cfg = TrainConfig()
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay)
-
-    def step(keep_grads: bool = False):
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(inputs)
-        loss.backward()
-        grads = {name: p.grad.detach().clone().cpu() for name, p in ups.items()} if keep_grads else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach()), grads
-
-    def reply(obj) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
-
-    blocks = list(model.transformer_blocks)
-    ours_ckpt = gradient_checkpointing(blocks, enabled=args.worker == "ours" and args.checkpointing)
-    with torch.inference_mode(False), torch.enable_grad(), ours_ckpt:
-        loss, grads = step(keep_grads=True)  # warm-up: lazy initialisation and the AdamW state, not measured
-        synchronize(device)
-        reply({"loss": loss, "layers": len(ups), "trainable": sum(p.numel() for p in params)})
-        for line in sys.stdin:
-            if line.strip() != "step":
-                break
-            base = memory_mark(device)
-            start = time.perf_counter()
-            loss, _ = step()
-            synchronize(device)
-            elapsed = time.perf_counter() - start
-            reply({"s": elapsed, "peak_bytes": memory_peak(device) - base, "loss": loss})
-    torch.save(grads, args.out)
+    ours_ckpt = args.worker == "ours" and args.checkpointing
+    train_step_worker(model, lambda: loss_fn(inputs), ups, model.transformer_blocks if ours_ckpt else [], args.out,
+                      device)
 
 
-class Worker:
-    """One variant in its own subprocess, driven step by step."""
-
-    def __init__(self, which: str, checkpointing: bool, args, weights: Path, out: Path) -> None:
-        cmd = [sys.executable, __file__, "--worker", which, "--weights", str(weights), "--out", str(out),
-               "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
-               "--frames", str(args.frames), "--height", str(args.height), "--width", str(args.width),
-               "--audio-tokens", str(audio_tokens(args)), "--text-len", str(args.text_len)]
-        cmd += ["--checkpointing"] if checkpointing else []
-        self.name = f"{which} (checkpointing {'on' if checkpointing else 'off'})"
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=WORKER_ENV)
-        self.info = self._read()
-        self.steps: list[dict] = []
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"worker {self.name} failed:\n{self.proc.stderr.read()}")
-        return json.loads(line)
-
-    def step(self) -> dict:
-        self.proc.stdin.write("step\n")
-        self.proc.stdin.flush()
-        self.steps.append(self._read())
-        return self.steps[-1]
-
-    def close(self) -> None:
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.close()
-        if self.proc.wait() != 0:
-            raise SystemExit(f"worker {self.name} failed:\n{self.proc.stderr.read()}")
+def worker_command(which: str, checkpointing: bool, args, weights: Path, out: Path) -> tuple[str, list[str]]:
+    """Name and command line of one variant's worker subprocess."""
+    cmd = [sys.executable, __file__, "--worker", which, "--weights", str(weights), "--out", str(out),
+           "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+           "--frames", str(args.frames), "--height", str(args.height), "--width", str(args.width),
+           "--audio-tokens", str(audio_tokens(args)), "--text-len", str(args.text_len)]
+    cmd += ["--checkpointing"] if checkpointing else []
+    return f"{which} (checkpointing {'on' if checkpointing else 'off'})", cmd
 
 
 def main() -> None:
@@ -265,45 +201,22 @@ def main() -> None:
         tmp = Path(tmp)
         weights = tmp / "ltx2_bench.safetensors"
         make_weights(weights)
-        workers = {}
-        try:
-            for v in VARIANTS:  # started one after the other: builds and warm-ups never overlap
-                workers[v] = Worker(*v, args, weights, tmp / f"{v[0]}_{v[1]}.pt")
-            for i in range(args.runs):
-                for v in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
-                    workers[v].step()
-        finally:
-            for w in workers.values():
-                if w.proc.poll() is None:
-                    w.close()
-        grads = {v: torch.load(tmp / f"{v[0]}_{v[1]}.pt") for v in VARIANTS}
+        outs = {v: tmp / f"{v[0]}_{v[1]}.pt" for v in VARIANTS}
+        workers = run_interleaved({v: worker_command(*v, args, weights, outs[v]) for v in VARIANTS}, args.runs, "step")
+        grads = {v: torch.load(outs[v]) for v in VARIANTS}
 
     info = {v: workers[v].info for v in VARIANTS}
     print(f"  trainable: ours {info['ours', False]['layers']} layers / {info['ours', False]['trainable']} "
           f"parameters, diffusers+peft {info['diffusers', False]['layers']} layers / "
           f"{info['diffusers', False]['trainable']} parameters")
-    for ckpt in (False, True):
-        o, d = ("ours", ckpt), ("diffusers", ckpt)
-        t = {v: [s["s"] for s in workers[v].steps] for v in (o, d)}
-        peak = {v: max(s["peak_bytes"] for s in workers[v].steps) for v in (o, d)}
-        ratios = [a / b for a, b in zip(t[o], t[d])]  # adjacent steps of the same cycle
-        lo, hi = _quartiles(ratios)
-        print(f"  gradient checkpointing {'on ' if ckpt else 'off'}:")
-        for v in (o, d):
-            q1, q3 = _quartiles(t[v])
-            print(f"    {LABEL[v[0]]:15s} step time median {statistics.median(t[v]) * 1000:7.1f} ms "
-                  f"(quartiles {q1 * 1000:.1f}-{q3 * 1000:.1f}, best {min(t[v]) * 1000:.1f}), "
-                  f"peak extra memory {peak[v] / 2 ** 20:6.1f} MiB")
-        print(f"    ratio ours/diffusers+peft: time {statistics.median(ratios):.3f}x (median of per-cycle ratios, "
-              f"quartiles {lo:.3f}-{hi:.3f}), {min(t[o]) / min(t[d]):.3f}x (best)   "
-              f"memory {peak[o] / max(peak[d], 1):.3f}x")
+    print_train_step_ratios(workers, LABEL)
     loss0 = {v: info[v]["loss"] for v in VARIANTS}
     print("  initial loss (zero lora_up/lora_B, i.e. the base model): " + ", ".join(
         f"{LABEL[w]} ckpt {'on' if c else 'off'} {loss0[w, c]:.7f}" for w, c in VARIANTS))
     flat = {v: torch.cat([grads[v][k].flatten() for k in sorted(grads[v])]) for v in VARIANTS}
     print(f"  first-step lora_up/lora_B gradients, relative difference ours vs diffusers+peft: "
-          f"{_rel(flat['ours', False], flat['diffusers', False]):.2e} (checkpointing off), "
-          f"{_rel(flat['ours', True], flat['diffusers', True]):.2e} (on)")
+          f"{rel(flat['ours', False], flat['diffusers', False]):.2e} (checkpointing off), "
+          f"{rel(flat['ours', True], flat['diffusers', True]):.2e} (on)")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
-"""NABLA attention vs dense attention: median wall time, ratio, kept-block fraction, and which path ran.
+"""NABLA block-sparse attention vs dense attention: median wall time per path, speed-up, kept-block fraction.
 
-    python bench/bench_nabla.py                       # CPU, 16x32x32 token grid (16,384 tokens)
-    python bench/bench_nabla.py --device cuda         # GPU: compiled FlexAttention path
-    python bench/bench_nabla.py --size small          # 4x32x32 grid (4,096 tokens), seconds on a CPU
+    python bench/bench_nabla.py                        # CPU, 16x32x32 token grid (16,384 tokens), forward + backward
+    python bench/bench_nabla.py --size small           # 4x32x32 grid (4,096 tokens), seconds on a CPU
+    python bench/bench_nabla.py --device cuda --size k5-10s --dim 128 --heads 8   # 61x32x48 = 93,696 tokens
+    python bench/bench_nabla.py --paths gathered "masked dense" --no-backward
+
+For each block-sparse path (``core.attention.BLOCK_SPARSE_PATHS``; default: the one the device selects, plus the
+gathered path on CUDA) and for dense SDPA it times the forward and, unless ``--no-backward``, the forward +
+backward (q, k, v gradients), on the same q, k, v and one NABLA mask built beforehand; the mask's own cost (block
+means, softmax, sort) is timed separately. Runs are interleaved (dense, path 1, path 2, dense, ...) so drifts in
+machine speed hit every variant alike. Speed-up = median dense time / median path time; the target printed beside
+it is 0.8 / kept fraction (issue 14).
 
 Queries and keys are either iid Gaussian (``--inputs random``: every block looks alike, so top-CDF keeps about a
 fraction P of the blocks) or a smooth random field over the token grid plus noise (``--inputs smooth``, default:
 nearby tokens are similar, as in video latents, so the block map is peaked). Real sparsity depends on the model's
 activations; neither input says what a trained DiT reaches.
-
-The NABLA time includes building the mask (block means, softmax, sort) on every call, as in inference. Runs are
-interleaved (dense, NABLA, dense, ...) so drifts in machine speed hit both alike.
 """
 
 from __future__ import annotations
@@ -22,10 +27,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cinetune.core.attention import attention, block_sparse_path
-from cinetune.k5.nabla import NablaConfig, fractal_permutation, nabla_attention, nabla_block_mask, sta_block_mask
+from cinetune.core.attention import BLOCK_SPARSE_PATHS, block_sparse_attention, block_sparse_path
+from cinetune.k5.nabla import NablaConfig, fractal_permutation, nabla_block_mask, sta_block_mask
 
-SIZES = {"full": (16, 32, 32), "small": (4, 32, 32)}
+SIZES = {"full": (16, 32, 32), "small": (4, 32, 32), "k5-10s": (61, 32, 48)}
 
 
 def make_qkv(grid, heads, dim, inputs, device, dtype, seed=0):
@@ -66,16 +71,22 @@ def peak_bytes(fn, device):
     return torch.cuda.max_memory_allocated(device)
 
 
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=64, help="head dim (K5: 128)")
     parser.add_argument("--P", type=float, default=0.9)
     parser.add_argument("--inputs", choices=["smooth", "random"], default="smooth")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--paths", nargs="+", choices=BLOCK_SPARSE_PATHS, default=None)
+    parser.add_argument("--no-backward", action="store_true", help="time the forward only")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
@@ -83,47 +94,79 @@ def main() -> None:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     grid = SIZES[args.size]
     cfg = NablaConfig(P=args.P)
+    paths = args.paths or list(dict.fromkeys([block_sparse_path(device), "gathered"]))
     q, k, v = make_qkv(grid, args.heads, args.dim, args.inputs, device, dtype)
     S = q.shape[2]
-
     with torch.no_grad():
         mask = nabla_block_mask(q, k, grid, cfg)
-        sta = sta_block_mask(grid[0], grid[1] // 8, grid[2] // 8, cfg.window)
+    kept = mask.float().mean().item()
+    sta = sta_block_mask(grid[0], grid[1] // 8, grid[2] // 8, cfg.window)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    grad_out = torch.randn_like(q)
 
-        def dense():
-            return attention(q, k, v)
+    def forward(path):
+        def run():
+            with torch.no_grad():
+                if path == "dense":
+                    return F.scaled_dot_product_attention(q, k, v)
+                return block_sparse_attention(q, k, v, mask, path=path)
+        return run
 
-        def nabla():
-            return nabla_attention(q, k, v, grid, cfg)
+    def forward_backward(path):
+        def run():
+            if path == "dense":
+                out = F.scaled_dot_product_attention(*leaves)
+            else:
+                out = block_sparse_attention(*leaves, mask, path=path)
+            torch.autograd.grad(out, leaves, grad_out)
+        return run
 
-        def mask_only():
-            return nabla_block_mask(q, k, grid, cfg)
+    def mask_only():
+        with torch.no_grad():
+            nabla_block_mask(q, k, grid, cfg)
 
-        for fn in (dense, nabla, mask_only):  # warm-up (and FlexAttention compile on CUDA)
-            fn()
-        times = {"dense": [], "nabla": [], "mask": []}
-        for _ in range(args.repeats):
-            times["dense"].append(timed(dense, device))
-            times["nabla"].append(timed(nabla, device))
-            times["mask"].append(timed(mask_only, device))
-        err = ((nabla().float() - dense().float()).abs().max() / dense().float().abs().max()).item()
-        peaks = {name: peak_bytes(fn, device) for name, fn in (("dense", dense), ("nabla", nabla))}
+    variants = {("forward", p): forward(p) for p in ["dense", *paths]}
+    if not args.no_backward:
+        variants.update({("forward+backward", p): forward_backward(p) for p in ["dense", *paths]})
+    variants[("mask", "")] = mask_only
+    for fn in variants.values():  # warm-up (and FlexAttention's compile on CUDA)
+        fn()
+    times = {key: [] for key in variants}
+    for _ in range(args.repeats):
+        for key, fn in variants.items():
+            times[key].append(timed(fn, device))
+    with torch.no_grad():
+        dense = F.scaled_dot_product_attention(q, k, v)
+        masked = block_sparse_attention(q, k, v, mask, path="masked dense")
+        errs = {p: _rel(block_sparse_attention(q, k, v, mask, path=p), masked) for p in paths}
+    peaks = {key: peak_bytes(fn, device) for key, fn in variants.items() if key[0] != "mask"}
 
-    med = {name: statistics.median(ts) for name, ts in times.items()}
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    med = {key: statistics.median(ts) for key, ts in times.items()}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device {name}, torch {torch.__version__}, dtype {str(dtype).replace('torch.', '')}")
-    print(f"grid T,Ht,Wt = {grid}, tokens {S}, blocks {S // 64}, heads {args.heads}, D {args.dim}, "
-          f"P {args.P}, STA {cfg.window}, inputs {args.inputs}, repeats {args.repeats}")
-    print(f"NABLA path: {block_sparse_path(device)}")
-    print(f"blocks kept: {mask.float().mean().item():.3f} (STA window alone {sta.float().mean().item():.3f})")
-    print(f"dense (sdpa) median {med['dense'] * 1e3:9.1f} ms   [min {min(times['dense']) * 1e3:.1f}, "
-          f"max {max(times['dense']) * 1e3:.1f}]")
-    print(f"NABLA        median {med['nabla'] * 1e3:9.1f} ms   [min {min(times['nabla']) * 1e3:.1f}, "
-          f"max {max(times['nabla']) * 1e3:.1f}]   of which mask {med['mask'] * 1e3:.1f} ms")
-    print(f"ratio NABLA / dense: {med['nabla'] / med['dense']:.3f}")
-    print(f"max |NABLA - dense| / max |dense|: {err:.3g} (nonzero: dropped blocks change the output)")
-    if peaks["dense"] is not None:
-        print(f"peak memory: dense {peaks['dense'] / 2**20:.0f} MiB, NABLA {peaks['nabla'] / 2**20:.0f} MiB")
+    print(f"grid T,Ht,Wt = {grid}, tokens {S}, blocks {S // 64}, heads {args.heads}, D {args.dim}, P {args.P}, "
+          f"STA {cfg.window}, inputs {args.inputs}, repeats {args.repeats} (interleaved)")
+    print(f"path the device selects: {block_sparse_path(device)}")
+    print(f"blocks kept: {kept:.3f} (STA window alone {sta.float().mean().item():.3f}); "
+          f"target speed-up 0.8 / kept = {0.8 / kept:.2f}x")
+    print(f"NABLA mask (block means, softmax, sort): median {med['mask', ''] * 1e3:.1f} ms")
+    for phase in ("forward", "forward+backward"):
+        if (phase, "dense") not in med:
+            continue
+        base = med[phase, "dense"]
+        print(f"{phase}:")
+        for p in ["dense", *paths]:
+            ts = times[phase, p]
+            line = (f"  {p:14s} median {med[phase, p] * 1e3:9.1f} ms  [min {min(ts) * 1e3:.1f}, max "
+                    f"{max(ts) * 1e3:.1f}]")
+            if p != "dense":
+                speedup = base / med[phase, p]
+                line += f"   speed-up vs dense {speedup:.2f}x ({'meets' if speedup >= 0.8 / kept else 'below'} target)"
+            if peaks.get((phase, p)) is not None:
+                line += f"   peak {peaks[phase, p] / 2**20:.0f} MiB"
+            print(line)
+    print("‖path − masked dense‖ / ‖masked dense‖: " + ", ".join(f"{p} {e:.2e}" for p, e in errs.items())
+          + f"; vs dense attention {_rel(masked, dense):.2e} (dropped blocks change the output)")
 
 
 if __name__ == "__main__":

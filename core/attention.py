@@ -13,26 +13,35 @@ plain entry point takes a mask), or, for SageAttention only, gradients are neede
 SageAttention issues #60, #229, #317).
 
 Block-sparse attention (:func:`block_sparse_attention`) computes softmax attention in which query block i sees key
-block j only where ``block_mask[..., i, j]`` is True. Two paths give the same result:
+block j only where ``block_mask[..., i, j]`` is True. Three paths give the same result (:data:`BLOCK_SPARSE_PATHS`);
+:func:`block_sparse_path` says which one runs on a device, in this order of preference:
 
-- ``"flex compiled"`` (CUDA): ``torch.nn.attention.flex_attention`` run through ``torch.compile`` with a
-  ``BlockMask`` whose selected blocks are all *full* blocks (no per-element mask), as in kandinskylab/kandinsky-5
-  ``kandinsky/models/utils.py`` ``nablaT_v2``. Only the compiled kernel skips unselected blocks; eager
-  FlexAttention with such a mask silently computes dense attention, so it is never called eagerly here. The
-  compiled function is built once per process with ``torch.compile``'s default mode (the official code uses
-  ``mode="max-autotune-no-cudagraphs"``, which only tunes kernel tiles and compiles much longer).
-- ``"masked dense"`` (CPU, or when FlexAttention is missing or fails to compile): the block mask is expanded to a
-  token-level mask and fed to SDPA, a slice of query rows at a time so the expanded mask stays bounded
+- ``"flex compiled"`` (CUDA, when ``torch.compile`` can build the kernel): ``torch.nn.attention.flex_attention``
+  run through ``torch.compile`` with a ``BlockMask`` whose selected blocks are all *full* blocks (no per-element
+  mask), as in kandinskylab/kandinsky-5 ``kandinsky/models/utils.py`` ``nablaT_v2``. Only the compiled kernel skips
+  unselected blocks; eager FlexAttention with such a mask silently computes dense attention, so it is never called
+  eagerly here. The compiled function is built once per process with ``torch.compile``'s default mode (the official
+  code uses ``mode="max-autotune-no-cudagraphs"``, which only tunes kernel tiles and compiles much longer). A
+  compile failure (no Triton, an old driver) switches the process to the next path, with a warning. Sequences that
+  are not a whole number of blocks take the next path too (the compiled kernel is not used for a short last block).
+- ``"gathered"`` (everywhere else: CPU, CUDA without a working compiler, other devices): each query block attends
+  the key/value blocks it keeps, gathered into one sequence, through SDPA's fused kernels, with a custom backward
+  (:mod:`cinetune.core.block_sparse`). Dropped blocks cost nothing but their gathers are memory traffic, so the
+  speed-up over dense attention is below 1 / kept fraction, and on GPUs (far more FLOPs than bandwidth) may vanish.
+- ``"masked dense"`` (only where the gathered path fails on a device, and as a reference): the block mask is expanded
+  to a token-level mask and fed to SDPA, a slice of query rows at a time so the expanded mask stays bounded
   (``_DENSE_MASK_ELEMENTS``); under autograd each slice is recomputed in backward instead of keeping its expanded
   mask. The expanded mask is additive (0 / -inf in the query dtype) because SDPA converts a bool mask to that form
-  internally anyway; building it directly skips one copy. This path is exact but does the full dense work plus the
-  mask traffic, so it is slower than plain dense attention. FlexAttention is not used on CPU: it has no backward
-  there, and the all-full-blocks mask fails to compile (measured with torch 2.14.1).
+  internally anyway. Exact, but it does the full dense work plus the mask traffic: slower than dense attention.
+
+FlexAttention is not used on CPU: it has no backward there, and the all-full-blocks mask fails to compile (measured
+with torch 2.14.1). The path a device uses is logged once per process (logger ``cinetune.core.attention``).
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import warnings
 from typing import Callable
@@ -40,6 +49,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .block_sparse import gathered_attention
 
 BACKENDS = ("sdpa", "sageattention", "flash-attn")
 
@@ -53,9 +64,15 @@ _FUNCTIONS = {"sageattention": "sageattn", "flash-attn": "flash_attn_func"}
 # Elements of one expanded token mask slice in the masked dense path (2**26: 256 MiB as a float32 additive mask).
 _DENSE_MASK_ELEMENTS = 1 << 26
 
+#: Implementations of :func:`block_sparse_attention`, in order of preference.
+BLOCK_SPARSE_PATHS = ("flex compiled", "gathered", "masked dense")
+
+_log = logging.getLogger(__name__)
 _warned: set[str] = set()
+_logged: set[tuple[str, str]] = set()
 _kernels: dict[str, Callable | BaseException] = {}
 _flex_state: dict[str, object] = {}
+_gathered_broken: set[str] = set()  # device types where the gathered path failed
 
 
 class AttentionBackendError(RuntimeError):
@@ -203,16 +220,11 @@ def attention(
 
 
 def _check_block_mask(q: torch.Tensor, block_mask: torch.Tensor, block_size: int) -> int:
-    """Validate the block mask against q [B, H, S, D]; return the number of blocks per side."""
+    """Validate the block mask against q [B, H, S, D]; return the number of blocks per side, ceil(S / block_size)."""
     B, H, S, _ = q.shape
-    if not isinstance(block_size, int) or block_size <= 0:
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int; got {block_size!r}.")
-    if S % block_size:
-        raise ValueError(
-            f"Sequence length {S} is not a multiple of block_size {block_size}; pad the tokens to "
-            f"{math.ceil(S / block_size) * block_size} or use a block size that divides {S}."
-        )
-    nb = S // block_size
+    nb = math.ceil(S / block_size)
     if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool or block_mask.dim() != 4:
         desc = f"{block_mask.dtype} {tuple(block_mask.shape)}" if isinstance(block_mask, torch.Tensor) else "no tensor"
         raise ValueError(f"block_mask must be a 4-D bool tensor [B or 1, H or 1, {nb}, {nb}]; got {desc}.")
@@ -220,7 +232,8 @@ def _check_block_mask(q: torch.Tensor, block_mask: torch.Tensor, block_size: int
     if b not in (1, B) or h not in (1, H) or rows != nb or cols != nb:
         raise ValueError(
             f"block_mask shape {tuple(block_mask.shape)} does not fit q {tuple(q.shape)} with block_size "
-            f"{block_size}; expected [{B} or 1, {H} or 1, {nb}, {nb}]."
+            f"{block_size}; expected [{B} or 1, {H} or 1, {nb}, {nb}] (ceil({S} / {block_size}) = {nb} blocks, the "
+            f"last one holding the remaining tokens)."
         )
     if block_mask.device != q.device:
         raise ValueError(f"block_mask is on {block_mask.device} but q is on {q.device}.")
@@ -239,13 +252,24 @@ def _flex_available() -> bool:
 
 
 def block_sparse_path(device: torch.device | str) -> str:
-    """Which implementation :func:`block_sparse_attention` uses for tensors on ``device``.
+    """Which implementation :func:`block_sparse_attention` uses for tensors on ``device`` (one of
+    :data:`BLOCK_SPARSE_PATHS`; shown by the memory-estimate nodes).
 
     Returns:
-        ``"flex compiled"`` on CUDA when FlexAttention is importable and has not failed to compile in this process,
-        else ``"masked dense"``.
+        ``"flex compiled"`` on CUDA when FlexAttention is importable and has not failed to compile in this process;
+        else ``"gathered"``, unless the gathered path has failed on this device type in this process, then
+        ``"masked dense"``.
     """
-    return "flex compiled" if torch.device(device).type == "cuda" and _flex_available() else "masked dense"
+    kind = torch.device(device).type
+    if kind == "cuda" and _flex_available():
+        return "flex compiled"
+    return "masked dense" if kind in _gathered_broken else "gathered"
+
+
+def _log_path_once(device: torch.device, path: str) -> None:
+    if (device.type, path) not in _logged:
+        _logged.add((device.type, path))
+        _log.info("Block-sparse (NABLA) attention on %s uses the %s path.", device.type, path)
 
 
 def flex_block_mask(block_mask: torch.Tensor, block_size: int, *, full_blocks: bool = True):
@@ -287,8 +311,10 @@ def _compiled_flex() -> Callable:
 
 def _masked_dense_rows(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask_rows: torch.Tensor,
                        block_size: int) -> torch.Tensor:
-    """SDPA for a slice of query blocks. q_rows [B, H, n·bs, D]; mask_rows bool [b, h, n, Nb]."""
+    """SDPA for a slice of query blocks. q_rows [B, H, rows, D] (rows ≤ n·bs: the last slice may end with a short
+    block); k, v [B, H, S, D]; mask_rows bool [b, h, n, Nb]."""
     b, h, n, nb = mask_rows.shape
+    rows, S = q_rows.shape[2], k.shape[2]
     empty = ~mask_rows.any(dim=-1, keepdim=True)  # query blocks that select no key block
     # SDPA turns a bool mask into an additive float mask internally; building the additive mask here (once, from
     # the small block mask) avoids holding both and a conversion pass. A row with no selected key attends
@@ -296,15 +322,16 @@ def _masked_dense_rows(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     bias = torch.zeros(b, h, n, nb, dtype=q_rows.dtype, device=q_rows.device)
     bias.masked_fill_(~(mask_rows | empty), float("-inf"))
     bias = bias[:, :, :, None, :, None].expand(b, h, n, block_size, nb, block_size)
-    out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=bias.reshape(b, h, n * block_size, nb * block_size))
-    keep = (~empty).repeat_interleave(block_size, dim=-2).to(out.dtype)
+    bias = bias.reshape(b, h, n * block_size, nb * block_size)[:, :, :rows, :S]
+    out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=bias)
+    keep = (~empty).repeat_interleave(block_size, dim=-2)[:, :, :rows].to(out.dtype)
     return out * keep
 
 
 def _masked_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor,
                   block_size: int) -> torch.Tensor:
     B, H, S, _ = q.shape
-    nb = S // block_size
+    nb = math.ceil(S / block_size)
     rows_per_slice = max(1, _DENSE_MASK_ELEMENTS // (B * H * block_size * S))
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     outs = []
@@ -325,6 +352,7 @@ def block_sparse_attention(
     block_mask: torch.Tensor,
     *,
     block_size: int = 64,
+    path: str | None = None,
 ) -> torch.Tensor:
     """Block-sparse softmax attention with scale 1/sqrt(D).
 
@@ -334,15 +362,19 @@ def block_sparse_attention(
     ``kandinsky/models/nn.py`` ``MultiheadSelfAttentionDec.nabla``.
 
     Args:
-        q, k, v: [B, H, S, D], one dtype and device, S a multiple of ``block_size``.
-        block_mask: bool [B or 1, H or 1, S/block_size, S/block_size]; True = the query block attends the key block.
+        q, k, v: [B, H, S, D], one dtype and device. S need not be a multiple of ``block_size``: the last block then
+            holds the remaining S − (nb − 1)·block_size tokens.
+        block_mask: bool [B or 1, H or 1, nb, nb], nb = ceil(S / block_size); True = the query block attends the key
+            block.
         block_size: tokens per block (64 for NABLA).
+        path: force one of :data:`BLOCK_SPARSE_PATHS` (benchmarks, tests); None (default) takes
+            :func:`block_sparse_path` for the device, falling back to the next path when one fails (with a warning).
 
     Returns:
-        [B, H, S, D] in the dtype of ``q``; differentiable on both paths (see :func:`block_sparse_path`).
+        [B, H, S, D] in the dtype of ``q``; differentiable on every path.
 
     Raises:
-        ValueError: shapes, dtypes or devices do not fit, or S is not a multiple of ``block_size``.
+        ValueError: shapes, dtypes or devices do not fit, or ``path`` is unknown or ``"flex compiled"`` off CUDA.
     """
     _check_qkv(q, k, v)
     if q.shape != k.shape or q.shape != v.shape:
@@ -351,8 +383,19 @@ def block_sparse_attention(
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}."
         )
     _check_block_mask(q, block_mask, block_size)
+    if path is not None and path not in BLOCK_SPARSE_PATHS:
+        raise ValueError(f"Unknown block-sparse path {path!r}; choose one of: {', '.join(BLOCK_SPARSE_PATHS)}.")
+    if path == "flex compiled" and (q.device.type != "cuda" or q.shape[2] % block_size):
+        raise ValueError("The 'flex compiled' path runs on CUDA tensors whose length is a multiple of block_size; "
+                         "choose 'gathered' or 'masked dense'.")
+    forced = path is not None
+    path = path or block_sparse_path(q.device)
+    if path == "flex compiled" and q.shape[2] % block_size:
+        path = "gathered"
+    if not forced:
+        _log_path_once(q.device, path)
 
-    if block_sparse_path(q.device) == "flex compiled":
+    if path == "flex compiled":
         try:
             return _compiled_flex()(q, k, v, block_mask=flex_block_mask(block_mask, block_size))
         except torch.OutOfMemoryError:
@@ -362,13 +405,31 @@ def block_sparse_attention(
             # other failure falls back for this call only.
             from torch._dynamo.exc import TorchDynamoException
 
+            if forced:
+                raise
             compile_failed = isinstance(e, TorchDynamoException)
             if compile_failed:
                 _flex_state["broken"] = True
             _warn_once(
                 f"flex:{type(e).__name__}",
                 f"Compiled FlexAttention failed ({type(e).__name__}: {e}); block-sparse attention "
-                f"{'now uses' if compile_failed else 'used'} the masked dense path, which is exact but not faster "
-                f"than dense attention.",
+                f"{'now uses' if compile_failed else 'used'} the gathered path (exact, no compiler; slower than "
+                f"compiled FlexAttention).",
+            )
+            path = "gathered"
+    if path == "gathered":
+        try:
+            return gathered_attention(q, k, v, block_mask, block_size)
+        except torch.OutOfMemoryError:
+            raise
+        except (RuntimeError, NotImplementedError) as e:
+            # an operation the gathers need is missing on this device: the masked dense path needs only SDPA
+            if forced:
+                raise
+            _gathered_broken.add(q.device.type)
+            _warn_once(
+                f"gathered:{q.device.type}:{type(e).__name__}",
+                f"Gathered block-sparse attention failed on {q.device.type} ({type(e).__name__}: {e}); it now uses "
+                f"the masked dense path there, which is exact but slower than dense attention.",
             )
     return _masked_dense(q, k, v, block_mask, block_size)

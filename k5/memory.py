@@ -43,8 +43,8 @@ copies around every norm, RoPE and gated residual (the official casts) — why t
   * feed-forward: residual s·D, modulated input s·D and the two F-wide tensors 2·s·F. Without autograd and with
     more than ``FF_CHUNK_TOKENS`` (4096) tokens ``FeedForward`` runs in slices: residual, input and output buffer
     3·s·D per token plus one slice's F-wide tensors (a constant);
-  * unmerged LoRA ``base(x) + c·up(down(x))`` on a layer with n outputs holds base output, up output, scaled term
-    and sum: 4·s·n (+ s·r) instead of s·n;
+  * unmerged LoRA ``base(x) + c·up(down(x))`` on a layer with n outputs: the up-projection is accumulated into the
+    base output in place (``core.lora._add_up_projection``), so only the down-projection output s·r comes on top;
   * weights stored in another dtype than the compute dtype are cast per call (``CastLinear``: one copy;
     ``FP8Linear``: cast and scale, two copies of in·out·s while the cast happens, one while the output is made).
 
@@ -61,7 +61,9 @@ copies around every norm, RoPE and gated residual (the official casts) — why t
   cast weight of every projection of the block for the input gradient: s·(8D² + 2DF) visual, s·(4D² + 2DF) text.
 - backward (beyond what is saved and the incoming gradient; the block's own output has been released by then —
   the next block's backward freed it — so ``s·D`` is taken off the core estimate's 2·hidden): the largest of the
-  GELU backward (gradients of its output and input 2·s·F + the residual gradient's cast [u]·s·D), the end of the
+  GELU backward (gradients of its output and input 2·s·F + the residual gradient's cast [u]·s·D; with LoRA the
+  GELU output its ``out_layer`` adapter saved is freed first, and the ``out_layer`` backward peaks instead: the
+  float32 branch gradient 4D + its cast + s·F), the end of the
   recompute (every saved tensor together with the final gated residual: [u]·s·D + s·D + u·D + 4D) and the
   attention backwards (query/key/value gradients 5·s·D, less the feed-forward and cross-attention tensors already
   freed, + CPU kernel tiles).
@@ -83,7 +85,9 @@ and Pro) measured with ``core.memory.measure_block_activations`` in bf16 on CPU 
   kvSplit ≤ 512 (``FlashAttentionKernel.cpp``). The math path, which materialises [B,H,S,S] scores and
   probabilities, runs only when the fused kernel cannot (dropout, other dtypes): ``math_attention=True`` models it
   with ``quadratic = 2·H·s`` per token² (doubled in backward by the core estimate).
-- NABLA (``nabla=True``): see :func:`_nabla_terms` (CPU masked dense path validated; CUDA FlexAttention tables not).
+- NABLA (``nabla=True``): see :func:`_nabla_terms`, one model per block-sparse path (``nabla_path``; default
+  compiled FlexAttention on CUDA, the gathered path on CPU). The CPU paths are validated against the allocator; the
+  FlexAttention tables and the gathered path's CUDA workspace are not.
 
 **Outside the blocks** (``_extras``, folded into the block numbers so ``activations`` is the whole activation peak):
 the sampler's or trainer's latents, the RoPE table (complex64, 4·hd per token), text states, the MSE loss storage.
@@ -121,6 +125,7 @@ from ..core.memory import (
 from .config import K5Config
 from .dit import FF_CHUNK_TOKENS, k5_fp8_keep_high_precision
 from .family import K5_LORA_TARGETS
+from .nabla import NablaConfig
 
 FP32 = 4  # bytes of a float32 element
 DEVICE_TYPES = ("cuda", "cpu")
@@ -205,42 +210,85 @@ def _cpu_sdpa_scratch(q_len: int, kv_len: int, head_dim: int, s: int, threads: i
     return threads * ((qs * kvs + 2 * qs + qs * head_dim) * FP32 + qs * kvs * red)
 
 
-def _nabla_terms(config: K5Config, s: int, *, device_type: str, batch: int, tokens: int,
-                 grad: bool) -> tuple[float, float, float]:
-    """(per token, constant, constant saved for the backward) bytes NABLA adds to one visual self-attention call of
-    ``batch`` samples with ``tokens`` tokens (nb = tokens/64 blocks per sample, pairs = B·H·nb²).
+@dataclass(frozen=True)
+class _NablaTerms:
+    """What NABLA adds to one visual self-attention call (bytes): during the forward call (``per_token`` per token
+    + ``const``), kept for the backward (``saved``), and during the attention backward (``backward_per_token`` per
+    token + ``backward_const``)."""
 
-    - Block map (``k5.nabla.topcdf_block_mask``): pooled q̄, k̄ in float32 (2·4·D/64 per token); per slice of ≤
-      ``_MAP_ELEMENTS`` map elements, scores, softmax, sorted values, int64 order, float64 cumsum and masks
-      (≈ 31 bytes per element); the bool block mask (1 byte per pair).
-    - CUDA (compiled FlexAttention): the ``BlockMask`` index tables (int32 kv indices, transposed q indices) and the
-      argsort scratch that builds them ≈ 32 bytes per pair during the call, ≈ 9 kept for the backward.
-      An assumption from the code; not validated on a GPU.
-    - CPU (masked dense, ``core.attention._masked_dense``): the additive mask of one slice of query blocks,
+    per_token: float = 0.0
+    const: float = 0.0
+    saved: float = 0.0
+    backward_per_token: float = 0.0
+    backward_const: float = 0.0
+
+
+def _nabla_terms(config: K5Config, s: int, *, device_type: str, batch: int, tokens: int, grad: bool,
+                 path: str, every_block_kept: bool = False, threads: int = 1) -> _NablaTerms:
+    """Bytes NABLA adds to one visual self-attention call of ``batch`` samples with ``tokens`` tokens on ``path``
+    (one of ``core.attention.BLOCK_SPARSE_PATHS``); nb = tokens/64 blocks per sample, R = B·H·nb query-block rows,
+    pairs = R·nb.
+
+    - Block map (``k5.nabla.topcdf_block_mask``), every path: pooled q̄, k̄ in float32 (2·4·D/64 per token); per
+      slice of ≤ ``_MAP_ELEMENTS`` map elements, scores, softmax, sorted values, int64 order, float64 cumsum and
+      masks (≈ 31 bytes per element); the bool block mask (1 byte per pair).
+    - ``"flex compiled"``: the ``BlockMask`` index tables (int32 kv indices, transposed q indices) and the argsort
+      scratch that builds them ≈ 32 bytes per pair during the call, 12 kept for the backward. An assumption from
+      the code; not validated on a GPU.
+    - ``"gathered"`` (``core.block_sparse``): contiguous copies of q, k, v (3·s·D per token; K5 hands transposes);
+      the plan — per row int64 counts, keys and order (≤ 32·R bytes), the kept pairs of partially kept rows as
+      int64 pairs (≤ 24 bytes each while built; kept: int32 key indices padded by up to ``_PADDING``, and the bool
+      block rows of the rows attended in place); the workspace — gathered keys and values, each
+      ``core.block_sparse.gather_budget`` elements (or the whole key lists of one row per CPU thread, or all kept
+      keys if fewer), a call's additive key mask, and
+      the gathered query rows (as many as keys, or one head's rows S·hd for the rows that keep every block) with
+      the kernel output for them; CPU kernel tiles. Kept for the backward: the int32 keys and the row order. In the
+      backward: the output gradient made contiguous (s·D per token), the workspace again with three query-sized
+      buffers (query rows, output gradient, output), and the kernel's key/value/query gradients of one call. With
+      ``every_block_kept`` (the STA window covers the whole grid) no row is partial: nothing is gathered but the
+      query rows. Worst case otherwise (every row keeps all but one block). Validated against the CPU allocator.
+    - ``"masked dense"`` (``core.attention._masked_dense``): the additive mask of one slice of query blocks,
       materialised in the compute dtype — B·H·64·S elements per query block, as many query blocks as fit in
       ``_DENSE_MASK_ELEMENTS`` (at least one); the zeroed-rows product s·D per token. In training the attention node
-      keeps its slice's mask for the backward. Validated against the CPU allocator (inference and training).
+      keeps its slice's mask for the backward.
     """
     from ..core.attention import _DENSE_MASK_ELEMENTS
+    from ..core.block_sparse import gather_budget
     from .nabla import _MAP_ELEMENTS
 
-    H, D = config.num_heads, config.model_dim
+    H, D, hd = config.num_heads, config.model_dim, config.head_dim
     nb = max(1, tokens // _NABLA_BLOCK)
-    pairs = batch * H * nb * nb
+    R = batch * H * nb
+    pairs = R * nb
     per_token = 2 * FP32 * D / _NABLA_BLOCK
     topcdf = 31 * min(_MAP_ELEMENTS, pairs) + pairs
-    if device_type == "cuda":
+    if path == "flex compiled":
         # kept for the backward: FlexAttention's int32 block lists, key-major (kv_indices) and the two query-major
         # tables from_kv_blocks derives (q_indices, full_q_indices): 12 bytes per block pair
-        return per_token, topcdf + 32 * pairs, (12 * pairs if grad else 0.0)
+        return _NablaTerms(per_token, topcdf + 32 * pairs, 12 * pairs if grad else 0.0)
+    if path == "gathered":
+        from ..core.block_sparse import _PADDING
+
+        partial = 0 if every_block_kept else pairs - R  # kept pairs of the partially kept rows
+        budget = gather_budget(device_type)
+        rows = (threads if device_type == "cpu" else 1) * (nb - 1) * _NABLA_BLOCK * hd  # the fewest rows per call
+        kv = s * min(max(budget, rows), (1 + _PADDING) * partial * _NABLA_BLOCK * hd)  # each of keys and values
+        mask = (s + 2) * kv / (s * hd)  # a call's additive key mask and the bool rows it is made from
+        queries = s * min(R * _NABLA_BLOCK * hd, max(budget if partial else 0, tokens * hd))
+        plan = 8 * R + 4 * (1 + _PADDING) * partial + (pairs if partial else 0)  # order, int32 keys, kept rows
+        call = plan + 2 * kv + mask + 2 * queries  # workspace, mask, kernel output
+        forward = topcdf + max(32 * R + 24 * partial, call)
+        backward = 4 * kv + mask + 4 * queries  # workspace (kv, 3 query buffers), mask, the kernel's gradients
+        return _NablaTerms(per_token + 3 * s * D, forward, plan if grad else 0.0, s * D, backward)
     row = batch * H * _NABLA_BLOCK * tokens
     dense = s * row * min(nb, max(1, _DENSE_MASK_ELEMENTS // row))
-    return per_token + s * D, topcdf + dense, (dense + pairs if grad else 0.0)
+    return _NablaTerms(per_token + s * D, topcdf + dense, dense + pairs if grad else 0.0)
 
 
 def _block_model(kind: str, config: K5Config, s: int, *, lora_rank: int, device_type: str, grad: bool,
                  chunked: bool, cast: int, modulation_cast: bool = False, nabla: bool = False, q_tokens: int = 0,
-                 kv_tokens: int = 0, threads: int = 1, batch: int = 1) -> _BlockModel:
+                 kv_tokens: int = 0, threads: int = 1, batch: int = 1, nabla_path: str = "gathered",
+                 nabla_every_block_kept: bool = False) -> _BlockModel:
     """Phases of a text (``kind="text"``) or visual block (the module docstring explains each term).
 
     ``cast``: compute-dtype copies a block projection makes of its weight per call (0 stored in the compute dtype,
@@ -269,7 +317,7 @@ def _block_model(kind: str, config: K5Config, s: int, *, lora_rank: int, device_
         else:
             out.append((name, cost(s * n, 0.0)))
         if r:
-            out.append((f"{name} (LoRA)", cost(4 * s * n + s * r, 0.0)))
+            out.append((f"{name} (LoRA)", cost(s * n + s * r, 0.0)))
         return out
 
     def scratch(q: int, kv: int, backward: bool) -> float:
@@ -278,10 +326,10 @@ def _block_model(kind: str, config: K5Config, s: int, *, lora_rank: int, device_
         return _cpu_sdpa_scratch(q, kv, hd, s, threads, backward)
 
     n_mod = 9 if kind == "visual" else 6
-    nabla_tok = nabla_const = nabla_saved = 0.0
+    nt = _NablaTerms()
     if nabla and kind == "visual" and q_tokens > 0:
-        nabla_tok, nabla_const, nabla_saved = _nabla_terms(config, s, device_type=device_type, batch=batch,
-                                                           tokens=q_tokens, grad=grad)
+        nt = _nabla_terms(config, s, device_type=device_type, batch=batch, tokens=q_tokens, grad=grad,
+                          path=nabla_path, every_block_kept=nabla_every_block_kept, threads=threads)
     DD, DF = D * D, D * F
     phases = [
         ("modulation (weight cast)", _Cost(0.0, FP32 * config.time_dim * n_mod * D if modulation_cast else 0.0)),
@@ -291,7 +339,7 @@ def _block_model(kind: str, config: K5Config, s: int, *, lora_rank: int, device_
         *proj("value", 3 * sD, D, DD),
         ("RoPE of q", _Cost(4 * sD + P)),
         ("RoPE of k", _Cost(5 * sD + P)),
-        ("self-attention", _Cost(5 * sD + nabla_tok, scratch(q_tokens, q_tokens, False) + nabla_const)),
+        ("self-attention", _Cost(5 * sD + nt.per_token, scratch(q_tokens, q_tokens, False) + nt.const)),
         *proj("self-attention out_layer", 5 * sD, D, DD),
         ("gated residual (self-attention)", _Cost(sD + G)),
     ]
@@ -326,23 +374,69 @@ def _block_model(kind: str, config: K5Config, s: int, *, lora_rank: int, device_
         if kind == "visual":
             ca += sD + 2 * s * r
     cast_saved = s * ((8 if kind == "visual" else 4) * DD + 2 * DF) if (cast and grad) else 0.0
-    saved = _Cost(sa + ca + ff, cast_saved + nabla_saved)
+    saved = _Cost(sa + ca + ff, cast_saved + nt.saved)
 
+    if r:
+        # the GELU output the out_layer adapter saved is freed by the out_layer backward, before the GELU backward;
+        # that out_layer backward holds the float32 branch gradient of the gated residual (4D, its cast) and the
+        # input gradients of the base layer and the adapter (2·s·F) less the freed GELU output
+        ffn_backward = [("feed-forward out_layer backward", _Cost(4 * D + cs * D + s * F - sD)),
+                        ("feed-forward backward", _Cost(cs * D + s * F - sD))]
+    else:
+        ffn_backward = [("feed-forward backward", _Cost(cs * D + 2 * s * F - sD))]
     backward = [
-        ("feed-forward backward", _Cost(cs * D + 2 * s * F - sD)),
+        *ffn_backward,
         ("recompute (final gated residual)", _Cost(cs * D + sD + u * D + 4 * D - sD)),
     ]
     if kind == "visual":
         backward.append(("cross-attention backward", _Cost(3 * sD - ff - sD, scratch(q_tokens, kv_tokens, True))))
-    backward.append(("self-attention backward", _Cost(5 * sD - ff - ca - sD, scratch(q_tokens, q_tokens, True))))
+    backward.append(("self-attention backward", _Cost(5 * sD - ff - ca - sD + nt.backward_per_token,
+                                                      scratch(q_tokens, q_tokens, True) + nt.backward_const)))
     return _BlockModel(hidden=sD, forward=tuple(phases), saved=saved, backward=tuple(backward))
+
+
+def default_nabla_path(device_type: str) -> str:
+    """The block-sparse path NABLA is assumed to run on when none is given: ``"flex compiled"`` on CUDA, the
+    ``"gathered"`` path on CPU (``core.attention.block_sparse_path`` gives the one a process really uses)."""
+    _check_device(device_type)
+    return "flex compiled" if device_type == "cuda" else "gathered"
+
+
+def _check_nabla_path(path: str | None, device_type: str) -> str:
+    from ..core.attention import BLOCK_SPARSE_PATHS
+
+    if path is None:
+        return default_nabla_path(device_type)
+    if path not in BLOCK_SPARSE_PATHS or (path == "flex compiled" and device_type != "cuda"):
+        valid = [p for p in BLOCK_SPARSE_PATHS if device_type == "cuda" or p != "flex compiled"]
+        raise ValueError(f"nabla_path must be one of {', '.join(valid)} on {device_type}, got {path!r}")
+    return path
+
+
+def nabla_keeps_every_block(nabla: NablaConfig, width: int, height: int, frames: int,
+                            patch_size: tuple[int, int, int] = (1, 2, 2)) -> bool:
+    """Whether every NABLA mask at this video size keeps every block: P = 1, or the STA window spans the whole
+    block grid (T latent frames, (H/8/ph/8) × (W/8/pw/8) tiles per frame).
+
+    Raises:
+        SizeError (a ValueError): invalid video size (see :func:`k5_tokens`).
+    """
+    from .pipeline import latent_shape, validate_video_size
+
+    validate_video_size(width, height, frames, nabla=True)
+    _, t, h, w = latent_shape(width, height, frames)
+    pt, ph, pw = patch_size
+    grid = (t // pt, h // ph // 8, w // pw // 8)
+    covered = all(n - 1 <= win // 2 for n, win in zip(grid, nabla.window))
+    return nabla.P >= 1.0 or (nabla.sta and covered)
 
 
 def k5_block_activations(config: K5Config, *, compute_dtype: str | torch.dtype, training: bool,
                          nabla: bool = False, lora_rank: int = 0, device_type: str = "cuda",
                          text_tokens: int | None = None, visual_tokens: int | None = None, batch: int = 1,
                          weight_cast: int = 0, modulation_cast: bool = False, math_attention: bool = False,
-                         cpu_threads: int | None = None) -> list[BlockActivations]:
+                         cpu_threads: int | None = None, nabla_path: str | None = None,
+                         nabla_every_block_kept: bool = False) -> list[BlockActivations]:
     """Activation bytes per token of every block of a K5 DiT, in execution order (text blocks, then visual blocks).
 
     Analytic (module docstring), not calibrated: every term is a tensor of ``k5/dit.py``'s forward, so the numbers
@@ -366,6 +460,10 @@ def k5_block_activations(config: K5Config, *, compute_dtype: str | torch.dtype, 
         modulation_cast: the modulation weights are not stored in float32 (each block call casts them).
         math_attention: SDPA's math path (scores materialised): ``quadratic = 2·H·s`` per token².
         cpu_threads: threads of the CPU attention kernel (default ``torch.get_num_threads()``).
+        nabla_path: the block-sparse attention path NABLA runs on (``core.attention.BLOCK_SPARSE_PATHS``); None:
+            :func:`default_nabla_path` of ``device_type``.
+        nabla_every_block_kept: the NABLA masks keep every block (the STA window covers the token grid, or P = 1),
+            so the gathered path gathers nothing.
 
     Returns:
         ``num_text_blocks + num_visual_blocks`` :class:`BlockActivations` (bytes per token of that block's tokens).
@@ -387,6 +485,7 @@ def k5_block_activations(config: K5Config, *, compute_dtype: str | torch.dtype, 
             _check_int(name, t, 1)
     threads = torch.get_num_threads() if cpu_threads is None else _check_int("cpu_threads", cpu_threads, 1)
     quadratic = 2.0 * config.num_heads * s if math_attention else 0.0
+    nabla_path = _check_nabla_path(nabla_path, device_type)
 
     def one(kind: str, tokens: int | None) -> BlockActivations:
         t = tokens or 0
@@ -394,7 +493,8 @@ def k5_block_activations(config: K5Config, *, compute_dtype: str | torch.dtype, 
         model = _block_model(kind, config, s, lora_rank=lora_rank, device_type=device_type, grad=training,
                              chunked=not training and t > FF_CHUNK_TOKENS, cast=weight_cast,
                              modulation_cast=modulation_cast, nabla=nabla, q_tokens=t, kv_tokens=kv,
-                             threads=threads, batch=batch)
+                             threads=threads, batch=batch, nabla_path=nabla_path,
+                             nabla_every_block_kept=nabla_every_block_kept)
         m = batch * t if tokens else 1
         if not tokens:  # coefficients only: drop the per-call constants
             model = dataclasses.replace(
@@ -543,9 +643,9 @@ def estimate_k5_memory(config: K5Config, *, width: int, height: int, frames: int
                        weight_dtype: str = "bf16", compute_dtype: str | torch.dtype = "bf16",
                        training: bool = False, gradient_checkpointing: bool = True, lora_rank: int = 0,
                        lora_dtype: str | None = None, optimizer: str = "adamw", device_type: str = "cuda",
-                       nabla: bool = False, math_attention: bool = False, model=None,
+                       nabla: bool | NablaConfig | None = False, math_attention: bool = False, model=None,
                        stored_modulation_dtype: str = "fp32", overhead_bytes: int = 0,
-                       cpu_threads: int | None = None) -> MemoryEstimate:
+                       cpu_threads: int | None = None, nabla_path: str | None = None) -> MemoryEstimate:
     """Peak device memory (bytes) of one sampler step (inference) or one LoRA training step of a K5 DiT.
 
     ``core.memory.estimate_peak_memory`` sums the weights (resident blocks + non-block tensors, the block-swap ring;
@@ -581,12 +681,17 @@ def estimate_k5_memory(config: K5Config, *, width: int, height: int, frames: int
         optimizer: "adamw" (8 bytes/param), "adamw8bit" (2), "sgd"/"none" (0).
         device_type: "cuda" or "cpu". On "cpu" the block-swap masters live in the same memory: the process needs
             ``total + host_bytes``.
-        nabla: NABLA attention in the visual blocks. math_attention: SDPA's math path (scores materialised).
+        nabla: NABLA attention in the visual blocks: a :class:`~cinetune.k5.nabla.NablaConfig`, True (the default
+            config) or False/None (full attention). Its P and STA window only decide whether every mask keeps every
+            block at this size (:func:`nabla_keeps_every_block`). math_attention: SDPA's math path (scores
+            materialised).
         model: optional loaded DiT (any device, meta included) to describe instead of the assumed stored dtypes;
             pass it before LoRA injection.
         stored_modulation_dtype: dtype of the modulation layers in the file (see :func:`describe_k5`).
         overhead_bytes: CUDA context, workspaces, allocator reserve — added as is.
         cpu_threads: CPU attention threads (device_type "cpu"; default ``torch.get_num_threads()``).
+        nabla_path: the block-sparse path NABLA runs on (``core.attention.block_sparse_path(device)`` in a running
+            process); None: :func:`default_nabla_path` of ``device_type``.
 
     Returns:
         :class:`~cinetune.core.memory.MemoryEstimate`, bytes; ``total`` is the device peak, ``host_bytes`` the
@@ -609,7 +714,12 @@ def estimate_k5_memory(config: K5Config, *, width: int, height: int, frames: int
     _check_int("lora_rank", lora_rank, 0)
     if training and lora_rank == 0:
         raise ValueError("training needs lora_rank ≥ 1: Cinetune trains LoRA adapters, never the base weights")
+    if nabla is not None and not isinstance(nabla, (bool, NablaConfig)):
+        raise ValueError(f"nabla must be a NablaConfig, True/False or None, got {type(nabla).__name__}")
+    nabla_cfg = NablaConfig() if nabla is True else (nabla or None)
+    nabla = nabla_cfg is not None
     S = k5_tokens(width, height, frames, nabla=nabla, patch_size=config.patch_size)
+    every_block_kept = nabla and nabla_keeps_every_block(nabla_cfg, width, height, frames, config.patch_size)
     L = text_tokens
     if lora_dtype is None:
         lora_dtype = "fp32" if training else "bf16"
@@ -622,7 +732,8 @@ def estimate_k5_memory(config: K5Config, *, width: int, height: int, frames: int
     acts = k5_block_activations(config, compute_dtype=compute_dtype, training=training, nabla=nabla,
                                 lora_rank=lora_rank, device_type=device_type, text_tokens=L, visual_tokens=S,
                                 batch=batch, weight_cast=cast, modulation_cast=modulation_cast,
-                                math_attention=math_attention, cpu_threads=cpu_threads)
+                                math_attention=math_attention, cpu_threads=cpu_threads, nabla_path=nabla_path,
+                                nabla_every_block_kept=every_block_kept)
     fwd_extra, bwd_extra = _extras(config, s, S=S, L=L, batch=batch, training=training, cfg=cfg and not training,
                                    nabla=nabla, device_type=device_type, lora_rank=lora_rank)
     n_text = config.num_text_blocks
@@ -683,6 +794,11 @@ def smallest_fitting_swap(config: K5Config, available_bytes: int, *, blocks_to_s
 
 
 _NOT_SCANNED = object()  # format_k5_estimate without a block-swap search
+_NABLA_PATH_TEXT = {
+    "flex compiled": "compiled FlexAttention (dropped blocks skipped)",
+    "gathered": "gathered block-sparse path, no compiler needed (dropped blocks skipped)",
+    "masked dense": "masked dense path (exact, but slower than full attention)",
+}
 
 
 def _gb(n: float) -> str:
@@ -706,7 +822,8 @@ def format_k5_estimate(est: MemoryEstimate, *, available_bytes: int | None = Non
             names the ``blocks_to_swap`` that would fit, or (None) says that no block swap is enough.
         settings: shown on the settings line: ``model`` (a name), ``width``, ``height``, ``frames``, ``tokens``,
             ``weight_dtype``, ``training``, ``cfg``, ``blocks_to_swap``, ``lora_rank``, ``device_type``; other keys
-            as ``key=value``.
+            as ``key=value``. ``nabla_path`` (a ``core.attention.BLOCK_SPARSE_PATHS`` name, or None without NABLA)
+            adds a line saying how NABLA attention runs.
 
     Returns:
         Lines joined by ``\\n`` (GB = 10⁹ bytes, one decimal).
@@ -729,6 +846,7 @@ def format_k5_estimate(est: MemoryEstimate, *, available_bytes: int | None = Non
     shown = []
     s = dict(settings)
     s.pop("device_type", None)
+    nabla_path = s.pop("nabla_path", None)
     if "model" in s:
         shown.append(str(s.pop("model")))
     if "width" in s and "height" in s:
@@ -753,6 +871,8 @@ def format_k5_estimate(est: MemoryEstimate, *, available_bytes: int | None = Non
     shown += [f"{k}={v}" for k, v in s.items()]
     if shown:
         lines.append("Settings: " + ", ".join(shown) + ".")
+    if nabla_path is not None:
+        lines.append(f"NABLA attention: {_NABLA_PATH_TEXT.get(nabla_path, nabla_path)}.")
     if available_bytes is not None:
         if est.total <= available_bytes:
             lines.append(f"Fits in the {_gb(available_bytes)} available.")

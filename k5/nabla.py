@@ -10,7 +10,9 @@ Method: NABLA, arXiv 2507.13546 (§3); Kandinsky 5 implementation in kandinskyla
    block attention map per head.
 3. Top-CDF: in each row keep the blocks whose ascending cumulative mass is >= 1 − P (:func:`topcdf_block_mask`).
 4. OR with a sliding-tile (STA) window over the block grid (:func:`sta_block_mask`).
-5. Block-sparse attention with that mask (:func:`..core.attention.block_sparse_attention`).
+5. Block-sparse attention with that mask (:func:`..core.attention.block_sparse_attention`): compiled FlexAttention
+   on CUDA, else the gathered path (each query block attends only its kept key blocks, in plain PyTorch, forward and
+   backward; :mod:`..core.block_sparse`), so the dropped blocks are skipped on every device.
 
 Decisions where this module differs from, or pins down, the official code:
 

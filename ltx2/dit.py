@@ -61,6 +61,8 @@ Decisions:
   token streams passed to a block are never modified. With autograd the same formulas run out of place.
 - **RMSNorm on the CPU** is computed as one float32-accumulated reduction and one product (``F.rms_norm`` has no
   fused CPU kernel and runs as five passes there); other devices use ``F.rms_norm``. Same values up to rounding.
+  Under autograd it has a hand-written backward (``_CPURMSNorm``) that keeps only its input and 1/RMS; the split
+  RoPE likewise (:func:`cinetune.ltx2.rope.apply_rope`).
 """
 
 from __future__ import annotations
@@ -246,14 +248,62 @@ def _owned(t: torch.Tensor) -> torch.Tensor | None:
 
 
 def _inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``1/sqrt(mean(x²) + eps)`` over the last dim: ``[..., 1]`` in ``x.dtype`` (accumulated in float32)."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    """``1/sqrt(mean(x²) + eps)`` over the last dim: ``[..., 1]`` in ``x.dtype`` (accumulated in float32, or
+    float64 for float64 x)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
     return (norm.square() / x.shape[-1] + eps).rsqrt().to(x.dtype)
+
+
+class _CPURMSNorm(torch.autograd.Function):
+    """``y = x·ρ·w (+ shift)`` with ``ρ = 1/sqrt(mean(x²) + eps)`` over the last dim (Zhang & Sennrich 2019, "Root
+    Mean Square Layer Normalization", arXiv:1910.07467, eq. 4) and a hand-written backward, for the CPU under
+    autograd. ``w`` is a norm weight, or ``1 + scale`` of an AdaLN modulation (then with its shift).
+
+    Backward, with ``u = g·w`` and D the width: ``∂L/∂x = ρ·u − x·ρ³·(u·x)/D`` (the chain rule through the mean of
+    squares), ``∂L/∂w = Σ g·x·ρ`` and ``∂L/∂shift = Σ g`` over the broadcast dims. Four passes and one reduction,
+    keeping x, ρ and w; autograd over the forward formula keeps the norm too and runs about twice as many passes
+    (the norm's backward adds a ``masked_fill``) with more full-size temporaries.
+
+    x ``[..., D]`` any float dtype; w and shift broadcastable to x (``[D]``, ``[B, 1, D]`` or ``[B, T, D]``) in x's
+    dtype, or None; returns ``[..., D]``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                shift: torch.Tensor | None = None) -> torch.Tensor:
+        rho = _inv_rms(x, eps)
+        y = torch.mul(x, rho)
+        if shift is not None:
+            torch.addcmul(shift, y, weight, out=y)
+        elif weight is not None:
+            y.mul_(weight)
+        ctx.save_for_backward(x, rho, weight)
+        ctx.shift_shape = None if shift is None else shift.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, rho, weight = ctx.saved_tensors
+        grad_weight = grad_shift = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = (grad * x * rho).sum_to_size(weight.shape)
+        if ctx.shift_shape is not None and ctx.needs_input_grad[3]:
+            grad_shift = grad.sum_to_size(ctx.shift_shape)
+        u = grad if weight is None else grad * weight
+        if x.dtype in (torch.float32, torch.float64):  # a batched dot product: no full-size temporary
+            dot = torch.einsum("...d,...d->...", u, x).unsqueeze(-1)
+        else:
+            dot = torch.sum(u * x, dim=-1, keepdim=True, dtype=torch.float32)
+        coefficient = (rho.to(dot.dtype).pow(3) * dot / x.shape[-1]).to(x.dtype)
+        grad_x = torch.mul(u, rho, out=None if weight is None else u)
+        return grad_x.addcmul_(x, coefficient, value=-1), grad_weight, None, grad_shift
 
 
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     if x.device.type != "cpu":
         return F.rms_norm(x, (x.shape[-1],), eps=eps)
+    if torch.is_grad_enabled():
+        return _CPURMSNorm.apply(x, None, eps)
     # On the CPU F.rms_norm runs as five elementwise passes; one reduction and one product do the same.
     return x * _inv_rms(x, eps)
 
@@ -264,6 +314,8 @@ def _scale_shift(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
 
 
 def _modulated(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.device.type == "cpu" and torch.is_grad_enabled():
+        return _CPURMSNorm.apply(x, 1 + scale, eps, shift)
     return _scale_shift(_rms(x, eps), scale, shift, reuse=True)
 
 
@@ -301,6 +353,8 @@ class Attention(nn.Module):
         weight = norm.weight.to(x.dtype)
         if x.device.type != "cpu":
             return F.rms_norm(x, norm.normalized_shape, weight, self.eps)
+        if torch.is_grad_enabled():
+            return _CPURMSNorm.apply(x, weight, self.eps)
         x = torch.mul(x, _inv_rms(x, self.eps), out=_owned(x))
         return torch.mul(x, weight, out=_owned(x))
 

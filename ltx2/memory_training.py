@@ -72,11 +72,9 @@ class _GradTape(_Tape):
 
 
 def _stat_bytes(r: _Run) -> int:
-    """Bytes per token an RMSNorm keeps for its backward beside its input: on the CPU the float32 norm and inverse
-    (and the inverse in the compute dtype when that is not float32), on CUDA the float32 rstd."""
-    if r.device_type == "cuda":
-        return FP32
-    return 2 * FP32 + (r.s if r.s != FP32 else 0)
+    """Bytes per token an RMSNorm keeps for its backward beside its input: on the CPU the inverse RMS in the compute
+    dtype (``dit._CPURMSNorm``), on CUDA the float32 rstd."""
+    return FP32 if r.device_type == "cuda" else r.s
 
 
 def _g_rms(t: _GradTape, r: _Run, saved: list, x: _T, tokens: int, width: int, grad: bool) -> _T:
@@ -103,6 +101,26 @@ def _g_scale_shift(t: _GradTape, r: _Run, saved: list, normed: _T, tokens: int, 
     out = t.new(r.s * width * tokens)
     if grad:
         t.save(saved, one)
+    t.drop(*takes, one)
+    return out
+
+
+def _g_modulated(t: _GradTape, r: _Run, saved: list, x: _T, tokens: int, width: int, grad: bool,
+                 per_token: bool) -> _T:
+    """``_modulated``: RMSNorm then ``·(1 + scale) + shift``. On the CPU one new tensor (``dit._CPURMSNorm`` with
+    the modulation), keeping x, its statistics and ``1 + scale`` (a per-token tensor under first-frame
+    conditioning); elsewhere :func:`_g_rms` and :func:`_g_scale_shift`."""
+    takes = _g_takes(t, r, tokens, width, per_token)
+    if r.device_type != "cpu":
+        normed = _g_rms(t, r, saved, x, tokens, width, grad)
+        out = _g_scale_shift(t, r, saved, normed, tokens, width, grad, per_token, takes)
+        t.drop(normed)
+        return out
+    one = t.new(r.s * width * tokens) if per_token else None
+    out = t.new(r.s * width * tokens)
+    if grad:
+        t.save(saved, x, one)
+        t.new_saved(saved, _stat_bytes(r) * tokens)
     t.drop(*takes, one)
     return out
 
@@ -152,42 +170,27 @@ def _g_linear(t: _GradTape, r: _Run, saved: list, x: _T, tokens: int, fan_in: in
 
 
 def _g_qk_norm(t: _GradTape, r: _Run, saved: list, x: _T, tokens: int, width: int, grad: bool) -> _T:
-    """``Attention._norm``: keeps the projection output; on the CPU two products (one temporary)."""
+    """``Attention._norm``: one new tensor (on the CPU the weight is applied in place); keeps the projection
+    output and the statistics."""
     if grad:
         t.save(saved, x)
         t.new_saved(saved, _stat_bytes(r) * tokens)
-    if r.device_type == "cpu":
-        first = t.new(r.s * width * tokens)
-        out = t.new(r.s * width * tokens)
-        t.drop(first)
-        return out
     return t.new(r.s * width * tokens)
 
 
 def _g_rope(t: _GradTape, r: _Run, saved: list, tokens: int, width: int, table: _T) -> _T:
-    """``apply_rope`` with autograd: float32 halves (four products, two sums, a stack), which keep the tables
-    (``table``, the DiT's, in float32; outside float32 a copy of x and float32 copies of both tables)."""
-    xf = None
+    """``apply_rope`` with autograd (``rope._SplitRotation``): four products into one new float32 tensor, which
+    keeps only the DiT's tables (``table``); outside float32 first float32 copies of x and of both tables, and the
+    result rounded to the compute dtype."""
+    t.save(saved, table)
     if r.s == FP32:
-        t.save(saved, table)
-    else:
-        xf = t.new(FP32 * width * tokens)
-        tables = t.new(FP32 * width * tokens)
-        t.save(saved, tables)
-        t.drop(tables)
-    half = 2 * width * tokens  # a float32 product over half the width
-    a, b = t.new(half), t.new(half)
-    first = t.new(half)
-    t.drop(a, b)
-    a, b = t.new(half), t.new(half)
-    second = t.new(half)
-    t.drop(a, b)
-    out = t.new(2 * half)
-    t.drop(first, second)
-    if r.s == FP32:
-        return out
+        return t.new(FP32 * width * tokens)
+    xf = t.new(FP32 * width * tokens)
+    tables = t.new(FP32 * width * tokens)  # cos and sin, half the width each
+    out = t.new(FP32 * width * tokens)
+    t.drop(xf, tables)
     res = t.new(r.s * width * tokens)
-    t.drop(out, xf)
+    t.drop(out)
     return res
 
 
@@ -261,10 +264,7 @@ def _g_block(t: _GradTape, r: _Run, video: _T, audio: _T | None, x: _Inputs, *, 
     grad = not first
 
     def self_attention(saved, stream, tokens, width, heads, head_dim, rope, per_token):
-        takes = _g_takes(t, r, tokens, width, per_token)
-        normed = _g_rms(t, r, saved, stream, tokens, width, grad)
-        m = _g_scale_shift(t, r, saved, normed, tokens, width, grad, per_token, takes)
-        t.drop(normed)
+        m = _g_modulated(t, r, saved, stream, tokens, width, grad, per_token)
         update = _g_attention(t, r, saved, m, m, q_tokens=tokens, kv_tokens=tokens, q_width=width, kv_width=width,
                               heads=heads, head_dim=head_dim, out_width=width, rope=rope, cast=cast, lora=lora,
                               x_grad=grad, context_grad=grad)
@@ -282,10 +282,7 @@ def _g_block(t: _GradTape, r: _Run, video: _T, audio: _T | None, x: _Inputs, *, 
         return out
 
     def feed_forward(saved, stream, tokens, width, per_token):
-        takes = _g_takes(t, r, tokens, width, per_token)
-        normed = _g_rms(t, r, saved, stream, tokens, width, True)
-        m = _g_scale_shift(t, r, saved, normed, tokens, width, True, per_token, takes)
-        t.drop(normed)
+        m = _g_modulated(t, r, saved, stream, tokens, width, True, per_token)
         update = _g_feed_forward(t, r, saved, m, tokens, width, cast)
         t.drop(m)
         out = _g_residual(t, r, saved, update, tokens, width, True, per_token)

@@ -32,6 +32,9 @@ Decisions:
   (the official code multiplies in the model dtype; diffusers in float32). Identical in float32.
 - **Table layout**: split tables are returned token-major ``[B, T, H, dim/(2H)]`` (the official layout is
   ``[B, H, T, …]``) so they apply to ``[B, T, H·head_dim]`` projections without transposes.
+- **Backward of the split rotation** is written by hand: the gradient is rotated by the same angles the other way
+  (a rotation's Jacobian is its transpose), four products into one buffer, keeping only the tables. Autograd over
+  the formula needs about three times the passes, its half-width selects zero-filling full-size buffers.
 """
 
 from __future__ import annotations
@@ -245,12 +248,49 @@ def rope_frequencies(positions: torch.Tensor, dim: int, n_heads: int, max_pos: S
     return cos.to(dtype), sin.to(dtype)
 
 
+def _rotate_halves(src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dst: torch.Tensor, sign: float) -> None:
+    """Split rotation of ``src`` into ``dst`` (both ``[B, T, H, 2, r]`` views, any strides; float32):
+    ``dst1 = src1·cos − sign·src2·sin``, ``dst2 = src2·cos + sign·src1·sin``. ``sign`` −1 applies the inverse
+    (transposed) rotation, which is the backward of the forward one."""
+    s1, s2 = src[..., 0, :], src[..., 1, :]
+    torch.mul(s1, cos, out=dst[..., 0, :]).addcmul_(s2, sin, value=-sign)
+    torch.mul(s2, cos, out=dst[..., 1, :]).addcmul_(s1, sin, value=sign)
+
+
+def _rotate_split(x5: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype,
+                  sign: float = 1.0) -> torch.Tensor:
+    """Split rotation of ``x5 [B, T, H, 2, r]`` (any strides) in float32, rounded once to ``dtype``: a fresh
+    ``[B, T, H·2r]``."""
+    B, T, H, _, r = x5.shape
+    out = torch.empty(B, T, H * 2 * r, dtype=torch.float32, device=x5.device)
+    _rotate_halves(x5.float(), cos.float(), sin.float(), out.view(B, T, H, 2, r), sign)
+    return out.to(dtype)
+
+
+class _SplitRotation(torch.autograd.Function):
+    """Split RoPE ``[B, T, dim]`` → ``[B, T, dim]`` with the hand-written backward of the module notes (the
+    gradient rotated by the inverse rotation); keeps only the tables."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        ctx.save_for_backward(cos, sin)
+        return _rotate_split(x.reshape(B, T, *cos.shape[2:3], 2, -1), cos, sin, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        B, T, _ = grad.shape
+        return _rotate_split(grad.reshape(B, T, cos.shape[2], 2, -1), cos, sin, grad.dtype, sign=-1.0), None, None
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate queries or keys by the tables of :func:`rope_frequencies` (layout chosen by the table rank).
 
     Split tables ``[B|1, T, H, r]``: ``x`` is viewed as ``[B, T, H, 2, r]`` and each head's halves rotate,
     ``x1' = x1·cos − x2·sin``, ``x2' = x2·cos + x1·sin``. Interleaved tables ``[B|1, T, dim]``: pairs
     ``(x[2i], x[2i+1]) → (x0·cos − x1·sin, x1·cos + x0·sin)``. Computed in float32, rounded once to ``x.dtype``.
+    Under autograd the split rotation has a hand-written backward (the inverse rotation of the gradient).
 
     Args:
         x: ``[B, T, dim]`` (the projection before it is split into attention heads), any float dtype.
@@ -267,16 +307,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         raise ValueError(f"RoPE tables {list(cos.shape)} do not fit x {list(x.shape)}")
     if cos.ndim == 4 and cos.shape[2] * 2 * cos.shape[3] != dim:
         raise ValueError(f"split RoPE tables of {cos.shape[2]} heads × {cos.shape[3]} slots do not fit width {dim}")
-    if (cos.ndim == 4 and not torch.is_grad_enabled() and x.dtype == cos.dtype == sin.dtype == torch.float32
-            and x.is_contiguous()):
-        # Inference in float32: the four half-width products go straight into one buffer (no intermediates).
-        H, r = cos.shape[2], cos.shape[3]
-        out = torch.empty_like(x)
-        x5, o5 = x.view(B, T, H, 2, r), out.view(B, T, H, 2, r)
-        x1, x2 = x5[..., 0, :], x5[..., 1, :]
-        torch.mul(x1, cos, out=o5[..., 0, :]).addcmul_(x2, sin, value=-1)
-        torch.mul(x2, cos, out=o5[..., 1, :]).addcmul_(x1, sin)
-        return out
+    if cos.ndim == 4:
+        if torch.is_grad_enabled() and not (cos.requires_grad or sin.requires_grad):
+            return _SplitRotation.apply(x, cos, sin)
+        if x.dtype == cos.dtype == sin.dtype == torch.float32 and not torch.is_grad_enabled():
+            # Inference in float32: the four half-width products go straight into one buffer (no intermediates).
+            return _rotate_split(x.reshape(B, T, cos.shape[2], 2, -1), cos, sin, x.dtype)
     xf = x.float()
     cos, sin = cos.float(), sin.float()
     if cos.ndim == 4:

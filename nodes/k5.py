@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io, ui
 
-from ..core.attention import BACKENDS, check_backend
+from ..core.attention import BACKENDS, block_sparse_path, check_backend
 from ..core.lora import LoRAWeights, loras_applied
 from ..core.offload import model_on_device
 from ..core.weights import compute_dtype
@@ -53,6 +53,8 @@ class K5ModelHandle(PlacedModel):
     use_pinned_memory: bool = True
     loras: tuple[tuple[str, LoRAWeights, float], ...] = ()
     """``(name, weights, strength)`` applied unmerged while sampling; the shared base weights never change."""
+    weight_dtype: str = "default"
+    """The loader's ``weight_dtype`` (recorded in a training run's recipe, so a headless run loads the same weights)."""
 
     @property
     def blocks(self) -> list[torch.nn.Module]:
@@ -81,7 +83,7 @@ class K5ModelLoader(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneK5ModelLoader",
-            display_name="K5 Model Loader (Cinetune)",
+            display_name="K5 Model Loader",
             category=f"{CATEGORY}/loaders",
             description="Loads a Kandinsky 5 video DiT (official .safetensors, ComfyUI-repacked or diffusers layout).",
             inputs=[
@@ -123,7 +125,8 @@ class K5ModelLoader(CinetuneNode):
                              f"{path.name}: use at most {total}.")
         resolved = resolve_variant(loaded.config, path.name, variant)
         handle = K5ModelHandle(loaded.model.eval(), loaded.config, resolved, attention, _nabla_for(resolved, nabla),
-                               path, blocks_to_swap, use_pinned_memory and host.pinned_memory_allowed())
+                               path, blocks_to_swap, use_pinned_memory and host.pinned_memory_allowed(),
+                               weight_dtype=weight_dtype)
         return io.NodeOutput(handle)
 
 
@@ -133,7 +136,7 @@ class K5TextEncoderLoader(CinetuneNode):
         files = host.model_names("text_encoders")
         return io.Schema(
             node_id="CinetuneK5TextEncoderLoader",
-            display_name="K5 Text Encoder Loader (Cinetune)",
+            display_name="K5 Text Encoder Loader",
             category=f"{CATEGORY}/loaders",
             description="Loads Qwen2.5-VL-7B and CLIP-L for Kandinsky 5 from models/text_encoders.",
             inputs=[
@@ -166,7 +169,7 @@ class K5VAELoader(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneK5VAELoader",
-            display_name="K5 VAE Loader (Cinetune)",
+            display_name="K5 VAE Loader",
             category=f"{CATEGORY}/loaders",
             description="Loads the HunyuanVideo VAE used by Kandinsky 5 (diffusers, original .pt or ComfyUI file).",
             inputs=[
@@ -191,7 +194,7 @@ class K5TextEncode(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneK5TextEncode",
-            display_name="K5 Text Encode (Cinetune)",
+            display_name="K5 Text Encode",
             category=CATEGORY,
             description="Encodes a prompt and a negative prompt with Qwen2.5-VL (official template) and CLIP-L.",
             inputs=[
@@ -221,7 +224,7 @@ class K5Sampler(NodeRules, CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneK5Sampler",
-            display_name="K5 Sampler (Cinetune)",
+            display_name="K5 Sampler",
             category=CATEGORY,
             description="Generates a Kandinsky 5 video latent with the official flow-matching Euler sampler.",
             inputs=[
@@ -275,7 +278,7 @@ class K5VAEDecode(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneK5VAEDecode",
-            display_name="K5 VAE Decode (Cinetune)",
+            display_name="K5 VAE Decode",
             category=CATEGORY,
             description="Decodes a Kandinsky 5 video latent [B,16,T,H/8,W/8] into frames (IMAGE batch).",
             inputs=[
@@ -303,7 +306,7 @@ class K5VAEEncode(NodeRules, CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneK5VAEEncode",
-            display_name="K5 VAE Encode Start Image (Cinetune)",
+            display_name="K5 VAE Encode Start Image",
             category=CATEGORY,
             description="Resizes a start image to the video size (cover + centre crop) and encodes it for image-to-video.",
             inputs=[
@@ -331,7 +334,7 @@ class K5LoRALoader(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneK5LoRALoader",
-            display_name="K5 LoRA Loader (Cinetune)",
+            display_name="K5 LoRA Loader",
             category=f"{CATEGORY}/loaders",
             description="Applies a LoRA to a Kandinsky 5 model for sampling. Chain several for several LoRAs. Reads "
                         "Cinetune/ComfyUI, kohya/musubi-tuner and the official PEFT LoRA files.",
@@ -357,7 +360,7 @@ class K5MemoryEstimate(CinetuneNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="CinetuneK5MemoryEstimate",
-            display_name="K5 Memory Estimate (Cinetune)",
+            display_name="K5 Memory Estimate",
             category=CATEGORY,
             description="Predicts peak GPU memory of sampling or LoRA training with this model and settings, before "
                         "you run them. Queue it alone (it is instant) and adjust blocks_to_swap / weight_dtype.",
@@ -384,9 +387,10 @@ class K5MemoryEstimate(CinetuneNode):
         training = mode == "training"
         settings = dict(width=width, height=height, frames=frames, training=training, device_type=device.type,
                         cfg=cfg and not training, lora_rank=lora_rank if training else 0)
+        nabla_path = block_sparse_path(device) if handle.nabla is not None else None
         model_settings = dict(settings, weight_dtype="default", model=handle.model, optimizer=optimizer,
                               compute_dtype=training_dtype(device) if training else compute_dtype(handle.model),
-                              nabla=handle.nabla is not None)
+                              nabla=handle.nabla, nabla_path=nabla_path)
         estimate = estimate_k5_memory(handle.config, blocks_to_swap=handle.blocks_to_swap, **model_settings)
         available = host.free_device_memory()
         hint = {}
@@ -394,7 +398,7 @@ class K5MemoryEstimate(CinetuneNode):
             hint["fitting_swap"] = smallest_fitting_swap(handle.config, available,
                                                          blocks_to_swap=handle.blocks_to_swap, **model_settings)
         text = format_k5_estimate(estimate, available_bytes=available, model=handle.path.name,
-                                  blocks_to_swap=handle.blocks_to_swap, **settings, **hint)
+                                  blocks_to_swap=handle.blocks_to_swap, nabla_path=nabla_path, **settings, **hint)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 

@@ -212,22 +212,36 @@ def _token_mask(block_mask, bs):
 
 
 
-def _assert_sparse_matches_dense(q, k, v, block_mask, bs):
+def _assert_sparse_matches_dense(q, k, v, block_mask, bs, path=None):
     """block_sparse_attention equals dense attention with the expanded -inf mask, forward and q/k/v gradients."""
-    out = block_sparse_attention(q, k, v, block_mask, block_size=bs)
+    out = block_sparse_attention(q, k, v, block_mask, block_size=bs, path=path)
     ref = _manual_attention(q, k, v, _token_mask(block_mask, bs))
     assert _rel_err(out, ref) < 1e-5
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         assert _rel_err(a, b) < 1e-5
 
+@pytest.mark.parametrize("path", [None, "gathered", "masked dense"])
 @pytest.mark.parametrize("mask_batch, mask_heads", [(2, 3), (1, 3), (2, 1), (1, 1)])
-def test_block_sparse_matches_dense_with_minus_inf_mask(mask_batch, mask_heads):
+def test_block_sparse_matches_dense_with_minus_inf_mask(mask_batch, mask_heads, path):
     bs, nb = 16, 6
     q, k, v = _qkv(2, 3, bs * nb, 16, seed=1, grad=True)
     block_mask = _random_block_mask((mask_batch, mask_heads, nb, nb), 0.4, seed=2)
     assert not block_mask.all()
-    _assert_sparse_matches_dense(q, k, v, block_mask, bs)
+    _assert_sparse_matches_dense(q, k, v, block_mask, bs, path)
+
+
+@pytest.mark.parametrize("path", ["gathered", "masked dense"])
+def test_block_sparse_with_a_short_last_block(path):
+    bs, S = 16, 16 * 4 + 5
+    q, k, v = _qkv(2, 2, S, 8, seed=14, grad=True)
+    block_mask = _random_block_mask((2, 2, 5, 5), 0.5, seed=15)
+    out = block_sparse_attention(q, k, v, block_mask, block_size=bs, path=path)
+    ref = _manual_attention(q, k, v, _token_mask(block_mask, bs)[..., :S, :S])
+    assert out.shape == q.shape and _rel_err(out, ref) < 1e-5
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert _rel_err(a, b) < 1e-5
 
 
 def test_block_sparse_in_row_slices_with_recompute_matches_dense(monkeypatch):
@@ -236,7 +250,7 @@ def test_block_sparse_in_row_slices_with_recompute_matches_dense(monkeypatch):
     bs, nb = 8, 5
     q, k, v = _qkv(1, 2, bs * nb, 8, seed=3, grad=True)
     block_mask = _random_block_mask((1, 2, nb, nb), 0.5, seed=4)
-    _assert_sparse_matches_dense(q, k, v, block_mask, bs)
+    _assert_sparse_matches_dense(q, k, v, block_mask, bs, "masked dense")
 
 
 def test_block_sparse_backward_keeps_no_expanded_token_mask(monkeypatch):
@@ -253,7 +267,7 @@ def test_block_sparse_backward_keeps_no_expanded_token_mask(monkeypatch):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = block_sparse_attention(q, k, v, block_mask, block_size=bs)
+        out = block_sparse_attention(q, k, v, block_mask, block_size=bs, path="masked dense")
     assert sum(saved) < S * S  # an expanded bool mask alone would be S*S bytes
     ref = _manual_attention(q, k, v, _token_mask(block_mask, bs))
     g = torch.randn_like(out)
@@ -276,11 +290,12 @@ def test_block_diagonal_mask_equals_per_block_attention():
         assert _rel_err(out[:, :, s], attention(q[:, :, s], k[:, :, s], v[:, :, s])) < 1e-5
 
 
-def test_query_block_without_keys_outputs_zeros_and_finite_gradients():
+@pytest.mark.parametrize("path", ["gathered", "masked dense"])
+def test_query_block_without_keys_outputs_zeros_and_finite_gradients(path):
     bs, nb = 8, 3
     q, k, v = _qkv(1, 1, bs * nb, 4, seed=7, grad=True)
     block_mask = torch.tensor([[True, False, False], [False, False, False], [True, True, True]])[None, None]
-    out = block_sparse_attention(q, k, v, block_mask, block_size=bs)
+    out = block_sparse_attention(q, k, v, block_mask, block_size=bs, path=path)
     assert torch.equal(out[:, :, bs : 2 * bs], torch.zeros_like(out[:, :, bs : 2 * bs]))
     rows = list(range(bs)) + list(range(2 * bs, 3 * bs))
     ref = _manual_attention(q, k, v, _token_mask(block_mask, bs))
@@ -292,7 +307,7 @@ def test_query_block_without_keys_outputs_zeros_and_finite_gradients():
 
 def test_block_sparse_input_errors():
     q, k, v = _qkv(1, 2, 48, 8)
-    with pytest.raises(ValueError, match="not a multiple of block_size 32"):
+    with pytest.raises(ValueError, match=r"expected \[1 or 1, 2 or 1, 2, 2\] \(ceil\(48 / 32\) = 2 blocks"):
         block_sparse_attention(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.bool), block_size=32)
     with pytest.raises(ValueError, match="bool"):
         block_sparse_attention(q, k, v, torch.ones(1, 1, 3, 3), block_size=16)
@@ -300,10 +315,23 @@ def test_block_sparse_input_errors():
         block_sparse_attention(q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool), block_size=16)
     with pytest.raises(ValueError, match="self-attention"):
         block_sparse_attention(q, k[:, :, :32], v[:, :, :32], torch.ones(1, 1, 3, 3, dtype=torch.bool), block_size=16)
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        block_sparse_attention(q, k, v, torch.ones(1, 1, 3, 3, dtype=torch.bool), block_size=0)
+    with pytest.raises(ValueError, match="Unknown block-sparse path 'sparse'.*gathered"):
+        block_sparse_attention(q, k, v, torch.ones(1, 1, 3, 3, dtype=torch.bool), block_size=16, path="sparse")
+    with pytest.raises(ValueError, match="'flex compiled' path runs on CUDA"):
+        block_sparse_attention(q, k, v, torch.ones(1, 1, 3, 3, dtype=torch.bool), block_size=16, path="flex compiled")
 
 
-def test_cpu_uses_masked_dense_path():
-    assert block_sparse_path("cpu") == "masked dense"
+def test_cpu_uses_the_gathered_path_and_logs_it_once(monkeypatch, caplog):
+    monkeypatch.setattr(att, "_logged", set())
+    assert block_sparse_path("cpu") == "gathered"
+    assert att.BLOCK_SPARSE_PATHS == ("flex compiled", "gathered", "masked dense")
+    q, k, v = _qkv(1, 1, 32, 4)
+    with caplog.at_level("INFO", logger="cinetune.core.attention"):
+        for _ in range(3):
+            block_sparse_attention(q, k, v, torch.ones(1, 1, 2, 2, dtype=torch.bool), block_size=16)
+    assert [r.getMessage() for r in caplog.records] == ["Block-sparse (NABLA) attention on cpu uses the gathered path."]
 
 
 @pytest.mark.parametrize("full_blocks", [True, False])
@@ -317,21 +345,58 @@ def test_flex_block_mask_lists_exactly_the_selected_blocks(full_blocks):
     assert torch.equal(q_counts, block_mask.sum(dim=-2, dtype=torch.int32))
 
 
+@pytest.fixture
+def gathered_spy(monkeypatch):
+    """Count the calls that reach the gathered path."""
+    calls = []
+    real = att.gathered_attention
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(att, "gathered_attention", spy)
+    return calls
+
+
 @pytest.mark.parametrize("failure, stays_broken", [
     (TorchDynamoException("inductor could not compile"), True),
     (RuntimeError("kernel launch failed"), False),
 ])
-def test_failing_flex_kernel_falls_back_to_the_exact_path(monkeypatch, failure, stays_broken):
-    # The compiled kernel only runs on a GPU; here the flex path is forced and its kernel made to fail.
+def test_failing_flex_kernel_falls_back_to_the_gathered_path(monkeypatch, gathered_spy, failure, stays_broken):
+    # The compiled kernel only runs on a GPU: here FlexAttention is made to look available and its compile to fail.
     monkeypatch.setattr(att, "_flex_state", {"flex": True})
-    monkeypatch.setattr(att, "block_sparse_path", lambda device: "flex compiled")
+    monkeypatch.setattr(att, "_warned", set())
+    assert block_sparse_path("cuda") == "flex compiled"
+    real_path = att.block_sparse_path
+    monkeypatch.setattr(att, "block_sparse_path", lambda device: real_path("cuda"))  # CPU tensors take the CUDA choice
     monkeypatch.setattr(att, "_compiled_flex", lambda: (_ for _ in ()).throw(failure))
     bs, nb = 8, 4
     q, k, v = _qkv(1, 2, bs * nb, 8, seed=11, grad=True)
     block_mask = _random_block_mask((1, 2, nb, nb), 0.5, seed=12)
-    with pytest.warns(RuntimeWarning, match=f"{type(failure).__name__}.*masked dense path"):
+    with pytest.warns(RuntimeWarning, match=f"{type(failure).__name__}.*the gathered path"):
         _assert_sparse_matches_dense(q, k, v, block_mask, bs)
+    assert len(gathered_spy) == 1
     assert att._flex_state.get("broken", False) is stays_broken
+    assert real_path("cuda") == ("gathered" if stays_broken else "flex compiled")
+
+
+def test_failing_gathered_path_falls_back_to_masked_dense(monkeypatch):
+    monkeypatch.setattr(att, "_gathered_broken", set())
+    monkeypatch.setattr(att, "_warned", set())
+
+    def missing(*args):
+        raise NotImplementedError("index_add_ is not implemented for this device")
+
+    monkeypatch.setattr(att, "gathered_attention", missing)
+    bs, nb = 8, 4
+    q, k, v = _qkv(1, 2, bs * nb, 8, seed=13, grad=True)
+    block_mask = _random_block_mask((1, 2, nb, nb), 0.5, seed=14)
+    with pytest.warns(RuntimeWarning, match="Gathered block-sparse attention failed on cpu.*masked dense"):
+        _assert_sparse_matches_dense(q, k, v, block_mask, bs)
+    assert block_sparse_path("cpu") == "masked dense"
+    with pytest.raises(NotImplementedError):  # a forced path is not replaced
+        block_sparse_attention(q, k, v, block_mask, block_size=bs, path="gathered")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's sparse kernel needs CUDA")
@@ -343,6 +408,20 @@ def test_flex_path_on_cuda_matches_dense_forward_and_backward():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a silent fallback to the dense path would fail here
         out = block_sparse_attention(q, k, v, block_mask, block_size=bs)
+    ref = _manual_attention(q, k, v, _token_mask(block_mask, bs))
+    tol = 2e-3  # the GPU kernels may multiply float32 in TF32
+    assert _rel_err(out, ref) < tol
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert _rel_err(a, b) < tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gathered_path_on_cuda_matches_dense_forward_and_backward():
+    bs, nb = 64, 8
+    q, k, v = (t.detach().cuda().requires_grad_() for t in _qkv(1, 2, bs * nb, 64, seed=9))
+    block_mask = _random_block_mask((1, 2, nb, nb), 0.3, seed=10).cuda()
+    out = block_sparse_attention(q, k, v, block_mask, block_size=bs, path="gathered")
     ref = _manual_attention(q, k, v, _token_mask(block_mask, bs))
     tol = 2e-3  # the GPU kernels may multiply float32 in TF32
     assert _rel_err(out, ref) < tol

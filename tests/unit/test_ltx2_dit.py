@@ -1,6 +1,7 @@
 """LTX-2 DiT: parity with diffusers' LTX2VideoTransformer3DModel (same weights through the official ↔ diffusers key
-map, float32), RoPE tables and positions, STG and modality isolation, video-only, gradient checkpointing, the
-official state-dict layout, reduced-precision weights, LoRA targets, input validation."""
+map, float32) of the outputs and of the training gradients, the hand-written backwards (CPU RMSNorm, split RoPE),
+RoPE tables and positions, STG and modality isolation, video-only, gradient checkpointing, the official state-dict
+layout, reduced-precision weights, LoRA targets, input validation."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from cinetune.ltx2.config import (
     LTX2_BLOCK_PREFIXES,
     LTX2_LORA_TARGETS,
     LTX2TransformerConfig,
+    diffusers_to_official,
     ltx2_fp8_keep_high_precision,
     official_to_diffusers,
     tiny_transformer_metadata,
@@ -237,6 +239,65 @@ def test_gradient_checkpointing_gives_identical_gradients():
     assert plain.keys() == ckpt.keys()
     for name in plain:
         torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def parameter_gradients(model, inp: dict, *, diffusers: bool) -> dict[str, torch.Tensor]:
+    """Gradients of every parameter and of the video input (key "input") under a loss of both outputs, keyed by
+    official names."""
+    model.zero_grad(set_to_none=True)
+    video = inp["video"].clone().requires_grad_(True)
+    with torch.enable_grad():
+        if diffusers:
+            v, a = model(video, inp["audio"], inp["video_context"], inp["audio_context"],
+                         timestep=inp["video_sigma"] * 1000, audio_timestep=inp["audio_sigma"] * 1000,
+                         video_coords=inp["video_positions"], audio_coords=inp["audio_positions"],
+                         use_cross_timestep=False, return_dict=False)
+        else:
+            v, a = model(video, inp["audio"], **{k: t for k, t in inp.items() if k not in ("video", "audio")})
+        ((v ** 2).mean() + (a ** 2).mean()).backward()
+    out = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    if diffusers:
+        out = diffusers_to_official(out)
+    out["input"] = video.grad
+    return out
+
+
+@pytest.mark.parametrize("cfg", [TINY, UNEQUAL_HEADS, CODE_DEFAULTS], ids=["tiny", "unequal_heads", "code_defaults"])
+def test_gradients_match_diffusers(cfg):
+    # The CPU RMSNorm and the split RoPE have hand-written backwards; diffusers runs autograd over its formulas.
+    model = tiny_model(cfg).train()
+    ref = reference(model).train()
+    inp = make_inputs(cfg)
+    ours, theirs = parameter_gradients(model, inp, diffusers=False), parameter_gradients(ref, inp, diffusers=True)
+    assert ours.keys() == theirs.keys() and any(".q_norm." in k for k in ours)
+    for name in ours:
+        assert rel(ours[name], theirs[name]) < 1e-5, name
+
+
+def test_hand_written_backwards_match_autograd():
+    from cinetune.ltx2.dit import _CPURMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 16, dtype=torch.float64, generator=g).requires_grad_(True)
+    weight = (1 + 0.2 * torch.randn(16, dtype=torch.float64, generator=g)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, w: _CPURMSNorm.apply(x, w, 1e-6), (x, weight))
+    assert torch.autograd.gradcheck(lambda x: _CPURMSNorm.apply(x, None, 1e-6), (x,))
+    # as an AdaLN modulation: per-token 1 + scale and shift
+    scale = torch.randn(2, 5, 16, dtype=torch.float64, generator=g).requires_grad_(True)
+    shift = torch.randn(2, 1, 16, dtype=torch.float64, generator=g).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x, s, b: _CPURMSNorm.apply(x, 1 + s, 1e-6, b), (x, scale, shift))
+    # RoPE: the gradient is the inverse rotation, as autograd through the formula gives it (float32 and bf16 inputs)
+    cos, sin = rope_frequencies(video_positions(*GRID, fps=24.0), 32, 2, (20, 2048, 2048))
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randn(1, cos.shape[1], 32, generator=g).to(dtype).requires_grad_(True)
+        grad_out = torch.randn(q.shape, generator=g).to(dtype)
+        (ours,) = torch.autograd.grad(apply_rope(q, cos, sin), q, grad_out)
+        q5 = q.float().view(1, -1, 2, 2, 8)
+        x1, x2 = q5[..., 0, :], q5[..., 1, :]
+        formula = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-2).reshape(q.shape).to(dtype)
+        (reference_grad,) = torch.autograd.grad(formula, q, grad_out)
+        assert ours.dtype == dtype
+        assert rel(ours, reference_grad) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
