@@ -32,6 +32,7 @@ def _training_prompt(name: str, *, max_steps: int = 2) -> dict:
     prompt = {k: v for k, v in prompt.items()
               if k in ("1", "2", "3", "10", "11", "12", "13", "14", "15", "16", "17")}
     del prompt["13"]["inputs"]["validation"]  # its prompt chain needs the text encode node
+    prompt["13"]["inputs"]["validate_every"] = 0
     prompt["11"]["inputs"]["cache_name"] = name
     prompt["13"]["inputs"]["save_every"] = 0
     prompt["20"] = {"class_type": "CinetuneK5MemoryEstimate", "inputs": {
