@@ -27,14 +27,21 @@ first gradients agree. The adapters are float32 on both sides.
 Each of the four variants (ours / reference × checkpointing off / on) runs in its own subprocess, built and warmed up
 one after the other (one step each, which also creates the AdamW state; not measured), then driven step by step in
 cycles — one step of each variant per cycle, the order reversed every other cycle — so load from other processes
-hits both sides of a comparison alike. Time: the median over cycles of the per-cycle ratio ours/reference (with its
-quartiles), the median and best step time of each variant. Peak memory: the extra memory a step needs at its peak
-over what is resident before it (weights, inputs, AdamW state), the largest over the measured steps; measured as in
-``bench_ltx2_dit.py`` (CPU: Linux ``VmHWM`` after minus ``VmRSS`` before, high-water mark reset per step, glibc mmap
-threshold 64 KiB; CUDA: ``max_memory_allocated``).
+hits both sides of a comparison alike. This is done twice, with fresh subprocesses:
 
-    python bench/bench_ltx2_train_step.py [--device cpu|cuda] [--dtype fp32|bf16] [--runs 9] [--threads N]
-                                          [--frames 4 --height 16 --width 24] [--audio-tokens N] [--text-len 128]
+- time (``--runs`` cycles, glibc's default allocator settings, :data:`_common.TIME_ENV`): the median over cycles of
+  the per-cycle ratio ours/reference (with its quartiles), the median and best step time of each variant, and the
+  same ratio of the processes' CPU times;
+- peak memory (``--memory-runs`` cycles, glibc mmap threshold pinned to 64 KiB, :data:`_common.WORKER_ENV`): the
+  extra memory a step needs at its peak over what is resident before it (weights, inputs, AdamW state), the largest
+  over the steps; measured as in ``bench_ltx2_dit.py`` (CPU: Linux ``VmHWM`` after minus ``VmRSS`` before,
+  high-water mark reset per step; CUDA: ``max_memory_allocated``). The time ratio of these steps is printed too:
+  with every large tensor freshly mapped and zero-filled it is mostly an allocation count (the method of the
+  2026-12-07 entries before the split).
+
+    python bench/bench_ltx2_train_step.py [--device cpu|cuda] [--dtype fp32|bf16] [--runs 9] [--memory-runs 3]
+                                          [--threads N] [--frames 4 --height 16 --width 24] [--audio-tokens N]
+                                          [--text-len 128]
 
 Needs ``peft`` (``pip install peft``, in the ``bench`` extra) besides diffusers.
 """
@@ -49,8 +56,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import (ALPHA, DTYPES, RANK, lora_down_init, page_in, print_train_step_ratios, rel, run_interleaved,
-                     train_step_worker)
+from _common import (ALPHA, DTYPES, RANK, TIME_ENV, WORKER_ENV, lora_down_init, page_in, print_train_step_ratios, rel,
+                     run_interleaved, train_step_worker)
 from bench_ltx2_dit import FPS, MEDIUM, SIGMA, audio_tokens, config, make_weights
 
 VARIANTS = [(impl, ckpt) for ckpt in (False, True) for impl in ("ours", "diffusers")]
@@ -177,7 +184,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--runs", type=int, default=9, help="measured steps per variant (after one warm-up step)")
+    p.add_argument("--runs", type=int, default=9, help="timed steps per variant (after one warm-up step)")
+    p.add_argument("--memory-runs", type=int, default=3, help="steps per variant measuring the peak memory")
     p.add_argument("--frames", type=int, default=4, help="latent frames F'")
     p.add_argument("--height", type=int, default=16, help="latent height H' (pixels / 32)")
     p.add_argument("--width", type=int, default=24, help="latent width W' (pixels / 32)")
@@ -195,21 +203,23 @@ def main() -> None:
     print(f"LTX-2 LoRA training step (forward + backward + AdamW, LoRA rank {RANK} alpha {ALPHA:g} on to_q/to_k/"
           f"to_v/to_out.0 of every attention), {MEDIUM}, {video_tokens} video tokens "
           f"({args.frames}x{args.height}x{args.width}) + {audio_tokens(args)} audio tokens + {args.text_len} text "
-          f"tokens per modality, {args.dtype} on {args.device}, {args.threads} threads, {args.runs} measured steps per "
-          f"variant after 1 warm-up step, interleaved")
+          f"tokens per modality, {args.dtype} on {args.device}, {args.threads} threads, {args.runs} timed and "
+          f"{args.memory_runs} memory steps per variant after 1 warm-up step each, interleaved")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         weights = tmp / "ltx2_bench.safetensors"
         make_weights(weights)
         outs = {v: tmp / f"{v[0]}_{v[1]}.pt" for v in VARIANTS}
-        workers = run_interleaved({v: worker_command(*v, args, weights, outs[v]) for v in VARIANTS}, args.runs, "step")
+        commands = {v: worker_command(*v, args, weights, outs[v]) for v in VARIANTS}
+        workers = run_interleaved(commands, args.runs, "step", env=TIME_ENV)
         grads = {v: torch.load(outs[v]) for v in VARIANTS}
+        memory_workers = run_interleaved(commands, args.memory_runs, "step", env=WORKER_ENV)
 
     info = {v: workers[v].info for v in VARIANTS}
     print(f"  trainable: ours {info['ours', False]['layers']} layers / {info['ours', False]['trainable']} "
           f"parameters, diffusers+peft {info['diffusers', False]['layers']} layers / "
           f"{info['diffusers', False]['trainable']} parameters")
-    print_train_step_ratios(workers, LABEL)
+    print_train_step_ratios(workers, memory_workers, LABEL)
     loss0 = {v: info[v]["loss"] for v in VARIANTS}
     print("  initial loss (zero lora_up/lora_B, i.e. the base model): " + ", ".join(
         f"{LABEL[w]} ckpt {'on' if c else 'off'} {loss0[w, c]:.7f}" for w, c in VARIANTS))
