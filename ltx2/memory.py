@@ -111,8 +111,7 @@ block keeps its saved tensors to the end of the forward. Autograd facts (torch 2
   attention (kept by its LoRA ``down``), the q/k projections before their RMSNorm and after RoPE, v, the attention
   output and its float32 log-sum-exp (SDPA), the stream before each later sublayer (kept by its RMSNorm, with float32
   statistics), the 4·D-wide GELU input, the rank-r LoRA ``down`` outputs, below float32 the float32 copies of the
-  RoPE tables (8·W bytes per rotated width) and of the LoRA weights — 30.4 s·D; with first-frame conditioning the
-  per-token ``1 + scale`` and gate tensors add 7 (37.4); with cast weights (fp8, or bf16 weights in float32) every
+  LoRA weights — 24.3 s·D; with first-frame conditioning the per-token ``1 + scale`` and gate tensors add 7 (31.3); with cast weights (fp8, or bf16 weights in float32) every
   Linear keeps its cast weight (19B block in bf16: 0.77 GB). Text-attention keys and values are kept per text token.
 - the backward of a block peaks at its video feed-forward: the GELU output's and input's gradients (8·s·D per token)
   while everything the block keeps (less the audio feed-forward's) and the stream gradients are alive; attention
@@ -124,12 +123,12 @@ block keeps its saved tensors to the end of the forward. Autograd facts (torch 2
   only: never the peak, not replayed. Every LoRA gradient is counted at the peak (conservative).
 
 Numbers (19B, 768×512×121 at 24 fps, CUDA, bf16 compute, rank 32, AdamW, audio and video, first-frame conditioning,
-checkpointing; units of s·D·Nv = 50 MB): 48 block inputs (48.5), one block recomputed (37.4) and its backward with
-the gradients and what the step still holds (10.8) → 96.7, 4.9 GB of activations; with 37.8 GB of DiT weights, 1.4 GB of text connectors (the
+checkpointing; units of s·D·Nv = 50 MB): 48 block inputs (48.5), one block recomputed (31.3) and its backward with
+the gradients and what the step still holds (10.8) → 90.6, 4.6 GB of activations; with 37.8 GB of DiT weights, 1.4 GB of text connectors (the
 aggregate embedding stays off the device: captions are cached after it) and 3.4 GB of LoRA, gradients and AdamW
-state: 47.5 GB. fp8 weights: 31.6 GB (the peak moves to block 42, the last fp8
-block, whose recomputation keeps its dequantised weights). Without checkpointing: 136 GB (bf16). At 1536×1024×121:
-61.8 GB. ltx-trainer sizes its standard LoRA configuration for 80 GB GPUs and its int8 configuration for 32 GB.
+state: 47.2 GB. fp8 weights: 31.3 GB (the peak moves to block 42, the last fp8
+block, whose recomputation keeps its dequantised weights). Without checkpointing: 121 GB (bf16). At 1536×1024×121:
+60.5 GB. ltx-trainer sizes its standard LoRA configuration for 80 GB GPUs and its int8 configuration for 32 GB.
 
 Validation (tests/unit/test_ltx2_memory.py): a real training step written as the trainer runs it (tiny and medium
 DiTs with their text connectors, fp32 and bf16, with and without checkpointing, audio+video and video only, with and
