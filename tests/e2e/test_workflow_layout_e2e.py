@@ -143,3 +143,4 @@ def test_missing_models_dialog_offers_every_download(page, name):
     assert sorted(downloads.nth(i).get_attribute("title") for i in range(downloads.count())) == \
         sorted(url for _, _, url in expected)
     page.keyboard.press("Escape")
+    dialog.wait_for(state="detached", timeout=15_000)  # a dialog still closing keeps the next one from opening
