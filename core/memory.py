@@ -477,7 +477,7 @@ def estimate_peak_memory(model: ModelDescription, activations: BlockActivations 
             the block Linear weights in 1 byte + a 4-byte scale each (except those ``fp8_keep(name)`` keeps: the
             family's keep-in-high-precision rule) and keeps everything else as stored.
         training: a training step (LoRA gradients and optimizer state; backward activations).
-        gradient_checkpointing: per-block checkpointing in training (required with block swap, see offload.py).
+        gradient_checkpointing: per-block checkpointing in training (required with block swap, see core/block_swap.py).
         lora_rank: r ≥ 0; LoRA on ``lora_targets`` (None = every block Linear; names or suffixes such as
             ``"attn.to_q"``; or a predicate on the qualified name).
         lora_dtype: dtype of LoRA parameters and gradients. optimizer: "adamw" (8 B/param), "adamw8bit" (2 B/param),

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchaudio  # test-only reference (scripts/setup_env.sh installs it); the pack never imports it
 
-from cinetune.core import media
+from cinetune.core import media, media_write
 from cinetune.core.media import (MediaError, mix_channels, probe_audio, probe_video, read_audio, read_video, resample,
                                  write_video)
 
@@ -86,7 +86,7 @@ def test_write_is_atomic_and_leaves_no_temporary_files(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash while encoding")
         return array.copy()
 
-    monkeypatch.setattr(media.np, "ascontiguousarray", failing)
+    monkeypatch.setattr(media_write.np, "ascontiguousarray", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         write_video(smooth_video(6, 32, 32), path)
     monkeypatch.undo()
@@ -399,7 +399,7 @@ def test_write_video_with_audio_is_atomic(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     real = av.AudioFrame.from_ndarray
-    monkeypatch.setattr(media.av.AudioFrame, "from_ndarray", failing)
+    monkeypatch.setattr(media_write.av.AudioFrame, "from_ndarray", failing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         write_video(smooth_video(8, 16, 16), path, fps=8.0, audio=tone(1.0, 16000), audio_sample_rate=16000)
     monkeypatch.undo()
@@ -408,7 +408,7 @@ def test_write_video_with_audio_is_atomic(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
     with pytest.raises(RuntimeError, match="simulated crash"), monkeypatch.context() as patch:
         calls.clear()
-        patch.setattr(media.av.AudioFrame, "from_ndarray", failing)
+        patch.setattr(media_write.av.AudioFrame, "from_ndarray", failing)
         write_video(smooth_video(8, 16, 16), tmp_path / "new.mp4", fps=8.0, audio=tone(1.0, 16000),
                     audio_sample_rate=16000)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from cinetune.core import offload
+from cinetune.core import block_swap, offload, offload_host
 from cinetune.core.offload import (
     BlockSwap,
     CudaTransfer,
@@ -254,7 +254,7 @@ def test_pin_refused_falls_back_to_pageable(monkeypatch):
     def refuse(nbytes):
         raise RuntimeError("cannot lock memory")
 
-    monkeypatch.setattr(offload, "_pinned_empty", refuse)
+    monkeypatch.setattr(block_swap, "_pinned_empty", refuse)
     with pytest.warns(RuntimeWarning, match="pinning host memory failed.*pageable"):
         swap = BlockSwap(blocks, 3, device="cpu", pin_memory=True)
     assert not swap.pinned
@@ -266,8 +266,8 @@ def test_pin_refused_falls_back_to_pageable(monkeypatch):
 
 def test_pin_memory_policy(monkeypatch):
     calls, unpinned = [], []
-    monkeypatch.setattr(offload, "_pinned_empty", lambda n: calls.append(n) or torch.empty(n, dtype=torch.uint8))
-    monkeypatch.setattr(offload, "_unpin", unpinned.append)
+    monkeypatch.setattr(block_swap, "_pinned_empty", lambda n: calls.append(n) or torch.empty(n, dtype=torch.uint8))
+    monkeypatch.setattr(block_swap, "_unpin", unpinned.append)
     BlockSwap(make_stack(4), 2, device="cpu").close()  # default on a CPU device: no pinning
     BlockSwap(make_stack(4), 2, device="cpu", pin_memory=False).close()
     assert calls == []
@@ -387,11 +387,11 @@ def test_close_keeps_masters_as_storage_and_the_next_attach_reuses_them():
     swap.close()
 
     # blocks no longer swapped drop their kept master (on a GPU their weights move there; the master would leak)
-    assert [i for i in range(5) if blocks[i] in offload._HOST_COPIES] == [3, 4]
+    assert [i for i in range(5) if blocks[i] in offload_host._HOST_COPIES] == [3, 4]
     BlockSwap(blocks, 1, device="cpu").close()
-    assert [i for i in range(5) if blocks[i] in offload._HOST_COPIES] == [4]
+    assert [i for i in range(5) if blocks[i] in offload_host._HOST_COPIES] == [4]
     BlockSwap(blocks, 0, device="cpu").close()
-    assert not any(b in offload._HOST_COPIES for b in blocks)
+    assert not any(b in offload_host._HOST_COPIES for b in blocks)
 
     # the masters go with the blocks: nothing is left behind
     master_refs = [weakref.ref(m) for m in masters.values()]
@@ -548,8 +548,8 @@ def test_swapping_every_loaded_block_takes_the_loaded_buffers_over(tiny_file, mo
     assert loaded_host <= model_bytes + offload.ALIGN_BYTES * in_blocks
     before = {id(t): t.data_ptr() for b in blocks for t in [*b.parameters(), *b.buffers()]}
     registered, unpinned = [], []
-    monkeypatch.setattr(offload, "_register", lambda buf: registered.append(buf.data_ptr()) or buf)
-    monkeypatch.setattr(offload, "_unpin", unpinned.append)
+    monkeypatch.setattr(block_swap, "_register", lambda buf: registered.append(buf.data_ptr()) or buf)
+    monkeypatch.setattr(block_swap, "_unpin", unpinned.append)
     swap = BlockSwap(blocks, len(blocks), device="cpu", pin_memory=True)
     assert swap.stats["masters_adopted"] == len(blocks) and swap.pinned and len(registered) == len(blocks)
     assert {id(t): t.data_ptr() for b in blocks for t in [*b.parameters(), *b.buffers()]} == before  # no copy
@@ -666,15 +666,15 @@ def test_refused_pinning_clears_the_cuda_error_it_leaves(monkeypatch):
     cudart = FakeCudart(status=2)  # cudaErrorMemoryAllocation
     cleared: list[bool] = []
     monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
-    monkeypatch.setattr(offload, "_clear_cuda_error", lambda: cleared.append(True))
+    monkeypatch.setattr(offload_host, "_clear_cuda_error", lambda: cleared.append(True))
     with pytest.raises(RuntimeError, match="cudaHostRegister of 64 bytes failed with CUDA error 2"):
-        offload._pinned_empty(64)
+        offload_host._pinned_empty(64)
     assert cleared == [True]
-    offload._unpin(1234)
+    offload_host._unpin(1234)
     assert cudart.calls == ["register", "unregister"] and cleared == [True, True]
     cudart.status = 0
-    offload._pinned_empty(64)
-    offload._unpin(1234)
+    offload_host._pinned_empty(64)
+    offload_host._unpin(1234)
     assert cleared == [True, True]
 
 
