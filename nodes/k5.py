@@ -8,17 +8,15 @@ inputs at the end, with defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from comfy_api.latest import io, ui
 
-from ..core.attention import BACKENDS, block_sparse_path, check_backend
-from ..core.lora import LoRAWeights, loras_applied
-from ..core.offload import model_on_device
+from ..core.attention import block_sparse_path, check_backend
 from ..core.weights import compute_dtype
-from ..k5.config import DEFAULT_NEGATIVE_PROMPT, VARIANTS, K5Config, K5Variant, resolve_variant
-from ..k5.dit import Kandinsky5DiT, load_k5_dit
+from ..k5.config import DEFAULT_NEGATIVE_PROMPT, VARIANTS, K5Variant, resolve_variant
+from ..k5.dit import load_k5_dit
+from ..k5.family import K5_LATENT_FORMAT
 from ..k5.memory import estimate_k5_memory, format_k5_estimate, smallest_fitting_swap
 from ..k5.nabla import NablaConfig
 from ..k5.pipeline import K5_PREVIEW, prepare_start_image, sample
@@ -27,40 +25,30 @@ from ..k5.vae import load_k5_vae
 from ..training.cache import encoder_identity
 from . import host
 from .checks import CinetuneNode
-from .handles import PlacedModel
+from .common_inputs import (DTYPES, attention_input, block_swap_inputs, estimate_optimizer_input, lora_loader_inputs,
+                            prompt_inputs, seed_input, text_encoder_dtype_input, vae_dtype_input, video_size_inputs,
+                            weight_dtype_input)
+from .model_nodes import (LoRALoaderNode, ModelHandle, block_swap, encode_prompt_pair, load_dit, sampling,
+                          training_dtype)
 from .rules import K5_START_IMAGE_SIZE, K5_VIDEO_SIZE, NodeRules, attention_backend
 from .types import K5VAE, K5Conditioning, K5Model, K5TextEncoder
 
 CATEGORY = "Cinetune/Kandinsky 5"
-WEIGHT_DTYPES = ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn"]
 NABLA_MODES = ["auto", "on", "off"]
-MAX_SIZE = 4096
-MAX_FRAMES = 1025
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 @dataclass
-class K5ModelHandle(PlacedModel):
-    """A loaded K5 DiT and the settings the sampler needs (variant defaults, attention, NABLA)."""
+class K5ModelHandle(ModelHandle):
+    """A loaded K5 DiT (``model``: :class:`~cinetune.k5.dit.Kandinsky5DiT`, ``config``:
+    :class:`~cinetune.k5.config.K5Config`, ``variant``: :class:`~cinetune.k5.config.K5Variant`) and the settings the
+    sampler needs (variant defaults, attention, NABLA: ``nabla``, None for full attention)."""
 
-    model: Kandinsky5DiT
-    config: K5Config
-    variant: K5Variant
-    attention_backend: str
-    nabla: NablaConfig | None
-    path: Path
-    blocks_to_swap: int = 0
-    use_pinned_memory: bool = True
-    loras: tuple[tuple[str, LoRAWeights, float], ...] = ()
-    """``(name, weights, strength)`` applied unmerged while sampling; the shared base weights never change."""
-    weight_dtype: str = "default"
-    """The loader's ``weight_dtype`` (recorded in a training run's recipe, so a headless run loads the same weights)."""
+    nabla: NablaConfig | None = None
 
     @property
     def blocks(self) -> list[torch.nn.Module]:
         """Transformer blocks in execution order (text blocks, then visual blocks)."""
         return [*self.model.text_transformer_blocks, *self.model.visual_transformer_blocks]
-
 
 
 def _nabla_for(variant: K5Variant, mode: str) -> NablaConfig | None:
@@ -69,11 +57,6 @@ def _nabla_for(variant: K5Variant, mode: str) -> NablaConfig | None:
     if mode == "on":
         return variant.nabla or NablaConfig()
     return variant.nabla if variant.attention == "nabla" else None
-
-
-def training_dtype(device) -> torch.dtype:
-    """Activation dtype of LoRA training: bf16 on CUDA, fp32 elsewhere (bf16 matmuls are slow on CPUs)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 class K5ModelLoader(CinetuneNode):
@@ -92,22 +75,19 @@ class K5ModelLoader(CinetuneNode):
                 io.Combo.Input("variant", options=["auto", *VARIANTS], default="auto",
                                tooltip="Checkpoint variant: sets NABLA, RoPE scale and recommended sampling defaults. "
                                        "'auto' detects it from the file name and tensor shapes."),
-                io.Combo.Input("weight_dtype", options=WEIGHT_DTYPES, default="default",
-                               tooltip="'default' keeps each tensor's stored dtype. fp8_e4m3fn stores Linear weights in 8 bits "
-                                       "(about half the memory of bf16) and dequantises them per layer."),
-                io.Combo.Input("attention", options=list(BACKENDS), default="sdpa",
-                               tooltip="Attention kernel: sdpa (PyTorch, always available), sageattention or flash-attn "
-                                       "(must be installed)."),
+                weight_dtype_input("'default' keeps each tensor's stored dtype. fp8_e4m3fn stores Linear weights in "
+                                   "8 bits (about half the memory of bf16) and dequantises them per layer."),
+                attention_input("Attention kernel: sdpa (PyTorch, always available), sageattention or flash-attn "
+                                "(must be installed)."),
                 io.Combo.Input("nabla", options=NABLA_MODES, default="auto",
                                tooltip="NABLA sparse attention: 'auto' uses it for the variants trained with it (10 s and HD), "
                                        "'on' forces it (sizes must be multiples of 128 px), 'off' uses full attention."),
-                io.Int.Input("blocks_to_swap", default=0, min=0, max=200,
-                             tooltip="Block swap: keep this many transformer blocks (the last ones) in CPU memory and "
-                                     "stream each to the GPU just before it runs, overlapped with compute. Lite has 34 "
-                                     "blocks, Pro 64. Raise it until the model fits; 0 keeps everything on the GPU."),
-                io.Boolean.Input("use_pinned_memory", default=True,
-                                 tooltip="Pin the CPU copies of swapped blocks for fast asynchronous transfers. Turn off "
-                                         "if system RAM is short (ComfyUI --disable-pinned-memory also turns it off)."),
+                *block_swap_inputs(
+                    "Block swap: keep this many transformer blocks (the last ones) in CPU memory and stream each to the "
+                    "GPU just before it runs, overlapped with compute. Lite has 34 blocks, Pro 64. Raise it until the "
+                    "model fits; 0 keeps everything on the GPU.",
+                    "Pin the CPU copies of swapped blocks for fast asynchronous transfers. Turn off if system RAM is "
+                    "short (ComfyUI --disable-pinned-memory also turns it off)."),
             ],
             outputs=[K5Model.Output(display_name="model")],
         )
@@ -117,16 +97,12 @@ class K5ModelLoader(CinetuneNode):
                 use_pinned_memory=True) -> io.NodeOutput:
         check_backend(attention)
         path = host.model_path("diffusion_models", dit_name)
-        with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trainable weights must not be
-            loaded = load_k5_dit(path, weight_dtype=weight_dtype, device="cpu")  # inference tensors
-        total = loaded.config.num_text_blocks + loaded.config.num_visual_blocks
-        if blocks_to_swap > total:
-            raise ValueError(f"blocks_to_swap={blocks_to_swap} is more than the {total} transformer blocks of "
-                             f"{path.name}: use at most {total}.")
+        loaded = load_dit(load_k5_dit, path, weight_dtype)
+        swap = block_swap(blocks_to_swap, use_pinned_memory,
+                          loaded.config.num_text_blocks + loaded.config.num_visual_blocks, path.name)
         resolved = resolve_variant(loaded.config, path.name, variant)
-        handle = K5ModelHandle(loaded.model.eval(), loaded.config, resolved, attention, _nabla_for(resolved, nabla),
-                               path, blocks_to_swap, use_pinned_memory and host.pinned_memory_allowed(),
-                               weight_dtype=weight_dtype)
+        handle = K5ModelHandle(loaded.model.eval(), loaded.config, resolved, attention, path, **swap,
+                               weight_dtype=weight_dtype, nabla=_nabla_for(resolved, nabla))
         return io.NodeOutput(handle)
 
 
@@ -146,8 +122,7 @@ class K5TextEncoderLoader(CinetuneNode):
                 io.Combo.Input("clip_name", options=files,
                                tooltip="CLIP-L text encoder: a file inside an openai/clip-vit-large-patch14 snapshot folder, "
                                        "or clip_l.safetensors."),
-                io.Combo.Input("dtype", options=["bf16", "fp16", "fp32"], default="bf16",
-                               tooltip="Compute dtype of the text encoders."),
+                text_encoder_dtype_input("Compute dtype of the text encoders."),
             ],
             outputs=[K5TextEncoder.Output(display_name="text_encoder")],
         )
@@ -175,8 +150,7 @@ class K5VAELoader(CinetuneNode):
             inputs=[
                 io.Combo.Input("vae_name", options=host.model_names("vae"),
                                tooltip="HunyuanVideo VAE in models/vae, e.g. hunyuan_video_vae_bf16.safetensors."),
-                io.Combo.Input("dtype", options=["fp32", "bf16", "fp16"], default="fp32",
-                               tooltip="VAE compute dtype; fp32 is safest, bf16 halves memory on GPUs."),
+                vae_dtype_input(),
             ],
             outputs=[K5VAE.Output(display_name="vae")],
         )
@@ -199,10 +173,8 @@ class K5TextEncode(CinetuneNode):
             description="Encodes a prompt and a negative prompt with Qwen2.5-VL (official template) and CLIP-L.",
             inputs=[
                 K5TextEncoder.Input("text_encoder", tooltip="From K5 Text Encoder Loader."),
-                io.String.Input("prompt", multiline=True, default="",
-                                tooltip="What the video shows. At most 256 Qwen tokens are used."),
-                io.String.Input("negative_prompt", multiline=True, default=DEFAULT_NEGATIVE_PROMPT,
-                                tooltip="Used by classifier-free guidance (ignored at guidance 1). Default: the official one."),
+                *prompt_inputs("What the video shows. At most 256 Qwen tokens are used.", DEFAULT_NEGATIVE_PROMPT,
+                               "Used by classifier-free guidance (ignored at guidance 1). Default: the official one."),
                 io.Combo.Input("template", options=list(TEMPLATES), default="video",
                                tooltip="Qwen system template. Official inference uses 'video' for text- and image-to-video."),
             ],
@@ -211,9 +183,8 @@ class K5TextEncode(CinetuneNode):
 
     @classmethod
     def execute(cls, text_encoder, prompt, negative_prompt, template) -> io.NodeOutput:
-        with host.on_compute_device(text_encoder), torch.inference_mode():
-            positive = text_encoder.encode([prompt], template=template).to("cpu")
-            negative = text_encoder.encode([negative_prompt], template=template).to("cpu")
+        positive, negative = encode_prompt_pair(text_encoder, lambda text: text_encoder.encode([text], template=template),
+                                                prompt, negative_prompt)
         return io.NodeOutput({"positive": positive, "negative": negative})
 
 
@@ -230,14 +201,12 @@ class K5Sampler(NodeRules, CinetuneNode):
             inputs=[
                 K5Model.Input("model", tooltip="From K5 Model Loader."),
                 K5Conditioning.Input("conditioning", tooltip="From K5 Text Encode."),
-                io.Int.Input("width", default=768, min=16, max=MAX_SIZE, step=16,
-                             tooltip="Video width in pixels: a multiple of 16 (of 128 with NABLA). Official: 768 or 512."),
-                io.Int.Input("height", default=512, min=16, max=MAX_SIZE, step=16,
-                             tooltip="Video height in pixels: a multiple of 16 (of 128 with NABLA)."),
-                io.Int.Input("frames", default=121, min=1, max=MAX_FRAMES, step=4,
-                             tooltip="Number of video frames, 4k+1 (121 = 5 s, 241 = 10 s at 24 fps)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Noise seed. Noise is drawn on the CPU, so a seed gives the same video on any device."),
+                *video_size_inputs(
+                    K5_LATENT_FORMAT,
+                    width="Video width in pixels: a multiple of 16 (of 128 with NABLA). Official: 768 or 512.",
+                    height="Video height in pixels: a multiple of 16 (of 128 with NABLA).",
+                    frames="Number of video frames, 4k+1 (121 = 5 s, 241 = 10 s at 24 fps)."),
+                seed_input("Noise seed. Noise is drawn on the CPU, so a seed gives the same video on any device."),
                 io.Int.Input("steps", default=50, min=1, max=1000,
                              tooltip="Sampling steps. Official: 50, distilled16steps: 16."),
                 io.Float.Input("guidance", default=5.0, min=0.0, max=30.0, step=0.1,
@@ -256,13 +225,9 @@ class K5Sampler(NodeRules, CinetuneNode):
     def execute(cls, model, conditioning, width, height, frames, seed, steps, guidance, scheduler_scale,
                 start_latent=None) -> io.NodeOutput:
         handle: K5ModelHandle = model
-        device = host.compute_device()
         dtype = compute_dtype(handle.model)
         progress = host.SamplingProgress(K5_PREVIEW, steps)
-        host.free_host_models()
-        loras = [(weights, strength) for _, weights, strength in handle.loras]
-        with (torch.inference_mode(), loras_applied(handle.model, loras),
-              model_on_device(handle.model, handle.blocks, device, **handle.placement())):
+        with sampling(handle) as device:
             latent = sample(
                 handle.model, conditioning["positive"], conditioning["negative"],
                 width=width, height=height, frames=frames, seed=seed, steps=steps, guidance=guidance,
@@ -312,10 +277,8 @@ class K5VAEEncode(NodeRules, CinetuneNode):
             inputs=[
                 K5VAE.Input("vae", tooltip="From K5 VAE Loader."),
                 io.Image.Input("image", tooltip="Start image; the first image of a batch is used."),
-                io.Int.Input("width", default=768, min=16, max=MAX_SIZE, step=16,
-                             tooltip="Must equal the sampler's width."),
-                io.Int.Input("height", default=512, min=16, max=MAX_SIZE, step=16,
-                             tooltip="Must equal the sampler's height."),
+                *video_size_inputs(K5_LATENT_FORMAT, width="Must equal the sampler's width.",
+                                   height="Must equal the sampler's height."),
             ],
             outputs=[io.Latent.Output(display_name="start_latent")],
         )
@@ -329,7 +292,7 @@ class K5VAEEncode(NodeRules, CinetuneNode):
         return io.NodeOutput({"samples": latent.float().cpu()})
 
 
-class K5LoRALoader(CinetuneNode):
+class K5LoRALoader(LoRALoaderNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -338,21 +301,13 @@ class K5LoRALoader(CinetuneNode):
             category=f"{CATEGORY}/loaders",
             description="Applies a LoRA to a Kandinsky 5 model for sampling. Chain several for several LoRAs. Reads "
                         "Cinetune/ComfyUI, kohya/musubi-tuner and the official PEFT LoRA files.",
-            inputs=[
-                K5Model.Input("model", tooltip="From K5 Model Loader (or another K5 LoRA Loader)."),
-                io.Combo.Input("lora_name", options=host.model_names("loras"),
-                               tooltip="LoRA file in models/loras (trained by Cinetune, musubi-tuner, ComfyUI, or an "
-                                       "official Kandinsky 5 LoRA)."),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
-                               tooltip="LoRA strength: 1.0 as trained, 0 disables it, negative values invert it."),
-            ],
+            inputs=lora_loader_inputs(
+                K5Model, "K5",
+                lora_tooltip="LoRA file in models/loras (trained by Cinetune, musubi-tuner, ComfyUI, or an official "
+                             "Kandinsky 5 LoRA).",
+                strength_tooltip="LoRA strength: 1.0 as trained, 0 disables it, negative values invert it."),
             outputs=[K5Model.Output(display_name="model")],
         )
-
-    @classmethod
-    def execute(cls, model, lora_name, strength) -> io.NodeOutput:
-        handle: K5ModelHandle = model
-        return io.NodeOutput(handle.with_lora(lora_name, strength))
 
 
 class K5MemoryEstimate(CinetuneNode):
@@ -368,13 +323,11 @@ class K5MemoryEstimate(CinetuneNode):
                 K5Model.Input("model", tooltip="From K5 Model Loader (its dtypes, block swap and NABLA are used)."),
                 io.Combo.Input("mode", options=["sampling", "training"], default="sampling",
                                tooltip="One sampler step (with CFG) or one LoRA training step."),
-                io.Int.Input("width", default=768, min=16, max=MAX_SIZE, step=16, tooltip="Video width in pixels."),
-                io.Int.Input("height", default=512, min=16, max=MAX_SIZE, step=16, tooltip="Video height in pixels."),
-                io.Int.Input("frames", default=121, min=1, max=MAX_FRAMES, step=4, tooltip="Video frames, 4k+1."),
+                *video_size_inputs(K5_LATENT_FORMAT, width="Video width in pixels.", height="Video height in pixels.",
+                                   frames="Video frames, 4k+1."),
                 io.Boolean.Input("cfg", default=True, tooltip="Sampling with guidance ≠ 1 (two model calls per step)."),
                 io.Int.Input("lora_rank", default=16, min=0, max=512, tooltip="Training: LoRA rank."),
-                io.Combo.Input("optimizer", options=["adamw", "adamw8bit"], default="adamw",
-                               tooltip="Training: optimizer state size (AdamW 8 B per parameter, 8-bit 2 B)."),
+                estimate_optimizer_input(),
             ],
             outputs=[io.String.Output(display_name="estimate")],
             is_output_node=True,

@@ -15,56 +15,42 @@ from pathlib import Path
 import torch
 from comfy_api.latest import io, ui
 
-from ..core.attention import BACKENDS, check_backend
+from ..core.attention import check_backend
 from ..core.checkpoint import CheckpointError, read_tensor_infos
-from ..core.lora import LoRAWeights, loras_applied
-from ..core.offload import model_on_device
 from ..core.weights import compute_dtype
 from ..ltx2 import pipeline
-from ..ltx2.config import LTX2TransformerConfig
 from ..ltx2.connectors import TextProjectionConfig, text_projection_config
-from ..ltx2.dit import LTX2DiT
-from ..ltx2.loader import LTX2Variant, load_ltx2_dit, load_ltx2_text_encoder, load_ltx2_vae
+from ..ltx2.family import LTX2_LATENT_FORMAT
+from ..ltx2.loader import load_ltx2_dit, load_ltx2_text_encoder, load_ltx2_vae
 from ..ltx2.memory import estimate_ltx2_memory, format_ltx2_estimate
 from ..ltx2.text import DEFAULT_NEGATIVE_PROMPT
 from ..ltx2.upsampler import load_ltx2_upsampler
 from . import host
 from .checks import CinetuneNode
-from .handles import PlacedModel
-from .k5 import training_dtype
+from .common_inputs import (DTYPES, attention_input, block_swap_inputs, estimate_optimizer_input, lora_loader_inputs,
+                            prompt_inputs, seed_input, text_encoder_dtype_input, vae_dtype_input, video_size_inputs,
+                            weight_dtype_input)
+from .model_nodes import (LoRALoaderNode, ModelHandle, block_swap, encode_prompt_pair, load_dit, sampling,
+                          training_dtype)
 from .rules import LTX2_SAMPLER_LINKS, LTX2_SAMPLING, LTX2_VIDEO_SIZE, NodeRules, attention_backend
 from .types import LTX2VAE, LTX2Conditioning, LTX2Model, LTX2TextEncoder, LTX2Upsampler
 
 CATEGORY = "Cinetune/LTX-2"
-WEIGHT_DTYPES = ["default", "bf16", "fp16", "fp32", "fp8_e4m3fn"]
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ["dev", "distilled", "stage 2"]
 SCHEDULERS = ["official", "token count"]
-MAX_SIZE = 4096
-MAX_FRAMES = 1025
 CHECKPOINT_FOLDERS = ("checkpoints", "diffusion_models")
 
 
 @dataclass
-class LTX2ModelHandle(PlacedModel):
-    """A loaded LTX-2 DiT and what the sampler needs: its variant, attention kernel, block swap, LoRAs."""
-
-    model: LTX2DiT
-    config: LTX2TransformerConfig
-    variant: LTX2Variant
-    attention_backend: str
-    path: Path
-    blocks_to_swap: int = 0
-    use_pinned_memory: bool = True
-    loras: tuple[tuple[str, LoRAWeights, float], ...] = ()
-    """``(name, weights, strength)`` applied unmerged while sampling; the shared base weights never change."""
-    weight_dtype: str = "default"
-    """The loader's ``weight_dtype`` (recorded in a training run's recipe, so a headless run loads the same weights)."""
+class LTX2ModelHandle(ModelHandle):
+    """A loaded LTX-2 DiT (``model``: :class:`~cinetune.ltx2.dit.LTX2DiT`, ``config``:
+    :class:`~cinetune.ltx2.config.LTX2TransformerConfig`, ``variant``: :class:`~cinetune.ltx2.loader.LTX2Variant`)
+    and what the sampler needs: its variant, attention kernel, block swap, LoRAs."""
 
     @property
     def blocks(self) -> list[torch.nn.Module]:
+        """Transformer blocks in execution order."""
         return list(self.model.blocks)
-
 
 
 def _file(folders: tuple[str, ...], name: str) -> Path:
@@ -86,17 +72,13 @@ class LTX2ModelLoader(CinetuneNode):
                 io.Combo.Input("ckpt_name", options=host.model_names_any(CHECKPOINT_FOLDERS),
                                tooltip="ltx-2-19b-dev.safetensors (or -distilled, -fp8) in models/checkpoints, or a split "
                                        "LTX-2 DiT file in models/diffusion_models."),
-                io.Combo.Input("weight_dtype", options=WEIGHT_DTYPES, default="default",
-                               tooltip="'default' keeps each tensor's stored dtype (fp8 files stay fp8). fp8_e4m3fn "
-                                       "stores Linear weights in 8 bits, keeping block 0, blocks 43-47 and the non-block "
-                                       "layers in high precision (the official fp8 policy)."),
-                io.Combo.Input("attention", options=list(BACKENDS), default="sdpa",
-                               tooltip="Attention kernel: sdpa (PyTorch), sageattention or flash-attn (must be installed)."),
-                io.Int.Input("blocks_to_swap", default=0, min=0, max=200,
-                             tooltip="Block swap: keep this many transformer blocks (the last ones; 48 in all) in CPU "
-                                     "memory and stream each to the GPU just before it runs. 0 keeps all on the GPU."),
-                io.Boolean.Input("use_pinned_memory", default=True,
-                                 tooltip="Pin the CPU copies of swapped blocks for fast asynchronous transfers."),
+                weight_dtype_input("'default' keeps each tensor's stored dtype (fp8 files stay fp8). fp8_e4m3fn stores "
+                                   "Linear weights in 8 bits, keeping block 0, blocks 43-47 and the non-block layers in "
+                                   "high precision (the official fp8 policy)."),
+                attention_input("Attention kernel: sdpa (PyTorch), sageattention or flash-attn (must be installed)."),
+                *block_swap_inputs("Block swap: keep this many transformer blocks (the last ones; 48 in all) in CPU "
+                                   "memory and stream each to the GPU just before it runs. 0 keeps all on the GPU.",
+                                   "Pin the CPU copies of swapped blocks for fast asynchronous transfers."),
             ],
             outputs=[LTX2Model.Output(display_name="model")],
         )
@@ -105,14 +87,10 @@ class LTX2ModelLoader(CinetuneNode):
     def execute(cls, ckpt_name, weight_dtype, attention, blocks_to_swap=0, use_pinned_memory=True) -> io.NodeOutput:
         check_backend(attention)
         path = _file(CHECKPOINT_FOLDERS, ckpt_name)
-        with torch.inference_mode(False):
-            loaded = load_ltx2_dit(path, weight_dtype=weight_dtype, device="cpu")
-        total = len(loaded.model.blocks)
-        if blocks_to_swap > total:
-            raise ValueError(f"blocks_to_swap={blocks_to_swap} is more than the {total} transformer blocks of "
-                             f"{path.name}: use at most {total}.")
-        handle = LTX2ModelHandle(loaded.model.eval(), loaded.config, loaded.variant, attention, path, blocks_to_swap,
-                                 use_pinned_memory and host.pinned_memory_allowed(), weight_dtype=weight_dtype)
+        loaded = load_dit(load_ltx2_dit, path, weight_dtype)
+        swap = block_swap(blocks_to_swap, use_pinned_memory, len(loaded.model.blocks), path.name)
+        handle = LTX2ModelHandle(loaded.model.eval(), loaded.config, loaded.variant, attention, path, **swap,
+                                 weight_dtype=weight_dtype)
         return io.NodeOutput(handle)
 
 
@@ -132,8 +110,7 @@ class LTX2TextEncoderLoader(CinetuneNode):
                 io.Combo.Input("ckpt_name", options=host.model_names_any(("checkpoints", "text_encoders")),
                                tooltip="The LTX-2 checkpoint the DiT comes from (its connectors are read from it), or "
                                        "ComfyUI's split embeddings-connector file."),
-                io.Combo.Input("dtype", options=["bf16", "fp16", "fp32"], default="bf16",
-                               tooltip="Compute dtype of Gemma and the connectors (fp8 Gemma files stay fp8)."),
+                text_encoder_dtype_input("Compute dtype of Gemma and the connectors (fp8 Gemma files stay fp8)."),
             ],
             outputs=[LTX2TextEncoder.Output(display_name="text_encoder")],
         )
@@ -163,8 +140,7 @@ class LTX2VAELoader(CinetuneNode):
                                default="(same file)",
                                tooltip="Where the audio VAE and vocoder are: '(same file)' reads them from vae_name "
                                        "(the combined checkpoint), or a split audio VAE + vocoder file."),
-                io.Combo.Input("dtype", options=["fp32", "bf16", "fp16"], default="fp32",
-                               tooltip="VAE compute dtype; fp32 is safest, bf16 halves memory on GPUs."),
+                vae_dtype_input(),
             ],
             outputs=[LTX2VAE.Output(display_name="vae")],
         )
@@ -208,20 +184,17 @@ class LTX2TextEncode(CinetuneNode):
                         "left padded, no chat template, as official inference).",
             inputs=[
                 LTX2TextEncoder.Input("text_encoder", tooltip="From LTX-2 Text Encoder Loader."),
-                io.String.Input("prompt", multiline=True, default="",
-                                tooltip="What the video shows and sounds like: one detailed, chronological paragraph "
-                                        "(the official guide suggests up to 200 words), speech and sounds included."),
-                io.String.Input("negative_prompt", multiline=True, default=DEFAULT_NEGATIVE_PROMPT,
-                                tooltip="Used by guidance (dev mode). Default: the official one."),
+                *prompt_inputs("What the video shows and sounds like: one detailed, chronological paragraph (the "
+                               "official guide suggests up to 200 words), speech and sounds included.",
+                               DEFAULT_NEGATIVE_PROMPT, "Used by guidance (dev mode). Default: the official one."),
             ],
             outputs=[LTX2Conditioning.Output(display_name="conditioning")],
         )
 
     @classmethod
     def execute(cls, text_encoder, prompt, negative_prompt) -> io.NodeOutput:
-        with host.on_compute_device(text_encoder), torch.inference_mode():
-            positive = pipeline.LTX2Prompt(*text_encoder.encode(prompt)).to("cpu")
-            negative = pipeline.LTX2Prompt(*text_encoder.encode(negative_prompt)).to("cpu")
+        positive, negative = encode_prompt_pair(text_encoder, lambda text: pipeline.LTX2Prompt(*text_encoder.encode(text)),
+                                                prompt, negative_prompt)
         return io.NodeOutput(pipeline.LTX2Conditioning(positive, negative))
 
 
@@ -240,17 +213,15 @@ class LTX2Sampler(NodeRules, CinetuneNode):
             inputs=[
                 LTX2Model.Input("model", tooltip="From LTX-2 Model Loader (or an LTX-2 LoRA Loader)."),
                 LTX2Conditioning.Input("conditioning", tooltip="From LTX-2 Text Encode."),
-                io.Int.Input("width", default=768, min=32, max=MAX_SIZE, step=32,
-                             tooltip="Video width in pixels, a multiple of 32 (of 64 for the two-stage pipeline)."),
-                io.Int.Input("height", default=512, min=32, max=MAX_SIZE, step=32,
-                             tooltip="Video height in pixels, a multiple of 32 (of 64 for the two-stage pipeline)."),
-                io.Int.Input("frames", default=121, min=1, max=MAX_FRAMES, step=8,
-                             tooltip="Number of video frames, 8k+1 (121 = 5 s at 24 fps)."),
+                *video_size_inputs(
+                    LTX2_LATENT_FORMAT,
+                    width="Video width in pixels, a multiple of 32 (of 64 for the two-stage pipeline).",
+                    height="Video height in pixels, a multiple of 32 (of 64 for the two-stage pipeline).",
+                    frames="Number of video frames, 8k+1 (121 = 5 s at 24 fps)."),
                 io.Float.Input("fps", default=24.0, min=1.0, max=120.0, step=0.001,
                                tooltip="Frame rate the video is generated for (RoPE positions are in seconds; the "
                                        "audio length follows frames / fps). Official: 24."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Noise seed. Noise is drawn on the CPU, so a seed gives the same result on any device."),
+                seed_input("Noise seed. Noise is drawn on the CPU, so a seed gives the same result on any device."),
                 io.Int.Input("steps", default=40, min=1, max=1000,
                              tooltip="Sampling steps in 'dev' mode (official: 40). 'distilled' and 'stage 2' use their "
                                      "fixed official sigma lists."),
@@ -306,12 +277,8 @@ class LTX2Sampler(NodeRules, CinetuneNode):
                 keyframes.append(pipeline.encode_keyframe(vae, start_image[:1], width, height, frame_index=0,
                                                           strength=image_strength, device=device,
                                                           progress=host.Progress(1).update))
-        device = host.compute_device()
         progress = host.SamplingProgress(pipeline.LTX2_PREVIEW, request.num_steps)
-        host.free_host_models()
-        loras = [(weights, strength) for _, weights, strength in handle.loras]
-        with (torch.inference_mode(), loras_applied(handle.model, loras),
-              model_on_device(handle.model, handle.blocks, device, **handle.placement())):
+        with sampling(handle) as device:
             video, audio_out = pipeline.generate(
                 handle.model, conditioning, request, keyframes=keyframes,
                 video_latent=None if video_latent is None else video_latent["samples"],
@@ -376,7 +343,7 @@ class LTX2Decode(CinetuneNode):
         return io.NodeOutput(frames.cpu().contiguous(), audio)
 
 
-class LTX2LoRALoader(CinetuneNode):
+class LTX2LoRALoader(LoRALoaderNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -385,19 +352,11 @@ class LTX2LoRALoader(CinetuneNode):
             category=f"{CATEGORY}/loaders",
             description="Applies an LTX-2 LoRA for sampling (official ltx-trainer, ComfyUI, kohya or Cinetune files; "
                         "e.g. the distilled LoRA for stage 2). Chain several for several LoRAs.",
-            inputs=[
-                LTX2Model.Input("model", tooltip="From LTX-2 Model Loader (or another LTX-2 LoRA Loader)."),
-                io.Combo.Input("lora_name", options=host.model_names("loras"), tooltip="LoRA file in models/loras."),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
-                               tooltip="LoRA strength: 1.0 as trained (official stage-2 distilled LoRA: 0.6-1.0)."),
-            ],
+            inputs=lora_loader_inputs(
+                LTX2Model, "LTX-2", lora_tooltip="LoRA file in models/loras.",
+                strength_tooltip="LoRA strength: 1.0 as trained (official stage-2 distilled LoRA: 0.6-1.0)."),
             outputs=[LTX2Model.Output(display_name="model")],
         )
-
-    @classmethod
-    def execute(cls, model, lora_name, strength) -> io.NodeOutput:
-        handle: LTX2ModelHandle = model
-        return io.NodeOutput(handle.with_lora(lora_name, strength))
 
 
 class LTX2MemoryEstimate(NodeRules, CinetuneNode):
@@ -415,16 +374,14 @@ class LTX2MemoryEstimate(NodeRules, CinetuneNode):
                         "instant.",
             inputs=[
                 LTX2Model.Input("model", tooltip="From LTX-2 Model Loader (its dtypes and block swap are used)."),
-                io.Int.Input("width", default=768, min=32, max=MAX_SIZE, step=32, tooltip="Video width in pixels."),
-                io.Int.Input("height", default=512, min=32, max=MAX_SIZE, step=32, tooltip="Video height in pixels."),
-                io.Int.Input("frames", default=121, min=1, max=MAX_FRAMES, step=8, tooltip="Video frames, 8k+1."),
+                *video_size_inputs(LTX2_LATENT_FORMAT, width="Video width in pixels.", height="Video height in pixels.",
+                                   frames="Video frames, 8k+1."),
                 io.Float.Input("fps", default=24.0, min=1.0, max=120.0, step=0.001, tooltip="Frame rate (audio length)."),
                 io.Combo.Input("mode", options=["sampling", "training"], default="sampling", optional=True,
                                tooltip="One sampling step (official dev guidance: four forward passes) or one LoRA "
                                        "training step of LTX-2 Train LoRA with the settings below."),
                 io.Int.Input("lora_rank", default=32, optional=True, min=1, max=512, tooltip="Training: LoRA rank."),
-                io.Combo.Input("optimizer", options=["adamw", "adamw8bit"], default="adamw", optional=True,
-                               tooltip="Training: optimizer state size (AdamW 8 B per parameter, 8-bit 2 B)."),
+                estimate_optimizer_input(optional=True),
                 io.Boolean.Input("gradient_checkpointing", default=True, optional=True,
                                  tooltip="Training: recompute each block in the backward (always on with block "
                                          "swap, as the trainer does)."),

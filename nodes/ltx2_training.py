@@ -26,13 +26,13 @@ Widget order is frozen once released: add new inputs at the end, with defaults.
 
 from __future__ import annotations
 
-from comfy_api.latest import io, ui
+from comfy_api.latest import io
 from torch import Tensor
 
 from ..ltx2.family import LTX2_LATENT_FORMAT
 from ..ltx2.loader import LTX2VAEs
 from ..ltx2.text import LTX2TextEncoder, encode_prompts
-from ..training.cache import cache_latents, cache_text, padded_text_entries, weights_identity
+from ..training.cache import cache_latents, padded_text_entries, weights_identity
 from ..training.data import MISSING_AUDIO, FrameSpec
 from ..training.samples import (
     LTX2_CACHE_LAYOUT,
@@ -41,9 +41,9 @@ from ..training.samples import (
     ltx2_samples_from_cache,
 )
 from . import host
-from .checks import CinetuneNode
 from .rules import LTX2_I2V_CLIP, FrameCount, NodeRules
-from .training import CACHE_NAME, RECEIPTS, DatasetType, TextCache, TrainingData, cache_directory
+from .training import (CacheNode, TextCache, TextCacheNode, TrainingData, allow_upscale_input, bucket_resolution_input,
+                       clip_frames_input, frame_selection_input)
 from .types import LTX2VAE, LTX2TextEncoder as LTX2TextEncoderType
 
 CATEGORY = "Cinetune/LTX-2"
@@ -52,8 +52,6 @@ LTX2TextCacheType = io.Custom("CINETUNE_LTX2_TEXT_CACHE")
 """A :class:`~cinetune.nodes.training.TextCache` with the LTX-2 cache layout."""
 LTX2TrainingDataType = io.Custom("CINETUNE_LTX2_TRAINING_DATA")
 """A :class:`~cinetune.nodes.training.TrainingData` with the LTX-2 cache layout."""
-
-MAX_FRAMES = 1025
 
 
 def ltx2_text_identity(encoder: LTX2TextEncoder) -> str:
@@ -109,8 +107,8 @@ def ltx2_empty_caption(data: TrainingData) -> tuple[Tensor, Tensor]:
     return ltx2_empty_text_from_cache(data.cache_dir, data.encoder_id)
 
 
-class LTX2CacheText(CinetuneNode):
-    INPUT_RULES = {"cache_name": CACHE_NAME}
+class LTX2CacheText(TextCacheNode):
+    LAYOUT = LTX2_CACHE_LAYOUT
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -121,36 +119,22 @@ class LTX2CacheText(CinetuneNode):
             description="Encodes every caption once with Gemma 3 and the LTX-2 text projection (1024 tokens, left "
                         "padded, before the connectors, as ltx-trainer caches them) and stores the results on disk. "
                         "Re-running encodes only new or changed captions.",
-            inputs=[
-                DatasetType.Input("dataset", tooltip="From Dataset Folder."),
-                LTX2TextEncoderType.Input("text_encoder", tooltip="From LTX-2 Text Encoder Loader (its checkpoint "
-                                                                  "must be the one you train); moved back to the CPU "
-                                                                  "when caching is done."),
-                io.String.Input("cache_name", default="ltx2_dataset",
-                                tooltip="Folder under output/cinetune/cache holding this dataset's caches."),
-            ],
+            inputs=cls.text_cache_inputs(LTX2TextEncoderType, "From LTX-2 Text Encoder Loader (its checkpoint must be "
+                                                              "the one you train); moved back to the CPU when caching "
+                                                              "is done.", "ltx2_dataset"),
             outputs=[LTX2TextCacheType.Output(display_name="text_cache")],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, **inputs):
-        return RECEIPTS.fingerprint(cls, inputs)
+    def encoder_id(cls, text_encoder) -> str:
+        return ltx2_text_identity(text_encoder)
 
     @classmethod
-    def execute(cls, dataset, text_encoder, cache_name) -> io.NodeOutput:
-        cache_dir = cache_directory(cache_name)
-        encoder_id = ltx2_text_identity(text_encoder)
-        entry = padded_text_entries(lambda prompts: encode_prompts(text_encoder, prompts))
-        progress = host.Progress(1)
-        with host.on_compute_device(text_encoder):
-            report = cache_text(dataset, entry, cache_dir, encoder_id=encoder_id, progress=progress.update,
-                                check_interrupt=host.check_interrupt, layout=LTX2_CACHE_LAYOUT)
-        RECEIPTS.record(cls, {"cache_name": cache_name}, report)
-        return io.NodeOutput(TextCache(dataset, cache_dir, encoder_id, LTX2_CACHE_LAYOUT),
-                             ui=ui.PreviewText(report.summary()))
+    def entries(cls, text_encoder):
+        return padded_text_entries(lambda prompts: encode_prompts(text_encoder, prompts))
 
 
-class LTX2CacheLatents(NodeRules, CinetuneNode):
+class LTX2CacheLatents(NodeRules, CacheNode):
     INPUT_RULES = {"frames": FrameCount(LTX2_LATENT_FORMAT)}
     NODE_RULES = (LTX2_I2V_CLIP,)
 
@@ -166,27 +150,16 @@ class LTX2CacheLatents(NodeRules, CinetuneNode):
             inputs=[
                 LTX2TextCacheType.Input("text_cache", tooltip="From LTX-2 Cache Text Encoder Outputs."),
                 LTX2VAE.Input("vae", tooltip="From LTX-2 VAE Loader (with its audio VAE when audio is on)."),
-                io.Int.Input("frames", default=49, min=1, max=MAX_FRAMES, step=8,
-                             tooltip="Video frames per training clip, 8k+1 (at 24 fps: 49 ≈ 2 s, 121 = 5 s). "
-                                     "Images are 1-frame clips. A Dataset Folder with its own frame extraction "
-                                     "uses this only where its target_frames is empty."),
-                io.Combo.Input("frame_selection", options=["head", "uniform", "chunks"], default="head",
-                               tooltip="head: one clip from the start; uniform: one clip spread over the whole video "
-                                       "(not with audio: the motion plays faster than the sound); chunks: "
-                                       "consecutive clips covering the video. Not used for a Dataset Folder with its "
-                                       "own frame extraction."),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=32,
-                             tooltip="Bucket area = resolution²; each item goes to the bucket with the nearest aspect "
-                                     "ratio (sides in steps of 32 px)."),
+                clip_frames_input(LTX2_LATENT_FORMAT),
+                frame_selection_input(" (not with audio: the motion plays faster than the sound)"),
+                bucket_resolution_input(LTX2_LATENT_FORMAT.size_multiple),
                 io.Boolean.Input("audio", default=True,
                                  tooltip="Also encode each clip's sound (its audio track, downmixed to stereo, 16 kHz, "
                                          "cut to the clip's duration) for audio+video training."),
                 io.Boolean.Input("image_to_video", default=False,
                                  tooltip="Prepare image-to-video training: the clip's first latent frame becomes the "
                                          "condition (nothing more is encoded); needs clips of 9 frames or more."),
-                io.Boolean.Input("allow_upscale", default=False,
-                                 tooltip="Allow buckets larger than an item (upscaling); off keeps smaller items "
-                                         "small."),
+                allow_upscale_input(),
                 io.Combo.Input("missing_audio", options=list(MISSING_AUDIO), default="error",
                                tooltip="With audio on, what to do with clips without sound (and images): 'error' "
                                        "names them and stops; 'silence' trains them with a silent track."),
@@ -196,10 +169,6 @@ class LTX2CacheLatents(NodeRules, CinetuneNode):
             ],
             outputs=[LTX2TrainingDataType.Output(display_name="training_data")],
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, **inputs):
-        return RECEIPTS.fingerprint(cls, inputs)
 
     @classmethod
     def execute(cls, text_cache, vae, frames, frame_selection, resolution, audio, image_to_video, allow_upscale,
@@ -224,12 +193,11 @@ class LTX2CacheLatents(NodeRules, CinetuneNode):
                                    allow_upscale=allow_upscale, i2v=image_to_video, progress=progress.update,
                                    check_interrupt=host.check_interrupt, layout=LTX2_CACHE_LAYOUT,
                                    audio_vae=audio_vae, missing_audio=missing_audio)
-        RECEIPTS.record(cls, dict(frames=frames, frame_selection=frame_selection, resolution=resolution, audio=audio,
-                                  image_to_video=image_to_video, allow_upscale=allow_upscale,
-                                  missing_audio=missing_audio, fps=fps), report)
         data = TrainingData(text_cache.dataset, text_cache.cache_dir, text_cache.encoder_id, vae_id, spec, resolution,
                             step, allow_upscale, image_to_video, LTX2_CACHE_LAYOUT, audio, missing_audio)
-        return io.NodeOutput(data, ui=ui.PreviewText(report.summary()))
+        return cls.output(dict(frames=frames, frame_selection=frame_selection, resolution=resolution, audio=audio,
+                               image_to_video=image_to_video, allow_upscale=allow_upscale, missing_audio=missing_audio,
+                               fps=fps), report, data)
 
 
 NODES = [LTX2CacheText, LTX2CacheLatents]

@@ -261,10 +261,43 @@ class CheckpointSettingsNode(_Settings):
 
 
 class _ValidationPrompt(_Settings):
-    """What both families' Validation Prompt nodes share; a subclass gives its family, sockets and extra widgets."""
+    """What both families' Validation Prompt nodes share: the schema frame (conditioning, size, the family's own
+    widgets from :meth:`family_inputs`, seed, sample_at_start, start image, previous) and the chaining. A subclass
+    gives its family, node id, description, sockets and default frame count."""
 
     FAMILY: ClassVar[str]
+    LABEL: ClassVar[str]
+    """The family's name in node names (``"K5"``, ``"LTX-2"``)."""
     LATENT_FORMAT: ClassVar[LatentFormat]
+    NODE_ID: ClassVar[str]
+    DESCRIPTION: ClassVar[str]
+    CONDITIONING: ClassVar[Any]
+    VALIDATION: ClassVar[Any]
+    FRAMES: ClassVar[int]
+    """Default clip length."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=cls.NODE_ID,
+            display_name=f"{cls.LABEL} Validation Prompt",
+            category=CATEGORY,
+            description=cls.DESCRIPTION,
+            inputs=[
+                cls.CONDITIONING.Input("conditioning", tooltip=f"The prompt, from {cls.LABEL} Text Encode."),
+                *cls.size_inputs(frames=cls.FRAMES),
+                *cls.family_inputs(),
+                *cls.chain_inputs(),
+                cls.VALIDATION.Input("previous", optional=True,
+                                     tooltip=f"More prompts: another {cls.LABEL} Validation Prompt."),
+            ],
+            outputs=[cls.VALIDATION.Output(display_name="validation")],
+        )
+
+    @classmethod
+    def family_inputs(cls) -> list:
+        """The family's widgets between the size and the seed."""
+        raise NotImplementedError
 
     @classmethod
     def size_inputs(cls, *, frames: int) -> list:
@@ -312,39 +345,34 @@ class _ValidationPrompt(_Settings):
         elif not isinstance(previous, ValidationPrompts) or previous.family != cls.FAMILY:
             made = getattr(previous, "family", type(previous).__name__)
             raise InputError(f"{cls.define_schema().display_name}: 'previous' holds {made} validation prompts; chain "
-                             f"only {cls.FAMILY} Validation Prompt nodes.")
+                             f"only {cls.LABEL} Validation Prompt nodes.")
         return io.NodeOutput(previous.then(prompt, sample_at_start=sample_at_start))
 
 
 class K5ValidationPromptNode(_ValidationPrompt):
     FAMILY = K5_FAMILY.name
+    LABEL = "K5"
     LATENT_FORMAT = K5_FAMILY.latent_format
+    NODE_ID = "CinetuneK5ValidationPrompt"
+    DESCRIPTION = ("One validation prompt for K5 Train LoRA (connect to validation; chain several through previous). "
+                   "Clips are made every validate_every steps of the trainer and saved as mp4 in the run folder; the "
+                   "newest are shown on the trainer. musubi: a line of --sample_prompts.")
+    CONDITIONING = K5Conditioning
+    VALIDATION = K5Validation
+    FRAMES = 17
 
     @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="CinetuneK5ValidationPrompt",
-            display_name="K5 Validation Prompt",
-            category=CATEGORY,
-            description="One validation prompt for K5 Train LoRA (connect to validation; chain several through "
-                        "previous). Clips are made every validate_every steps of the trainer and saved as mp4 in the "
-                        "run folder; the newest are shown on the trainer. musubi: a line of --sample_prompts.",
-            inputs=[
-                K5Conditioning.Input("conditioning", tooltip="The prompt, from K5 Text Encode."),
-                *cls.size_inputs(frames=17),
-                io.Int.Input("steps", default=20, min=1, max=200,
-                             tooltip="Sampling steps (official 50; fewer keep validation cheap). musubi: --s."),
-                io.Float.Input("guidance", default=5.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="Classifier-free guidance scale (official 5; 1 = off). musubi: --l (a sample "
-                                       "prompt's CFG scale)."),
-                io.Float.Input("scheduler_scale", default=5.0, min=0.1, max=50.0, step=0.1,
-                               tooltip="Flow shift of the sampling schedule (official 5 for 5 s, 10 for 10 s and "
-                                       "image-to-video). musubi: --fs."),
-                *cls.chain_inputs(),
-                K5Validation.Input("previous", optional=True, tooltip="More prompts: another K5 Validation Prompt."),
-            ],
-            outputs=[K5Validation.Output(display_name="validation")],
-        )
+    def family_inputs(cls) -> list:
+        return [
+            io.Int.Input("steps", default=20, min=1, max=200,
+                         tooltip="Sampling steps (official 50; fewer keep validation cheap). musubi: --s."),
+            io.Float.Input("guidance", default=5.0, min=0.0, max=30.0, step=0.1,
+                           tooltip="Classifier-free guidance scale (official 5; 1 = off). musubi: --l (a sample "
+                                   "prompt's CFG scale)."),
+            io.Float.Input("scheduler_scale", default=5.0, min=0.1, max=50.0, step=0.1,
+                           tooltip="Flow shift of the sampling schedule (official 5 for 5 s, 10 for 10 s and "
+                                   "image-to-video). musubi: --fs."),
+        ]
 
     @classmethod
     def execute(cls, conditioning, width, height, frames, steps, guidance, scheduler_scale, seed, sample_at_start,
@@ -356,39 +384,32 @@ class K5ValidationPromptNode(_ValidationPrompt):
 
 class LTX2ValidationPromptNode(_ValidationPrompt):
     FAMILY = LTX2_FAMILY.name
+    LABEL = "LTX-2"
     LATENT_FORMAT = LTX2_FAMILY.latent_format
+    NODE_ID = "CinetuneLTX2ValidationPrompt"
+    DESCRIPTION = ("One validation prompt for LTX-2 Train LoRA (connect to validation; chain several through "
+                   "previous). Clips with sound are made every validate_every steps (and at validation_steps) and "
+                   "saved as mp4 in the run folder; the newest are shown on the trainer. ltx-trainer: an entry of "
+                   "validation.samples.")
+    CONDITIONING = LTX2Conditioning
+    VALIDATION = LTX2Validation
+    FRAMES = 49
 
     @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="CinetuneLTX2ValidationPrompt",
-            display_name="LTX-2 Validation Prompt",
-            category=CATEGORY,
-            description="One validation prompt for LTX-2 Train LoRA (connect to validation; chain several through "
-                        "previous). Clips with sound are made every validate_every steps (and at validation_steps) "
-                        "and saved as mp4 in the run folder; the newest are shown on the trainer. ltx-trainer: an "
-                        "entry of validation.samples.",
-            inputs=[
-                LTX2Conditioning.Input("conditioning", tooltip="The prompt, from LTX-2 Text Encode."),
-                *cls.size_inputs(frames=49),
-                io.Float.Input("fps", default=0.0, min=0.0, max=120.0, step=0.001,
-                               tooltip="Frame rate the clip is generated for (0 = the first training clip's). "
-                                       "ltx-trainer: validation.frame_rate."),
-                io.Int.Input("steps", default=30, min=2, max=200,
-                             tooltip="Sampling steps (a distilled model uses its 8 fixed steps). ltx-trainer: "
-                                     "validation.inference_steps."),
-                io.Float.Input("video_cfg", default=3.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="Text guidance of the video (official 3; 1 = off). ltx-trainer: "
-                                       "validation.video_cfg_scale."),
-                io.Float.Input("audio_cfg", default=7.0, min=0.0, max=30.0, step=0.1,
-                               tooltip="Text guidance of the sound (official 7). ltx-trainer: "
-                                       "validation.audio_cfg_scale."),
-                *cls.chain_inputs(),
-                LTX2Validation.Input("previous", optional=True,
-                                     tooltip="More prompts: another LTX-2 Validation Prompt."),
-            ],
-            outputs=[LTX2Validation.Output(display_name="validation")],
-        )
+    def family_inputs(cls) -> list:
+        return [
+            io.Float.Input("fps", default=0.0, min=0.0, max=120.0, step=0.001,
+                           tooltip="Frame rate the clip is generated for (0 = the first training clip's). "
+                                   "ltx-trainer: validation.frame_rate."),
+            io.Int.Input("steps", default=30, min=2, max=200,
+                         tooltip="Sampling steps (a distilled model uses its 8 fixed steps). ltx-trainer: "
+                                 "validation.inference_steps."),
+            io.Float.Input("video_cfg", default=3.0, min=0.0, max=30.0, step=0.1,
+                           tooltip="Text guidance of the video (official 3; 1 = off). ltx-trainer: "
+                                   "validation.video_cfg_scale."),
+            io.Float.Input("audio_cfg", default=7.0, min=0.0, max=30.0, step=0.1,
+                           tooltip="Text guidance of the sound (official 7). ltx-trainer: validation.audio_cfg_scale."),
+        ]
 
     @classmethod
     def execute(cls, conditioning, width, height, frames, fps, steps, video_cfg, audio_cfg, seed, sample_at_start,

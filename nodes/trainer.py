@@ -8,8 +8,9 @@ EMA LoRA, when kept) is copied into ComfyUI's ``loras`` folder, in the key layou
 reads. The checks, run folders, reuse of a finished run, validation scheduling and the settings nodes' values live
 in :mod:`cinetune.training.runs`; the validation samplers in the families' libraries.
 
-Both trainers keep their widgets; optional inputs appended at the end take the settings nodes
-(:mod:`.train_settings`), laid over the widgets, a chain of validation prompts and a held-out cached dataset.
+Both trainers keep their widgets (the inputs they share are declared in :mod:`.trainer_inputs`); optional inputs
+appended at the end take the settings nodes (:mod:`.train_settings`), laid over the widgets, a chain of validation
+prompts and a held-out cached dataset.
 Validation clips (one per prompt) are made at step 0 when asked (only when a run starts fresh, with the LoRA it
 starts from) and at the trainer's validation steps; the settings of the validation are saved in the run's metadata
 (``run.json`` and the LoRA file), so a headless run sees them.
@@ -26,6 +27,7 @@ Widget order is frozen once released: add new inputs at the end, with defaults.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,14 +46,14 @@ from ..training.data import dataset_fingerprint
 from ..training.distributed import check_local_workers, check_world_divides
 from ..training.launch import launch_workers
 from ..training.recipe import CachedData, RunRecipe, write_recipe
-from ..training.runs import (ValidationPlan, check_blocks_to_swap, finished_run, install_lora, install_partial_lora,
+from ..training.runs import (ValidationPlan, check_base_model, finished_run, install_lora, install_partial_lora,
                              latest_validations, run_directory)
-from ..training.schedules import LR_SCHEDULES, OPTIMIZERS, make_optimizer
+from ..training.schedules import OPTIMIZERS, make_optimizer
 from ..training.settings import ValidationPrompt, ValidationPrompts, checked_settings, config_overrides
 from ..training.trainer import train_lora
 from . import host
 from .checks import CinetuneNode, FileName, InputError, check_file_name
-from .types import CheckpointSettingsType, LoRASettingsType, OptimizerSettingsType, SamplingSettingsType
+from .model_nodes import block_swap, training_dtype
 
 PROGRESS_EVENT = "cinetune.train.progress"
 STATUS_EVENT = "cinetune.train.status"
@@ -75,12 +77,43 @@ def run_folder(name: str) -> Path:
 
 
 def with_block_swap(handle, blocks_to_swap: int, use_pinned_memory: bool):
-    """The model handle with the trainer's block-swap setting (-1 keeps the loader's)."""
+    """The model handle with the trainer's block-swap setting (-1 keeps the loader's).
+
+    Raises:
+        TrainingError: more blocks to swap than the model has.
+    """
     if blocks_to_swap < 0:
         return handle
-    check_blocks_to_swap(blocks_to_swap, len(handle.blocks), handle.path.name)
-    return replace(handle, blocks_to_swap=blocks_to_swap,
-                   use_pinned_memory=use_pinned_memory and host.pinned_memory_allowed())
+    return replace(handle, **block_swap(blocks_to_swap, use_pinned_memory, len(handle.blocks), handle.path.name))
+
+
+def training_handle(base, family: str, blocks_to_swap: int, use_pinned_memory: bool):
+    """The handle a trainer trains: the loader's ``base`` handle, which must carry no LoRA, with the trainer's
+    block-swap setting (:func:`with_block_swap`); ``family`` is the family's name in node names (``"K5"``).
+
+    Raises:
+        TrainingError: LoRAs applied to ``base`` (names the nodes to connect), or too many blocks to swap.
+    """
+    check_base_model(base.loras, lora_loader=f"{family} LoRA Loader", model_loader=f"{family} Model Loader",
+                     trainer=f"{family} Train LoRA")
+    return with_block_swap(base, blocks_to_swap, use_pinned_memory)
+
+
+def config_fields(handle, *, gradient_accumulation: int, gradient_checkpointing: bool, **widgets) -> dict[str, Any]:
+    """The :class:`~cinetune.training.config.TrainConfig` fields of the widgets both trainers have.
+
+    Args:
+        handle: the model handle being trained (its block swap and attention kernel).
+        gradient_accumulation: becomes ``grad_accum``.
+        gradient_checkpointing: the widget; block swap turns checkpointing on whatever it says.
+        widgets: widgets named as their config field (``rank``, ``alpha``, ``learning_rate``, ...), passed through.
+    Returns:
+        ``widgets`` with ``grad_accum``, ``gradient_checkpointing``, ``attention_backend`` and ``compute_dtype`` (the
+        training activation dtype of the compute device) added.
+    """
+    return dict(widgets, grad_accum=gradient_accumulation,
+                gradient_checkpointing=gradient_checkpointing or handle.blocks_to_swap > 0,
+                attention_backend=handle.attention_backend, compute_dtype=training_dtype(host.compute_device()))
 
 
 def _optimizer_installed(name: Any) -> None:
@@ -193,6 +226,41 @@ def check_validation(plan: ValidationPlan, prompts: ValidationPrompts, vae: Any)
     if plan.active and (not prompts.prompts or vae is None):
         raise TrainingError("validation (validate_every > 0, validation steps or sample_at_start) needs a prompt "
                             "(validation, or validation_conditioning) and vae connected.")
+
+
+def validation_requests(prompts: ValidationPrompts, size: tuple, request_for: Callable[[ValidationPrompt], Any],
+                        encode_start_image: Callable[..., Any], vae: Any) -> list[tuple[ValidationPrompt, Any, Any]]:
+    """Each validation prompt with its checked sampling request and its start image's latent.
+
+    Args:
+        prompts: the run's validation prompts.
+        size: the default size, ``(width, height, frames)``, for what a prompt leaves at 0 (:meth:`ValidationPrompt.sized`).
+        request_for: the family's sampling request of a sized prompt; raises ValueError for what the model cannot
+            sample.
+        encode_start_image: the family's ``encode_start_image(vae, image, width, height, device=...)``.
+        vae: the trainer's VAE.
+    Returns:
+        ``(prompt, request, start)`` per prompt, where ``start()`` gives the start image's latent (encoded with
+        ``vae`` on the compute device when first called, then kept), or ``start`` is None without a start image.
+    Raises:
+        TrainingError: ``validation prompt <n>: <what request_for refused>``.
+    """
+    prepared = []
+    for number, prompt in enumerate(prompts.prompts, 1):
+        sized = prompt.sized(*size)
+        try:
+            request = request_for(sized)
+        except ValueError as e:
+            raise TrainingError(f"validation prompt {number}: {e}") from None
+        start = None if sized.start_image is None else functools.cache(
+            functools.partial(_encode_start, encode_start_image, vae, sized.start_image, request))
+        prepared.append((prompt, request, start))
+    return prepared
+
+
+def _encode_start(encode_start_image: Callable[..., Any], vae: Any, image: Any, request: Any) -> Any:
+    with host.on_compute_device(vae) as device:
+        return encode_start_image(vae, image, request.width, request.height, device=device)
 
 
 def holdout_samples(data: Any, training: Any, to_samples: Callable[[Any], list], config: TrainConfig) -> list | None:
@@ -343,102 +411,3 @@ def train(handle, base_handle, *, node_id: str, output_name: str, config: TrainC
         subfolder = clips[0].parent.relative_to(host.output_directory()).as_posix()
         preview = ui.PreviewVideo([ui.SavedResult(c.name, subfolder, io.FolderType.output) for c in clips])
     return io.NodeOutput(trained, installed.name, ui=preview)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Inputs both trainers share
-
-
-def optimizer_inputs(*, rank: int, lr_schedule: str, max_steps: int) -> list:
-    """The widgets both trainers share from rank to gradient_accumulation, with the family's defaults."""
-    return [
-        io.Int.Input("rank", default=rank, min=1, max=512, tooltip="LoRA rank (dimension)."),
-        io.Float.Input("alpha", default=float(rank), min=0.01, max=1024.0, step=1.0,
-                       tooltip="LoRA alpha; the update is scaled by alpha/rank."),
-        io.Float.Input("learning_rate", default=1e-4, min=1e-8, max=1.0, step=1e-5, round=1e-7,
-                       tooltip="Peak learning rate (Prodigy: a multiplier of its own step size, usually 1.0)."),
-        io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw",
-                       tooltip="adamw (torch), adamw8bit (bitsandbytes, less memory), adafactor, prodigy (prodigyopt, "
-                               "finds its own step size), adamw_schedulefree (schedulefree, no decaying schedule). "
-                               "Details in Training Optimizer Settings."),
-        io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default=lr_schedule,
-                       tooltip="Learning-rate schedule over max_steps."),
-        io.Int.Input("warmup_steps", default=0, min=0, max=100000,
-                     tooltip="Linear warm-up steps (for constant_with_warmup, cosine, linear)."),
-        io.Int.Input("max_steps", default=max_steps, min=1, max=1000000, tooltip="Optimizer steps of the run."),
-        io.Int.Input("epochs", default=0, min=0, max=100000,
-                     tooltip="If > 0, train this many epochs over the dataset instead of max_steps."),
-        io.Int.Input("batch_size", default=1, min=1, max=64,
-                     tooltip="Clips per micro-batch (a batch only mixes clips of the same bucket)."),
-        io.Int.Input("gradient_accumulation", default=1, min=1, max=1024, tooltip="Micro-batches per optimizer step."),
-    ]
-
-
-def flow_shift_input(default: float, note: str) -> io.Float.Input:
-    return io.Float.Input("flow_shift", default=default, min=0.1, max=100.0, step=0.1,
-                          tooltip=f"Shift k of the sampled sigmas, σ' = kσ/(1+(k−1)σ){note}.")
-
-
-GRADIENT_CHECKPOINTING = io.Boolean.Input(
-    "gradient_checkpointing", default=True,
-    tooltip="Recompute each block in the backward pass: much less memory, ~30% slower. Required with block swap.")
-
-
-def swap_inputs(loader: str) -> list:
-    return [
-        io.Int.Input("blocks_to_swap", default=-1, min=-1, max=200,
-                     tooltip=f"Transformer blocks streamed from CPU memory during training (-1: as set on the "
-                             f"{loader}). Training often needs more than sampling; requires gradient checkpointing "
-                             "(turned on automatically)."),
-        io.Boolean.Input("use_pinned_memory", default=True,
-                         tooltip="Pin the CPU copies of swapped blocks (faster transfers, uses page-locked RAM)."),
-    ]
-
-
-def run_inputs() -> list:
-    return [
-        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seeds sigma, noise and data order."),
-        io.Int.Input("save_every", default=250, min=0, max=1000000,
-                     tooltip="Save a resumable checkpoint every N steps (0: only at the end or on Cancel)."),
-        io.Boolean.Input("resume", default=False,
-                         tooltip="Continue the newest checkpoint of output_name's run folder. Off with an existing "
-                                 "run folder is an error, so nothing is overwritten."),
-        io.Int.Input("validate_every", default=0, min=0, max=1000000,
-                     tooltip="Every N steps sample a short video per validation prompt with the current LoRA "
-                             "(needs validation or validation_conditioning, and vae)."),
-    ]
-
-
-def gpus_input() -> io.Int.Input:
-    """The ``gpus`` widget, the last input of both trainers (optional, so prompts saved without it still run)."""
-    return io.Int.Input("gpus", default=1, min=1, max=64, optional=True,
-                        tooltip="Local GPUs: 1 trains inside ComfyUI; N > 1 runs the run with torchrun in N worker "
-                                "processes (FSDP2 shards the model over them; needs blocks_to_swap 0 and no "
-                                "validation clips) and follows it here (progress, chart, Cancel). The global batch "
-                                "(batch_size) is split over them, so it must be a multiple of N. On a CPU-only "
-                                "server: N gloo processes.")
-
-
-def settings_inputs(validation: Any, data: Any, *, family: str, cacher: str) -> list:
-    """The optional inputs appended to both trainers: the settings nodes, the validation prompts and the held-out
-    dataset."""
-    return [
-        OptimizerSettingsType.Input("optimizer_settings", optional=True,
-                                    tooltip="Training Optimizer Settings: weight decay, betas, eps, gradient "
-                                            "clipping, minimum learning rate."),
-        LoRASettingsType.Input("lora_settings", optional=True,
-                               tooltip="Training LoRA Settings: which layers get LoRA, dropouts, a LoRA to start "
-                                       "from."),
-        SamplingSettingsType.Input("sampling_settings", optional=True,
-                                   tooltip="Training Sampling Settings: σ range, loss weighting, image-to-video "
-                                           "probability."),
-        CheckpointSettingsType.Input("checkpoint_settings", optional=True,
-                                     tooltip="Training Checkpoint Settings: epochs, kept checkpoints, saved dtype, "
-                                             "TensorBoard, EMA, held-out loss."),
-        validation.Input("validation", optional=True,
-                         tooltip=f"{family} Validation Prompt(s): one clip per prompt every validate_every steps "
-                                 "(instead of validation_conditioning)."),
-        data.Input("validation_data", optional=True,
-                   tooltip=f"Held-out samples for the validation loss: a second dataset cached by {cacher} with the "
-                           "same loaders (see validation_loss_every in Training Checkpoint Settings)."),
-    ]

@@ -5,8 +5,6 @@ Widget order is frozen once released: add new inputs at the end, with defaults.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from comfy_api.latest import io
 
@@ -16,14 +14,15 @@ from ..k5.validation import (K5ValidationRequest, decode_validation, encode_star
                              validation_size)
 from ..training.config import TrainConfig, TrainingError
 from ..training.recipe import RunRecipe
-from ..training.runs import ValidationClip, ValidationPlan, check_base_model, check_bucket_step, check_i2v_cache
+from ..training.runs import ValidationClip, ValidationPlan, check_bucket_step, check_i2v_cache
 from ..training.settings import ValidationPrompt
 from ..training.samples import empty_texts_from_cache, samples_from_cache
 from . import host
-from .k5 import K5ModelHandle, training_dtype
-from .trainer import (CATEGORY, GRADIENT_CHECKPOINTING, Settings, TrainerNode, check_validation,
-                      flow_shift_input, gpus_input, holdout_samples, optimizer_inputs, recipe_data, run_inputs,
-                      run_metadata, settings_inputs, swap_inputs, train, validation_prompts, with_block_swap)
+from .k5 import K5ModelHandle
+from .trainer import (Settings, TrainerNode, check_validation, config_fields, holdout_samples, recipe_data, run_metadata,
+                      train, training_handle, validation_prompts, validation_requests)
+from .trainer_inputs import (CAPTION_DROPOUT, GRADIENT_CHECKPOINTING, flow_shift_input, run_inputs, swap_inputs,
+                             trainer_schema)
 from .training import TrainingDataType
 from .types import K5VAE, K5Conditioning, K5Model, K5Validation
 
@@ -37,21 +36,17 @@ def _legacy_prompt(seed: int):
 class K5TrainLoRA(TrainerNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return trainer_schema(
             node_id="CinetuneK5TrainLoRA",
             display_name="K5 Train LoRA",
-            category=CATEGORY,
             description="Trains a LoRA on the cached dataset. Watch the loss on the node; Cancel saves a resumable "
                         "checkpoint; 'resume' continues the run. The LoRA lands in models/loras. More settings: "
                         "the Training … Settings and K5 Validation Prompt nodes.",
+            family="K5", model=K5Model, data=TrainingDataType, validation=K5Validation,
+            model_tooltip="From K5 Model Loader (its weight dtype, attention, NABLA and block swap settings are used "
+                          "for training).",
+            output_name="k5_lora", rank=16, lr_schedule="constant", max_steps=1000,
             inputs=[
-                K5Model.Input("model", tooltip="From K5 Model Loader (its weight dtype, attention, NABLA and block "
-                                               "swap settings are used for training)."),
-                TrainingDataType.Input("training_data", tooltip="From K5 Cache Latents."),
-                io.String.Input("output_name", default="k5_lora",
-                                tooltip="Name of the run folder (output/cinetune/runs/<name>) and of the LoRA file "
-                                        "models/loras/<name>.safetensors."),
-                *optimizer_inputs(rank=16, lr_schedule="constant", max_steps=1000),
                 io.Combo.Input("timestep_sampling", options=["shift", "logit_normal", "uniform"], default="shift",
                                tooltip="How sigma is drawn: shift (musubi-tuner), logit_normal (official), uniform; "
                                        "all then shifted by flow_shift."),
@@ -60,8 +55,7 @@ class K5TrainLoRA(TrainerNode):
                 io.Combo.Input("image_to_video", options=["off", "first", "first_last"], default="off",
                                tooltip="Image-to-video training: the clean first (and last) frame latent conditions "
                                        "the model (needs image_to_video on in K5 Cache Latents)."),
-                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Probability of training a clip with the empty caption."),
+                CAPTION_DROPOUT,
                 *run_inputs(),
                 K5Conditioning.Input("validation_conditioning", optional=True,
                                      tooltip="One prompt for validation videos, from K5 Text Encode (or connect "
@@ -69,12 +63,7 @@ class K5TrainLoRA(TrainerNode):
                 K5VAE.Input("vae", optional=True, tooltip="Decodes validation videos (and encodes their start "
                                                           "images)."),
                 *swap_inputs("K5 Model Loader"),
-                *settings_inputs(K5Validation, TrainingDataType, family="K5", cacher="K5 Cache Latents"),
-                gpus_input(),
             ],
-            outputs=[K5Model.Output(display_name="model"), io.String.Output(display_name="lora_name")],
-            hidden=[io.Hidden.unique_id],
-            not_idempotent=True,
         )
 
     @classmethod
@@ -85,9 +74,7 @@ class K5TrainLoRA(TrainerNode):
                 optimizer_settings=None, lora_settings=None, sampling_settings=None, checkpoint_settings=None,
                 validation=None, validation_data=None, gpus=1) -> io.NodeOutput:
         base: K5ModelHandle = model
-        check_base_model(base.loras, lora_loader="K5 LoRA Loader", model_loader="K5 Model Loader",
-                         trainer="K5 Train LoRA")
-        handle = with_block_swap(base, blocks_to_swap, use_pinned_memory)
+        handle = training_handle(base, "K5", blocks_to_swap, use_pinned_memory)
         data = training_data
         if handle.nabla is not None:
             check_bucket_step(data.bucket_step, NABLA_SIZE_MULTIPLE, attention="NABLA", widget="nabla",
@@ -97,14 +84,12 @@ class K5TrainLoRA(TrainerNode):
         plan = ValidationPlan(validate_every, at_start=prompts.sample_at_start)
         check_validation(plan, prompts, vae)
         settings = Settings(optimizer_settings, lora_settings, sampling_settings, checkpoint_settings)
-        device = host.compute_device()
-        widgets = dict(
-            rank=rank, alpha=alpha, learning_rate=learning_rate, optimizer=optimizer, lr_schedule=lr_schedule,
+        widgets = config_fields(
+            handle, rank=rank, alpha=alpha, learning_rate=learning_rate, optimizer=optimizer, lr_schedule=lr_schedule,
             warmup_steps=warmup_steps, max_steps=max_steps, epochs=epochs, batch_size=batch_size,
-            grad_accum=gradient_accumulation, timestep_sampling=timestep_sampling, flow_shift=flow_shift,
-            gradient_checkpointing=gradient_checkpointing or handle.blocks_to_swap > 0, nabla=handle.nabla,
-            rope_scale=handle.variant.rope_scale, attention_backend=handle.attention_backend, i2v=image_to_video,
-            caption_dropout=caption_dropout, seed=seed, save_every=save_every, compute_dtype=training_dtype(device))
+            gradient_accumulation=gradient_accumulation, timestep_sampling=timestep_sampling, flow_shift=flow_shift,
+            gradient_checkpointing=gradient_checkpointing, caption_dropout=caption_dropout, seed=seed,
+            save_every=save_every, nabla=handle.nabla, rope_scale=handle.variant.rope_scale, i2v=image_to_video)
         probability = getattr(sampling_settings, "i2v_probability", None)
         if probability is not None:
             if image_to_video == "off" and probability > 0:
@@ -133,23 +118,17 @@ def _renderer(prompts, samples, handle: K5ModelHandle, vae, config: TrainConfig)
     Raises:
         TrainingError: a prompt's size or frame count the model cannot sample (NABLA needs 128 px sides).
     """
-    default = validation_size(samples)
-    requests, starts = [], []
-    for number, prompt in enumerate(prompts.prompts, 1):
-        sized = prompt.sized(*default)
+    def request_for(sized: ValidationPrompt) -> K5ValidationRequest:
         request = K5ValidationRequest(sized.width, sized.height, sized.frames, sized.steps, sized.guidance,
                                       sized.option("scheduler_scale", 5.0), sized.seed)
-        try:
-            request.check(nabla=handle.nabla is not None)
-        except ValueError as e:
-            raise TrainingError(f"validation prompt {number}: {e}") from None
-        requests.append(request)
-        starts.append(None if sized.start_image is None else  # encoded once, when first needed
-                      functools.cache(functools.partial(_encode, vae, sized.start_image, request)))
+        request.check(nabla=handle.nabla is not None)
+        return request
+
+    prepared = validation_requests(prompts, validation_size(samples), request_for, encode_start_image, vae)
 
     def render(step: int, net: torch.nn.Module) -> list[ValidationClip]:
         clips = []
-        for prompt, request, start in zip(prompts.prompts, requests, starts):
+        for prompt, request, start in prepared:
             latent = sample_validation(
                 net, prompt.conditioning, request, start_latent=None if start is None else start(),
                 rope_scale=handle.variant.rope_scale, attention_backend=handle.attention_backend, nabla=handle.nabla,
@@ -159,11 +138,6 @@ def _renderer(prompts, samples, handle: K5ModelHandle, vae, config: TrainConfig)
         return clips
 
     return render
-
-
-def _encode(vae, image, request: K5ValidationRequest):
-    with host.on_compute_device(vae) as device:
-        return encode_start_image(vae, image, request.width, request.height, device=device)
 
 
 NODES = [K5TrainLoRA]

@@ -6,8 +6,6 @@ Widget order is frozen once released: add new inputs at the end, with defaults.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from comfy_api.latest import io
 
@@ -18,16 +16,16 @@ from ..ltx2.train import LTX2TrainingAdapter, ltx2_train_config
 from ..ltx2.validation import encode_start_image, render_validation, validation_request, validation_size
 from ..training.config import TIMESTEP_SAMPLING, TrainConfig, TrainingError
 from ..training.recipe import RunRecipe
-from ..training.runs import ValidationClip, ValidationPlan, check_audio_cache, check_base_model
+from ..training.runs import ValidationClip, ValidationPlan, check_audio_cache
 from ..training.samples import ltx2_samples_from_cache
 from ..training.settings import ValidationPrompt
 from . import host
-from .k5 import training_dtype
 from .ltx2 import LTX2ModelHandle
 from .ltx2_training import LTX2TrainingDataType, ltx2_empty_caption, ltx2_training_data, ltx2_training_samples
-from .trainer import (CATEGORY, GRADIENT_CHECKPOINTING, Settings, TrainerNode, check_validation,
-                      flow_shift_input, gpus_input, holdout_samples, optimizer_inputs, recipe_data, run_inputs,
-                      run_metadata, settings_inputs, swap_inputs, train, validation_prompts, with_block_swap)
+from .trainer import (Settings, TrainerNode, check_validation, config_fields, holdout_samples, recipe_data, run_metadata,
+                      train, training_handle, validation_prompts, validation_requests)
+from .trainer_inputs import (CAPTION_DROPOUT, GRADIENT_CHECKPOINTING, flow_shift_input, run_inputs, swap_inputs,
+                             trainer_schema)
 from .types import LTX2VAE, LTX2Conditioning, LTX2Model, LTX2TextEncoder, LTX2Validation
 
 
@@ -46,22 +44,18 @@ class LTX2TrainLoRA(TrainerNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return trainer_schema(
             node_id="CinetuneLTX2TrainLoRA",
             display_name="LTX-2 Train LoRA",
-            category=CATEGORY,
             description="Trains an LTX-2 LoRA on the cached dataset, video and sound together (ltx-trainer's "
                         "audio-video objective). Watch both losses on the node; Cancel saves a resumable checkpoint; "
                         "'resume' continues the run. The LoRA lands in models/loras. More settings: the Training … "
                         "Settings and LTX-2 Validation Prompt nodes.",
+            family="LTX-2", model=LTX2Model, data=LTX2TrainingDataType, validation=LTX2Validation,
+            model_tooltip="From LTX-2 Model Loader (its weight dtype, attention and block swap settings are used for "
+                          "training).",
+            output_name="ltx2_lora", rank=32, lr_schedule="linear", max_steps=2000,
             inputs=[
-                LTX2Model.Input("model", tooltip="From LTX-2 Model Loader (its weight dtype, attention and block swap "
-                                                 "settings are used for training)."),
-                LTX2TrainingDataType.Input("training_data", tooltip="From LTX-2 Cache Latents."),
-                io.String.Input("output_name", default="ltx2_lora",
-                                tooltip="Name of the run folder (output/cinetune/runs/<name>) and of the LoRA file "
-                                        "models/loras/<name>.safetensors."),
-                *optimizer_inputs(rank=32, lr_schedule="linear", max_steps=2000),
                 io.Combo.Input("timestep_sampling", options=list(TIMESTEP_SAMPLING), default="shifted_logit_normal",
                                tooltip="How sigma is drawn: shifted_logit_normal (ltx-trainer: centred by the "
                                        "clip's token count), logit_normal, shift (musubi-tuner), uniform; all then "
@@ -75,8 +69,7 @@ class LTX2TrainLoRA(TrainerNode):
                                tooltip="Probability that a clip trains image-to-video: its clean first frame "
                                        "conditions the rest (ltx-trainer's first_frame_conditioning_p; 0 = "
                                        "text-to-video only, 1 = image-to-video only)."),
-                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Probability of training a clip with the empty caption."),
+                CAPTION_DROPOUT,
                 *run_inputs(),
                 io.String.Input("validation_steps", default="",
                                 tooltip="Steps that also get validation videos, e.g. '100, 500, 2000' (besides "
@@ -96,12 +89,7 @@ class LTX2TrainLoRA(TrainerNode):
                                       tooltip="LTX-2 Text Encoder Loader: its text connectors are used (they must be "
                                               "those the captions were cached with). Leave empty to read them from "
                                               "the model's checkpoint file."),
-                *settings_inputs(LTX2Validation, LTX2TrainingDataType, family="LTX-2", cacher="LTX-2 Cache Latents"),
-                gpus_input(),
             ],
-            outputs=[LTX2Model.Output(display_name="model"), io.String.Output(display_name="lora_name")],
-            hidden=[io.Hidden.unique_id],
-            not_idempotent=True,
         )
 
     @classmethod
@@ -113,9 +101,7 @@ class LTX2TrainLoRA(TrainerNode):
                 optimizer_settings=None, lora_settings=None, sampling_settings=None, checkpoint_settings=None,
                 validation=None, validation_data=None, gpus=1) -> io.NodeOutput:
         base: LTX2ModelHandle = model
-        check_base_model(base.loras, lora_loader="LTX-2 LoRA Loader", model_loader="LTX-2 Model Loader",
-                         trainer="LTX-2 Train LoRA")
-        handle = with_block_swap(base, blocks_to_swap, use_pinned_memory)
+        handle = training_handle(base, "LTX-2", blocks_to_swap, use_pinned_memory)
         prompts = validation_prompts(LTX2_FAMILY.name, validation_conditioning, validation,
                                      _legacy_prompt(seed, validation_sampling_steps))
         plan = ValidationPlan.parse(validate_every, validation_steps, prompts.sample_at_start)
@@ -126,15 +112,13 @@ class LTX2TrainLoRA(TrainerNode):
         probability = getattr(sampling_settings, "i2v_probability", None)
         if probability is None:
             probability = first_frame_conditioning
-        device = host.compute_device()
-        config = settings.config(dict(
-            rank=rank, alpha=alpha, learning_rate=learning_rate, optimizer=optimizer, lr_schedule=lr_schedule,
+        config = settings.config(config_fields(
+            handle, rank=rank, alpha=alpha, learning_rate=learning_rate, optimizer=optimizer, lr_schedule=lr_schedule,
             warmup_steps=warmup_steps, max_steps=max_steps, epochs=epochs, batch_size=batch_size,
-            grad_accum=gradient_accumulation, timestep_sampling=timestep_sampling, flow_shift=flow_shift,
-            gradient_checkpointing=gradient_checkpointing or handle.blocks_to_swap > 0,
-            attention_backend=handle.attention_backend, i2v="first" if probability > 0 else "off",
-            i2v_prob=probability, caption_dropout=caption_dropout, with_audio=audio, seed=seed,
-            save_every=save_every, compute_dtype=training_dtype(device)), ltx2_train_config)
+            gradient_accumulation=gradient_accumulation, timestep_sampling=timestep_sampling, flow_shift=flow_shift,
+            gradient_checkpointing=gradient_checkpointing, caption_dropout=caption_dropout, seed=seed,
+            save_every=save_every, i2v="first" if probability > 0 else "off", i2v_prob=probability,
+            with_audio=audio), ltx2_train_config)
         data = ltx2_training_data(training_data)
         check_audio_cache(audio, data.audio, cacher="LTX-2 Cache Latents")
         cached = data.cached_samples()
@@ -166,23 +150,18 @@ def _renderer(prompts, samples, handle: LTX2ModelHandle, vae, config: TrainConfi
         TrainingError: a prompt's size, frame count or rate LTX-2 cannot sample.
     """
     width, height, frames, fps = validation_size(samples)
-    requests, starts = [], []
-    for number, prompt in enumerate(prompts.prompts, 1):
-        sized = prompt.sized(width, height, frames)
-        try:
-            request = validation_request(
-                sized.width, sized.height, sized.frames, sized.option("fps", 0.0) or fps, seed=sized.seed,
-                steps=sized.steps, num_blocks=len(handle.blocks), distilled=handle.variant.distilled,
-                audio=vae.audio is not None, video_cfg=sized.guidance, audio_cfg=sized.option("audio_cfg", None))
-        except ValueError as e:
-            raise TrainingError(f"validation prompt {number}: {e}") from None
-        requests.append(request)
-        starts.append(None if sized.start_image is None else  # encoded once, when first needed
-                      functools.cache(functools.partial(_encode, vae, sized.start_image, request)))
+
+    def request_for(sized: ValidationPrompt):
+        return validation_request(
+            sized.width, sized.height, sized.frames, sized.option("fps", 0.0) or fps, seed=sized.seed,
+            steps=sized.steps, num_blocks=len(handle.blocks), distilled=handle.variant.distilled,
+            audio=vae.audio is not None, video_cfg=sized.guidance, audio_cfg=sized.option("audio_cfg", None))
+
+    prepared = validation_requests(prompts, (width, height, frames), request_for, encode_start_image, vae)
 
     def render(step: int, net: torch.nn.Module) -> list[ValidationClip]:
         clips = []
-        for prompt, request, start in zip(prompts.prompts, requests, starts):
+        for prompt, request, start in prepared:
             keyframes = () if start is None else (start(),)
             with host.on_compute_device(vae) as device:
                 clips.append(render_validation(net, prompt.conditioning, vae, request, keyframes=keyframes,
@@ -191,11 +170,6 @@ def _renderer(prompts, samples, handle: LTX2ModelHandle, vae, config: TrainConfi
         return clips
 
     return render
-
-
-def _encode(vae, image, request):
-    with host.on_compute_device(vae) as device:
-        return encode_start_image(vae, image, request.width, request.height, device=device)
 
 
 def _text_projection(text_encoder, handle: LTX2ModelHandle, dtype: torch.dtype):

@@ -33,10 +33,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from comfy_api.latest import io, ui
 
-from ..core.family import registered_families
+from ..core.family import LatentFormat, registered_families
 from ..k5.family import K5_LATENT_FORMAT, NABLA_SIZE_MULTIPLE
 from ..training.cache import (
     DEFAULT_LAYOUT,
@@ -223,6 +224,94 @@ def _frame_extraction(mode: str, target_frames: str, frame_stride: int, frame_sa
     return FrameExtraction(mode, parse_target_frames(target_frames), frame_stride, frame_sample, max_frames)
 
 
+class CacheNode(CinetuneNode):
+    """Base of the cache nodes of both families: ComfyUI runs one again once an entry file its last run left has
+    changed (:data:`RECEIPTS`, module notes)."""
+
+    @classmethod
+    def fingerprint_inputs(cls, **inputs):
+        return RECEIPTS.fingerprint(cls, inputs)
+
+    @classmethod
+    def output(cls, widgets: dict[str, Any], report: CacheReport, value: Any) -> io.NodeOutput:
+        """The node's output ``value`` with ``report``'s summary as its text, after remembering the entry files
+        ``report`` lists as the output of this node with these widget values (``widgets``)."""
+        RECEIPTS.record(cls, widgets, report)
+        return io.NodeOutput(value, ui=ui.PreviewText(report.summary()))
+
+
+class TextCacheNode(CacheNode):
+    """Base of both families' text cachers (inputs: :meth:`text_cache_inputs`). A family sets its cache ``LAYOUT``
+    and gives its encoder's id (:meth:`encoder_id`) and, where the encoder itself is not what
+    :func:`~cinetune.training.cache.cache_text` encodes with, the entry function (:meth:`entries`)."""
+
+    INPUT_RULES = {"cache_name": CACHE_NAME}
+    LAYOUT: ClassVar[CacheLayout] = DEFAULT_LAYOUT
+
+    @staticmethod
+    def text_cache_inputs(text_encoder: Any, tooltip: str, cache_name: str) -> list:
+        """``dataset``, the ``text_encoder`` socket (with ``tooltip``) and ``cache_name`` (default ``cache_name``)."""
+        return [
+            DatasetType.Input("dataset", tooltip="From Dataset Folder."),
+            text_encoder.Input("text_encoder", tooltip=tooltip),
+            io.String.Input("cache_name", default=cache_name,
+                            tooltip="Folder under output/cinetune/cache holding this dataset's caches."),
+        ]
+
+    @classmethod
+    def encoder_id(cls, text_encoder: Any) -> str:
+        """The id of what makes this family's text entries (part of every text key)."""
+        raise NotImplementedError
+
+    @classmethod
+    def entries(cls, text_encoder: Any) -> Any:
+        """What :func:`~cinetune.training.cache.cache_text` encodes with: the encoder itself unless a family says
+        otherwise."""
+        return text_encoder
+
+    @classmethod
+    def execute(cls, dataset, text_encoder, cache_name) -> io.NodeOutput:
+        cache_dir = cache_directory(cache_name)
+        encoder_id = cls.encoder_id(text_encoder)
+        entries = cls.entries(text_encoder)
+        progress = host.Progress(1)
+        with host.on_compute_device(text_encoder):
+            report = cache_text(dataset, entries, cache_dir, encoder_id=encoder_id, progress=progress.update,
+                                check_interrupt=host.check_interrupt, layout=cls.LAYOUT)
+        return cls.output({"cache_name": cache_name}, report, TextCache(dataset, cache_dir, encoder_id, cls.LAYOUT))
+
+
+def clip_frames_input(latent_format: LatentFormat) -> io.Int.Input:
+    """A latent cacher's ``frames`` per clip (default 49) in steps of the family's temporal factor."""
+    return io.Int.Input("frames", default=49, min=1, max=MAX_CLIP_FRAMES, step=latent_format.temporal_factor,
+                        tooltip=f"Video frames per training clip, {latent_format.frame_rule} (at 24 fps: 49 ≈ 2 s, "
+                                "121 = 5 s). Images are 1-frame clips. A Dataset Folder with its own frame "
+                                "extraction uses this only where its target_frames is empty.")
+
+
+def frame_selection_input(uniform_note: str = "") -> io.Combo.Input:
+    """A latent cacher's ``frame_selection`` (head, uniform, chunks); ``uniform_note`` is added to uniform's
+    description."""
+    return io.Combo.Input("frame_selection", options=["head", "uniform", "chunks"], default="head",
+                          tooltip=f"head: one clip from the start; uniform: one clip spread over the whole "
+                                  f"video{uniform_note}; chunks: consecutive clips covering the video. Not used for a "
+                                  "Dataset Folder with its own frame extraction.")
+
+
+def bucket_resolution_input(step: int, note: str = "") -> io.Int.Input:
+    """A latent cacher's bucket ``resolution`` (default 512) in steps of ``step`` px (``note`` adds to the
+    tooltip's step)."""
+    return io.Int.Input("resolution", default=512, min=64, max=2048, step=step,
+                        tooltip=f"Bucket area = resolution²; each item goes to the bucket with the nearest aspect "
+                                f"ratio (sides in steps of {step} px{note}).")
+
+
+def allow_upscale_input() -> io.Boolean.Input:
+    """A latent cacher's ``allow_upscale`` switch (default off)."""
+    return io.Boolean.Input("allow_upscale", default=False,
+                            tooltip="Allow buckets larger than an item (upscaling); off keeps smaller items small.")
+
+
 class DatasetFolder(CinetuneNode):
     INPUT_RULES = {"folder": dataset_folder, "target_frames": check_target_frames}
 
@@ -313,9 +402,7 @@ class CombineDatasets(CinetuneNode):
         return io.NodeOutput(dataset, ui=ui.PreviewText(dataset_summary(dataset)))
 
 
-class K5CacheText(CinetuneNode):
-    INPUT_RULES = {"cache_name": CACHE_NAME}
-
+class K5CacheText(TextCacheNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -324,33 +411,17 @@ class K5CacheText(CinetuneNode):
             category=CATEGORY,
             description="Encodes every caption once with Qwen2.5-VL + CLIP and stores the results on disk. Re-running "
                         "encodes only new or changed captions.",
-            inputs=[
-                DatasetType.Input("dataset", tooltip="From Dataset Folder."),
-                K5TextEncoder.Input("text_encoder", tooltip="From K5 Text Encoder Loader; moved back to the CPU "
-                                                            "when caching is done."),
-                io.String.Input("cache_name", default="k5_dataset",
-                                tooltip="Folder under output/cinetune/cache holding this dataset's caches."),
-            ],
+            inputs=cls.text_cache_inputs(K5TextEncoder, "From K5 Text Encoder Loader; moved back to the CPU when "
+                                                        "caching is done.", "k5_dataset"),
             outputs=[TextCacheType.Output(display_name="text_cache")],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, **inputs):
-        return RECEIPTS.fingerprint(cls, inputs)
-
-    @classmethod
-    def execute(cls, dataset, text_encoder, cache_name) -> io.NodeOutput:
-        cache_dir = cache_directory(cache_name)
-        encoder_id = text_encoder.identity
-        progress = host.Progress(1)
-        with host.on_compute_device(text_encoder):
-            report = cache_text(dataset, text_encoder, cache_dir, encoder_id=encoder_id, progress=progress.update,
-                                check_interrupt=host.check_interrupt)
-        RECEIPTS.record(cls, {"cache_name": cache_name}, report)
-        return io.NodeOutput(TextCache(dataset, cache_dir, encoder_id), ui=ui.PreviewText(report.summary()))
+    def encoder_id(cls, text_encoder) -> str:
+        return text_encoder.identity  # set by K5 Text Encoder Loader
 
 
-class K5CacheLatents(CinetuneNode):
+class K5CacheLatents(CacheNode):
     INPUT_RULES = {"frames": FrameCount(K5_LATENT_FORMAT)}
 
     @classmethod
@@ -364,30 +435,17 @@ class K5CacheLatents(CinetuneNode):
             inputs=[
                 TextCacheType.Input("text_cache", tooltip="From K5 Cache Text Encoder Outputs."),
                 K5VAE.Input("vae", tooltip="From K5 VAE Loader."),
-                io.Int.Input("frames", default=49, min=1, max=MAX_CLIP_FRAMES, step=4,
-                             tooltip="Video frames per training clip, 4k+1 (at 24 fps: 49 ≈ 2 s, 121 = 5 s). "
-                                     "Images are 1-frame clips. A Dataset Folder with its own frame extraction "
-                                     "uses this only where its target_frames is empty."),
-                io.Combo.Input("frame_selection", options=["head", "uniform", "chunks"], default="head",
-                               tooltip="head: one clip from the start; uniform: one clip spread over the whole video; "
-                                       "chunks: consecutive clips covering the video. Not used for a Dataset Folder "
-                                       "with its own frame extraction."),
-                io.Int.Input("resolution", default=512, min=64, max=2048, step=16,
-                             tooltip="Bucket area = resolution²; each item goes to the bucket with the nearest aspect "
-                                     "ratio (sides in steps of 16 px, 128 px with NABLA)."),
+                clip_frames_input(K5_LATENT_FORMAT),
+                frame_selection_input(),
+                bucket_resolution_input(K5_LATENT_FORMAT.size_multiple, f", {NABLA_SIZE_MULTIPLE} px with NABLA"),
                 io.Boolean.Input("nabla", default=False,
                                  tooltip="Use 128 px bucket steps, required to train with NABLA attention."),
                 io.Boolean.Input("image_to_video", default=False,
                                  tooltip="Also encode each clip's first and last frame alone, for image-to-video training."),
-                io.Boolean.Input("allow_upscale", default=False,
-                                 tooltip="Allow buckets larger than an item (upscaling); off keeps smaller items small."),
+                allow_upscale_input(),
             ],
             outputs=[TrainingDataType.Output(display_name="training_data")],
         )
-
-    @classmethod
-    def fingerprint_inputs(cls, **inputs):
-        return RECEIPTS.fingerprint(cls, inputs)
 
     @classmethod
     def execute(cls, text_cache, vae, frames, frame_selection, resolution, nabla, image_to_video,
@@ -400,11 +458,10 @@ class K5CacheLatents(CinetuneNode):
                                    frame_spec=spec, base_resolution=resolution, bucket_step=step,
                                    allow_upscale=allow_upscale, i2v=image_to_video, progress=progress.update,
                                    check_interrupt=host.check_interrupt)
-        RECEIPTS.record(cls, dict(frames=frames, frame_selection=frame_selection, resolution=resolution, nabla=nabla,
-                                  image_to_video=image_to_video, allow_upscale=allow_upscale), report)
         data = TrainingData(text_cache.dataset, text_cache.cache_dir, text_cache.encoder_id, vae.identity, spec,
                             resolution, step, allow_upscale, image_to_video)
-        return io.NodeOutput(data, ui=ui.PreviewText(report.summary()))
+        return cls.output(dict(frames=frames, frame_selection=frame_selection, resolution=resolution, nabla=nabla,
+                               image_to_video=image_to_video, allow_upscale=allow_upscale), report, data)
 
 
 NODES = [DatasetFolder, CombineDatasets, K5CacheText, K5CacheLatents]
