@@ -1,12 +1,14 @@
-"""LTX-2 19B DiT configuration, released checkpoint variants, file detection, and the family's constants.
+"""LTX-2 19B DiT configuration and the family's constants (LoRA targets, the fp8 keep rule).
+
+File detection (:mod:`cinetune.ltx2.config_detect`), the official ↔ diffusers key names
+(:mod:`cinetune.ltx2.config_keys`) and the released checkpoint variants (:mod:`cinetune.ltx2.config_variants`) live
+beside this module; their names are importable from here too.
 
 Sources: the official checkpoint's embedded metadata ``config.transformer`` (a third-party verbatim dump of
 ``ltx-2-19b-dev.safetensors``); Lightricks/LTX-2 ``packages/ltx-core/src/ltx_core/model/transformer/
 model_configurator.py`` (which keys are read, their code defaults and the ``check_config_value`` guards),
-``quantization/fp8_scaled_mm.py`` (fp8 exclusions), ``loader/helpers.py`` (``model_version``),
-``packages/ltx-pipelines/src/ltx_pipelines/utils/constants.py`` (distilled sigmas, guidance defaults), and
-``packages/ltx-trainer`` (LoRA targets); huggingface/diffusers ``scripts/convert_ltx2_to_diffusers.py`` and
-``loaders/single_file_utils.py`` ``convert_ltx2_transformer_to_diffusers`` (key names of the diffusers layout).
+``quantization/fp8_scaled_mm.py`` (fp8 exclusions) and ``packages/ltx-trainer`` (LoRA targets); huggingface/diffusers
+``LTX2VideoTransformer3DModel`` (its ``config.json`` names).
 
 Decisions:
 
@@ -17,43 +19,46 @@ Decisions:
 - **fp8 keep rule**: exactly the official block list (block 0 and blocks 43–47 stay high precision), by block index,
   whatever the block count. It is not rescaled to "first block and last five" for other depths: the official list is
   a fixed list tuned on the 48-block model, and no other depth has been released.
-- **Refused files**: NVFP4 ("-fp4": packed uint8 weights with ``weight_scale_2``; Blackwell-only kernels) and every
-  LTX-2.3 or newer file (gated attention, per-modality text projections, a different vocoder): the architecture
-  differs, so loading them as 19B would fail or give noise.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
-from ..core.checkpoint import CheckpointError, describe_checkpoint
+from ..core.checkpoint import CheckpointError
+from .config_detect import (BLOCK_LIST, CONNECTOR_PREFIXES, DIT_PREFIX, EXPECTED_FILE, MARKER_KEY, UNSUPPORTED_23,
+                            NotLTX2CheckpointError, UnsupportedLTX2Error, _not_ltx2_message, _refuse_newer_settings,
+                            _shapes, check_supported, count_blocks, dit_shapes, parse_model_version)
+from .config_keys import (diffusers_to_official, diffusers_to_official_key, official_to_diffusers,
+                          official_to_diffusers_key)
+from .config_variants import (DEV_AUDIO_GUIDANCE, DEV_VIDEO_GUIDANCE, DISTILLED_SIGMAS, GUIDANCE_FREE,
+                              STAGE2_DISTILLED_SIGMAS, VARIANTS, LTX2Guidance, LTX2Variant, detect_variant,
+                              file_has_fp8)
 from .rope import AUDIO_HOP_LENGTH, AUDIO_LATENT_DOWNSAMPLE, AUDIO_SAMPLE_RATE, CAUSAL_OFFSET, VIDEO_SCALE_FACTORS
 
-#: Prefix of the DiT inside the official combined checkpoint.
-DIT_PREFIX = "model.diffusion_model."
-#: Text connectors stored under the DiT prefix; they belong to the text side (``ltx2/text.py``), not the DiT.
-CONNECTOR_PREFIXES = ("video_embeddings_connector.", "audio_embeddings_connector.")
-#: Name of the DiT's block list (``nn.ModuleList``), for block swap, checkpointing and LoRA.
-BLOCK_LIST = "transformer_blocks"
+__all__ = [
+    "LTX2_BLOCK_PREFIXES", "LTX2_LORA_TARGETS", "LTX2TransformerConfig", "LTX2_19B", "tiny_transformer_metadata",
+    "FP8_HIGH_PRECISION_BLOCKS", "ltx2_fp8_keep_high_precision",
+    # file detection (config_detect.py)
+    "BLOCK_LIST", "CONNECTOR_PREFIXES", "DIT_PREFIX", "EXPECTED_FILE", "MARKER_KEY", "UNSUPPORTED_23",
+    "NotLTX2CheckpointError", "UnsupportedLTX2Error", "check_supported", "count_blocks", "dit_shapes",
+    "parse_model_version",
+    # key names (config_keys.py)
+    "diffusers_to_official", "diffusers_to_official_key", "official_to_diffusers", "official_to_diffusers_key",
+    # released variants (config_variants.py)
+    "DEV_AUDIO_GUIDANCE", "DEV_VIDEO_GUIDANCE", "DISTILLED_SIGMAS", "GUIDANCE_FREE", "STAGE2_DISTILLED_SIGMAS",
+    "VARIANTS", "LTX2Guidance", "LTX2Variant", "detect_variant", "file_has_fp8",
+]
+
 #: Module-name prefixes under which LoRA targets live.
 LTX2_BLOCK_PREFIXES: tuple[str, ...] = (BLOCK_LIST + ".",)
 #: Official ltx-trainer default LoRA targets (``LoraConfig.target_modules``, suffix match): every attention
 #: projection of ``attn1``, ``attn2``, ``audio_attn1``, ``audio_attn2``, ``audio_to_video_attn`` and
 #: ``video_to_audio_attn`` in every block (Lightricks/LTX-2 ``packages/ltx-trainer/src/ltx_trainer/config.py``).
 LTX2_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-#: The DiT key every LTX-2 audio+video file has (ComfyUI ``model_detection.py`` uses it to pick ``ltxav``).
-MARKER_KEY = "audio_adaln_single.linear.weight"
-EXPECTED_FILE = ("an LTX-2 19B checkpoint (e.g. ltx-2-19b-dev.safetensors or ltx-2-19b-distilled-fp8.safetensors) "
-                 "in models/checkpoints")
-UNSUPPORTED_23 = "this is an LTX-2.3 (22B) file; Cinetune supports LTX-2 19B"
-
-#: Official 8-step distilled schedule and its 3-step stage-2 tail (ltx_pipelines ``utils/constants.py``).
-DISTILLED_SIGMAS: tuple[float, ...] = (1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875, 0.0)
-STAGE2_DISTILLED_SIGMAS: tuple[float, ...] = (0.909375, 0.725, 0.421875, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,13 +385,6 @@ _PINNED: dict[str, Any] = {
     "positional_embedding_type": "rope", "use_audio_video_cross_attention": True, "share_ff": False,
     "av_cross_ada_norm": True, "use_middle_indices_grid": True,
 }
-# Settings of newer releases (Lightricks/LTX-2 HEAD model_configurator.py): key → (value meaning "newer", release).
-_NEWER_SETTINGS = {
-    "apply_gated_attention": (True, "2.3"), "cross_attention_adaln": (True, "2.3"),
-    "caption_proj_before_connector": (True, "2.3"), "connector_apply_gated_attention": (True, "2.3"),
-    "ff_bias": (False, "2.5"), "audio_ff_bias": (False, "2.5"), "use_prompt_adaln_single": (False, "2.5"),
-    "use_keyframes_abs_pos_embedding": (True, "2.5"),
-}
 # diffusers config values the positions of cinetune.ltx2.rope assume (patch size 1, VAE factors, audio timing).
 _DIFFUSERS_FIXED: dict[str, Any] = {
     "patch_size": 1, "patch_size_t": 1, "audio_patch_size": 1, "audio_patch_size_t": 1,
@@ -404,16 +402,6 @@ _DIFFUSERS_CONFIG_NAMES = {
     "positional_embedding_theta": "rope_theta", "timestep_scale_multiplier": "timestep_scale_multiplier",
     "av_ca_timestep_scale_multiplier": "cross_attn_timestep_scale_multiplier", "rope_type": "rope_type",
 }
-
-
-def _refuse_newer_settings(metadata: Mapping[str, Any]) -> None:
-    found = {k: release for k, (newer, release) in _NEWER_SETTINGS.items()
-             if k in metadata and metadata[k] is newer}
-    if found:
-        newest = max(found.values())
-        what = UNSUPPORTED_23 if newest == "2.3" else f"this is an LTX-{newest} file; Cinetune supports LTX-2 19B"
-        settings = ", ".join(f"{k}={json.dumps(metadata[k])}" for k in found)
-        raise UnsupportedLTX2Error(f"{what} (its transformer metadata sets {settings}).")
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
@@ -473,175 +461,6 @@ def tiny_transformer_metadata() -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Key names: official ↔ diffusers
-
-# First name component (top-level module) renames.
-_TOP_TO_DIFFUSERS = {
-    "patchify_proj": "proj_in", "audio_patchify_proj": "audio_proj_in",
-    "adaln_single": "time_embed", "audio_adaln_single": "audio_time_embed",
-    "av_ca_video_scale_shift_adaln_single": "av_cross_attn_video_scale_shift",
-    "av_ca_audio_scale_shift_adaln_single": "av_cross_attn_audio_scale_shift",
-    "av_ca_a2v_gate_adaln_single": "av_cross_attn_video_a2v_gate",
-    "av_ca_v2a_gate_adaln_single": "av_cross_attn_audio_v2a_gate",
-}
-# Renames of any inner name component.
-_PART_TO_DIFFUSERS = {
-    "q_norm": "norm_q", "k_norm": "norm_k",
-    "scale_shift_table_a2v_ca_video": "video_a2v_cross_attn_scale_shift_table",
-    "scale_shift_table_a2v_ca_audio": "audio_a2v_cross_attn_scale_shift_table",
-}
-_TOP_FROM_DIFFUSERS = {v: k for k, v in _TOP_TO_DIFFUSERS.items()}
-_PART_FROM_DIFFUSERS = {v: k for k, v in _PART_TO_DIFFUSERS.items()}
-
-
-def _rename(key: str, top: Mapping[str, str], part: Mapping[str, str]) -> str:
-    parts = key.split(".")
-    parts[0] = top.get(parts[0], parts[0])
-    return ".".join([parts[0], *(part.get(p, p) for p in parts[1:])])
-
-
-def official_to_diffusers_key(key: str) -> str:
-    """Official DiT key (without ``model.diffusion_model.``) → diffusers ``LTX2VideoTransformer3DModel`` key
-    (huggingface/diffusers ``scripts/convert_ltx2_to_diffusers.py``: ``patchify_proj → proj_in``,
-    ``adaln_single → time_embed``, ``av_ca_* → av_cross_attn_*``, ``scale_shift_table_a2v_ca_{video,audio} →
-    {video,audio}_a2v_cross_attn_scale_shift_table``, ``q_norm/k_norm → norm_q/norm_k``)."""
-    return _rename(key, _TOP_TO_DIFFUSERS, _PART_TO_DIFFUSERS)
-
-
-def diffusers_to_official_key(key: str) -> str:
-    """Inverse of :func:`official_to_diffusers_key`."""
-    return _rename(key, _TOP_FROM_DIFFUSERS, _PART_FROM_DIFFUSERS)
-
-
-def official_to_diffusers(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Rename a DiT state dict (official names, prefix stripped) to diffusers names; connector tensors (which the
-    diffusers transformer does not hold) are dropped. Values are passed through unchanged."""
-    return {official_to_diffusers_key(k): v for k, v in state_dict.items() if not k.startswith(CONNECTOR_PREFIXES)}
-
-
-def diffusers_to_official(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Rename a diffusers ``LTX2VideoTransformer3DModel`` state dict to the official DiT names (``transformer.``
-    prefix stripped when present). Values are passed through unchanged."""
-    return {diffusers_to_official_key(k[len("transformer."):] if k.startswith("transformer.") else k): v
-            for k, v in state_dict.items()}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Detection of what a file is
-
-
-class NotLTX2CheckpointError(CheckpointError):
-    """The file is not an LTX-2 audio+video DiT (the message says what it looks like)."""
-
-
-class UnsupportedLTX2Error(CheckpointError):
-    """An LTX-2 family file this pack cannot run (NVFP4, LTX-2.3 or newer); the message says which."""
-
-
-def _shapes(infos: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(int(s) for s in getattr(info, "shape", info)) for name, info in infos.items()}
-
-
-def _dit_names(names: Iterable[str]) -> dict[str, str]:
-    """DiT name (without ``model.diffusion_model.``) → the file's key, for the DiT tensors among ``names``."""
-    names = list(names)
-    if any(k.startswith(DIT_PREFIX) for k in names):
-        pairs = ((k[len(DIT_PREFIX):], k) for k in names if k.startswith(DIT_PREFIX))
-    else:
-        pairs = ((k, k) for k in names)
-    others = ("vae.", "audio_vae.", "vocoder.", "text_embedding_projection.", *CONNECTOR_PREFIXES)
-    return {dit: key for dit, key in pairs if not dit.startswith(others)}
-
-
-def dit_shapes(infos: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The DiT's tensors of a file, names without ``model.diffusion_model.``: name → shape.
-
-    A file with ``model.diffusion_model.`` keys gives exactly those (minus the text connectors); a file without
-    gives the names that are not another component's (``vae.``, ``audio_vae.``, ``vocoder.``,
-    ``text_embedding_projection.``) nor connectors.
-    """
-    shapes = _shapes(infos)
-    return {dit: shapes[key] for dit, key in _dit_names(shapes).items()}
-
-
-def count_blocks(names: Mapping[str, Any] | list[str]) -> int:
-    """1 + the largest ``transformer_blocks.<i>`` index among ``names`` (0 when there is none)."""
-    pattern = re.compile(re.escape(BLOCK_LIST) + r"\.(\d+)\.")
-    idx = {int(m.group(1)) for n in names if (m := pattern.match(n))}
-    return max(idx) + 1 if idx else 0
-
-
-def parse_model_version(version: Any) -> tuple[int, ...]:
-    """``model_version`` metadata → comparable numbers: ``"2.3.0"`` → (2, 3, 0), ``"2.4-rc2"`` → (2, 4);
-    unset or non-numeric → () (an LTX-2 19B file predates the field). Lightricks/LTX-2 ``loader/helpers.py``
-    ``parse_model_version`` (hyphens normalised as ``detect_model_version`` does)."""
-    if not isinstance(version, str) or not version:
-        return ()
-    numbers = []
-    for part in version.replace("-", ".").split("."):
-        if not part.isdigit():
-            break
-        numbers.append(int(part))
-    return tuple(numbers)
-
-
-def _release_name(version: tuple[int, ...]) -> str:
-    if version[:2] == (2, 3):
-        return "an LTX-2.3 (22B)"
-    return "an LTX-" + ".".join(str(v) for v in version[:2])
-
-
-def check_supported(infos: Mapping[str, Any], file_metadata: Mapping[str, Any] | None = None) -> None:
-    """Refuse the LTX-2 family files this pack cannot run.
-
-    Args:
-        infos: the file's tensors: name → :class:`~cinetune.core.checkpoint.TensorInfo` (dtype used for NVFP4) or
-            shape.
-        file_metadata: the safetensors ``__metadata__`` (str → str), or None.
-
-    Raises:
-        UnsupportedLTX2Error: NVFP4 weights (``.weight_scale_2`` tensors or packed ``U8`` weights); LTX-2.3 or
-            newer (``model_version`` ≥ 2.3, ``to_gate_logits`` / ``video_aggregate_embed`` / ``prompt_adaln`` /
-            ``vocoder.bwe_generator`` tensors, or 2.3 settings in the transformer metadata).
-    """
-    names = list(infos)
-    md = dict(file_metadata or {})
-    version = parse_model_version(md.get("model_version"))
-    if version >= (2, 3):
-        what = _release_name(version)
-        msg = (UNSUPPORTED_23 if what.startswith("an LTX-2.3") else f"this is {what} file; Cinetune supports LTX-2 19B")
-        raise UnsupportedLTX2Error(f"{msg} (model_version {md['model_version']!r}).")
-    newer = [n for n in names if ".to_gate_logits." in n or "video_aggregate_embed" in n
-             or n.startswith("vocoder.bwe_generator.") or "prompt_adaln" in n or "prompt_scale_shift_table" in n]
-    if newer:
-        raise UnsupportedLTX2Error(f"{UNSUPPORTED_23} (it has tensors of the 2.3 architecture, e.g. {newer[0]}).")
-    if "config" in md:
-        try:
-            config = json.loads(md["config"])
-        except (TypeError, json.JSONDecodeError):
-            config = None
-        if isinstance(config, Mapping) and isinstance(config.get("transformer"), Mapping):
-            _refuse_newer_settings(config["transformer"])
-    nvfp4 = [n for n in names if n.endswith(".weight_scale_2")]
-    nvfp4 += [n for n, info in infos.items() if n.endswith(".weight") and getattr(info, "dtype", None) == "U8"]
-    if nvfp4:
-        raise UnsupportedLTX2Error(
-            f"this is an NVFP4 (fp4) LTX-2 file, e.g. ltx-2-19b-dev-fp4.safetensors (packed 4-bit weights, "
-            f"{nvfp4[0]}): it needs Blackwell-only kernels and is not supported. Use ltx-2-19b-dev.safetensors or "
-            "ltx-2-19b-dev-fp8.safetensors (or the distilled ones).")
-
-
-def _not_ltx2_message(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    names = list(shapes)
-    if "patchify_proj.weight" in shapes and "adaln_single.linear.weight" in shapes:
-        what = "an LTX-Video (0.9.x, video-only) DiT, which is not LTX-2"
-    else:
-        what = describe_checkpoint(shapes)
-    first = ", ".join(names[:3]) or "no tensors"
-    return f"this looks like {what} (no tensor {MARKER_KEY!r}; first keys: {first}). Expected {EXPECTED_FILE}."
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # fp8 policy
 
 
@@ -672,128 +491,3 @@ def ltx2_fp8_keep_high_precision(name: str) -> bool:
         return True
     rest = m.group(2) or ""
     return "norm" in rest or "scale_shift_table" in rest
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Variants
-
-
-@dataclass(frozen=True)
-class LTX2Guidance:
-    """Multimodal guidance of one modality (ltx_core ``MultiModalGuiderParams``): ``pred = c + (cfg−1)(c − u_text)
-    + stg·(c − u_perturbed) + (modality−1)(c − u_isolated)``, then std rescale by ``rescale``.
-
-    Attributes:
-        cfg: text CFG scale (1 = off). stg: spatio-temporal guidance scale (0 = off). rescale: std rescale factor
-        (0 = off). modality: modality-isolation guidance scale (1 = off). stg_blocks: blocks whose self-attention
-        the STG pass skips.
-    """
-
-    cfg: float = 1.0
-    stg: float = 0.0
-    rescale: float = 0.0
-    modality: float = 1.0
-    stg_blocks: tuple[int, ...] = ()
-
-    @property
-    def enabled(self) -> bool:
-        """False when every term is off (one forward pass per step)."""
-        return self.cfg != 1.0 or self.stg != 0.0 or self.modality != 1.0
-
-
-GUIDANCE_FREE = LTX2Guidance()
-DEV_VIDEO_GUIDANCE = LTX2Guidance(cfg=3.0, stg=1.0, rescale=0.7, modality=3.0, stg_blocks=(29,))
-DEV_AUDIO_GUIDANCE = LTX2Guidance(cfg=7.0, stg=1.0, rescale=0.7, modality=3.0, stg_blocks=(29,))
-
-
-@dataclass(frozen=True)
-class LTX2Variant:
-    """One released 19B checkpoint and its official inference settings (Lightricks/LTX-2 README and
-    ``ltx_pipelines/utils/constants.py``).
-
-    Attributes:
-        id: stable id (saved in workflows; never renamed). title: human-readable name.
-        file_names: official file names (first = canonical).
-        distilled: True for the distilled checkpoints (8 steps, no guidance).
-        fp8: the file stores the block Linear weights in float8 (the loader reads their scales, if any).
-        steps: default denoising steps. sigmas: the fixed schedule (distilled) or None (the LTX2Scheduler with
-            ``steps``).
-        video_guidance, audio_guidance: :class:`LTX2Guidance` per modality.
-        frames, fps, size: default length (8k+1 frames), frame rate, and (W, H) of a one-stage run.
-    """
-
-    id: str
-    title: str
-    file_names: tuple[str, ...]
-    distilled: bool
-    fp8: bool
-    steps: int
-    sigmas: tuple[float, ...] | None
-    video_guidance: LTX2Guidance
-    audio_guidance: LTX2Guidance
-    frames: int = 121
-    fps: float = 24.0
-    size: tuple[int, int] = (768, 512)
-
-
-def _variant(distilled: bool, fp8: bool) -> LTX2Variant:
-    kind = "distilled" if distilled else "dev"
-    suffix = "-fp8" if fp8 else ""
-    return LTX2Variant(
-        id=f"ltx2_19b_{kind}{'_fp8' if fp8 else ''}", title=f"LTX-2 19B {kind}{' fp8' if fp8 else ''}",
-        file_names=(f"ltx-2-19b-{kind}{suffix}.safetensors",), distilled=distilled, fp8=fp8,
-        steps=len(DISTILLED_SIGMAS) - 1 if distilled else 40, sigmas=DISTILLED_SIGMAS if distilled else None,
-        video_guidance=GUIDANCE_FREE if distilled else DEV_VIDEO_GUIDANCE,
-        audio_guidance=GUIDANCE_FREE if distilled else DEV_AUDIO_GUIDANCE)
-
-
-VARIANTS: dict[str, LTX2Variant] = {v.id: v for v in (
-    _variant(False, False), _variant(False, True), _variant(True, False), _variant(True, True))}
-
-
-def file_has_fp8(infos: Mapping[str, Any]) -> bool:
-    """True when any DiT tensor of the file is stored as float8 (safetensors dtype ``F8_*``)."""
-    return any(str(getattr(infos[key], "dtype", "")).startswith("F8") for key in _dit_names(infos).values())
-
-
-def detect_variant(filename: str, infos: Mapping[str, Any], file_metadata: Mapping[str, Any] | None = None,
-                   requested: str = "auto") -> LTX2Variant:
-    """Which released checkpoint a file is: dev or distilled from the file name, fp8 from the stored dtypes.
-
-    dev and distilled have identical tensors, so only the name tells them apart: a name containing ``distill``
-    (case-insensitive) is distilled, any other name dev. fp8 = any DiT tensor stored as ``F8_*``.
-
-    Args:
-        filename: the file's name or path (only the last component is used).
-        infos: name → :class:`~cinetune.core.checkpoint.TensorInfo` of the file (header only).
-        file_metadata: safetensors ``__metadata__`` or None (checked for LTX-2.3+ files).
-        requested: ``"auto"`` or a key of :data:`VARIANTS` (dev vs distilled cannot be checked; fp8 must match).
-
-    Returns:
-        The :class:`LTX2Variant`.
-
-    Raises:
-        UnsupportedLTX2Error: NVFP4 or LTX-2.3+ file (:func:`check_supported`).
-        NotLTX2CheckpointError: not an LTX-2 audio+video DiT (the message says what it looks like).
-        ValueError: ``requested`` unknown (lists the ids) or its fp8 flag contradicts the file's dtypes.
-    """
-    check_supported(infos, file_metadata)
-    dit = dit_shapes(infos)
-    if MARKER_KEY not in dit:
-        raise NotLTX2CheckpointError(_not_ltx2_message(dit or _shapes(infos)))
-    fp8 = file_has_fp8(infos)
-    if requested != "auto":
-        if requested not in VARIANTS:
-            raise ValueError(f"unknown LTX-2 variant {requested!r}; valid: auto, {', '.join(VARIANTS)}")
-        v = VARIANTS[requested]
-        if v.fp8 != fp8:
-            right = "an fp8" if fp8 else "a bf16"
-            raise ValueError(f"variant {requested!r} is for {'fp8' if v.fp8 else 'bf16'} files, but this is {right} "
-                             f"file; choose {VARIANTS[_variant_id(v.distilled, fp8)].id!r} or 'auto'")
-        return v
-    stem = re.split(r"[\\/]", str(filename))[-1].lower()
-    return VARIANTS[_variant_id("distill" in stem, fp8)]
-
-
-def _variant_id(distilled: bool, fp8: bool) -> str:
-    return f"ltx2_19b_{'distilled' if distilled else 'dev'}{'_fp8' if fp8 else ''}"

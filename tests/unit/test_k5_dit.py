@@ -12,10 +12,10 @@ from diffusers import Kandinsky5T2VPipeline, Kandinsky5Transformer3DModel
 from diffusers.models.transformers import transformer_kandinsky as dk
 
 from cinetune.core.quant import CastLinear
+from cinetune.k5.blocks import _rotate_pairs_real
 from cinetune.k5.config import K5Config
 from cinetune.k5.dit import (
     Kandinsky5DiT,
-    _rotate_pairs_real,
     apply_rope,
     patchify,
     rope_1d,
@@ -330,13 +330,13 @@ def test_autograd_forward_matches_inference_forward_and_reaches_every_parameter(
 
 
 def test_feed_forward_in_token_slices_equals_whole(monkeypatch):
-    from cinetune.k5 import dit
+    from cinetune.k5 import blocks
 
     model = tiny_model()
     x, text, pooled, t = inputs(B=2, T=3, H=6, W=6)  # 27 tokens
     with torch.no_grad():
         whole = model(x, text, pooled, t)
-        monkeypatch.setattr(dit, "FF_CHUNK_TOKENS", 8)  # 4 slices, the last one short
+        monkeypatch.setattr(blocks, "FF_CHUNK_TOKENS", 8)  # 4 slices, the last one short
         sliced = model(x, text, pooled, t)
     assert rel_err(sliced, whole) < 1e-6
 
