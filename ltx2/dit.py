@@ -59,10 +59,12 @@ Decisions:
   they hold (each residual sum into the sublayer's output, the modulation into the normed copy, q/k norm and GELU
   into the projection's output, RoPE into one fresh buffer), so each step is one pass and allocates nothing. The
   token streams passed to a block are never modified. With autograd the same formulas run out of place.
-- **RMSNorm on the CPU** is computed as one float32-accumulated reduction and one product (``F.rms_norm`` has no
-  fused CPU kernel and runs as five passes there); other devices use ``F.rms_norm``. Same values up to rounding.
-  Under autograd it has a hand-written backward (``_CPURMSNorm``) that keeps only its input and 1/RMS; the split
-  RoPE likewise (:func:`cinetune.ltx2.rope.apply_rope`).
+- **RMSNorm, modulation and residuals** live in :mod:`cinetune.ltx2.modulation` (the CPU RMSNorm with its hand-written
+  backward); the split RoPE has one too (:func:`cinetune.ltx2.rope.apply_rope`).
+- **LoRA projections that read the same tokens train fused** (:func:`cinetune.core.lora_fused.fused_projections`):
+  ``to_q``/``to_k``/``to_v`` of a self-attention, ``to_k``/``to_v`` of a cross-attention share one down-projection
+  GEMM and one input-gradient buffer under autograd, where they are plain Linear layers in the compute dtype
+  (otherwise, and without autograd, one by one). Same values up to rounding.
 """
 
 from __future__ import annotations
@@ -77,8 +79,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..core.attention import attention, check_backend
+from ..core.lora_fused import fused_projections
 from ..core.quant import CastLinear
 from .config import LTX2TransformerConfig
+from .modulation import (AdaValues, CPURMSNorm, TokenTimesteps, inv_rms, modulated, owned, residual, rms,
+                         scale_shift)
 from .rope import apply_rope, cross_modal_positions, rope_frequencies
 
 #: Width of the sinusoidal timestep features (official ``Timesteps(num_channels=256)``).
@@ -137,49 +142,6 @@ def timestep_sinusoid(timestep: torch.Tensor, dim: int = TIMESTEP_FEATURES) -> t
     freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half)
     args = timestep.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-@dataclass(frozen=True)
-class TokenTimesteps:
-    """The σ of every token of one modality, stored once per distinct value.
-
-    Attributes:
-        rows: float32 ``[R]`` distinct σ values.
-        index: long ``[B, T]`` row of each token, or None when every token of sample b uses row b (R = B).
-    """
-
-    rows: torch.Tensor
-    index: torch.Tensor | None
-
-    @staticmethod
-    def from_sigma(sigma: torch.Tensor) -> TokenTimesteps:
-        """``sigma`` float ``[B, T]`` → rows + index (one host synchronisation)."""
-        sigma = sigma.float()
-        if bool((sigma == sigma[:, :1]).all()):
-            return TokenTimesteps(sigma[:, 0].contiguous(), None)
-        rows, index = torch.unique(sigma, return_inverse=True)
-        return TokenTimesteps(rows, index)
-
-
-@dataclass(frozen=True)
-class AdaValues:
-    """Output of an AdaLN for the distinct timesteps of a :class:`TokenTimesteps`.
-
-    Attributes:
-        values: ``[R, k·D]`` in the compute dtype (k = rows of modulation).
-        index: as :attr:`TokenTimesteps.index`.
-    """
-
-    values: torch.Tensor
-    index: torch.Tensor | None
-
-    def take(self, table_row: torch.Tensor, i: int) -> torch.Tensor:
-        """Modulation vector ``table_row + values[:, i]`` for every token: ``[B, T, D]``, or ``[B, 1, D]`` when all
-        tokens of a sample share their timestep. table_row ``[D]`` (any float dtype)."""
-        D = table_row.shape[-1]
-        v = self.values.view(self.values.shape[0], -1, D)[:, i]
-        row = table_row.to(v.dtype) + v
-        return row.unsqueeze(1) if self.index is None else row[self.index]
 
 
 class TimestepEmbedding(nn.Module):
@@ -241,91 +203,6 @@ class CaptionProjection(nn.Module):
 # Layers
 
 
-def _owned(t: torch.Tensor) -> torch.Tensor | None:
-    """``t`` as the ``out=`` buffer of an elementwise op when no autograd graph is recorded, else None (a new
-    tensor). Only for temporaries nothing else holds."""
-    return None if torch.is_grad_enabled() else t
-
-
-def _inv_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``1/sqrt(mean(x²) + eps)`` over the last dim: ``[..., 1]`` in ``x.dtype`` (accumulated in float32, or
-    float64 for float64 x)."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
-    return (norm.square() / x.shape[-1] + eps).rsqrt().to(x.dtype)
-
-
-class _CPURMSNorm(torch.autograd.Function):
-    """``y = x·ρ·w (+ shift)`` with ``ρ = 1/sqrt(mean(x²) + eps)`` over the last dim (Zhang & Sennrich 2019, "Root
-    Mean Square Layer Normalization", arXiv:1910.07467, eq. 4) and a hand-written backward, for the CPU under
-    autograd. ``w`` is a norm weight, or ``1 + scale`` of an AdaLN modulation (then with its shift).
-
-    Backward, with ``u = g·w`` and D the width: ``∂L/∂x = ρ·u − x·ρ³·(u·x)/D`` (the chain rule through the mean of
-    squares), ``∂L/∂w = Σ g·x·ρ`` and ``∂L/∂shift = Σ g`` over the broadcast dims. Four passes and one reduction,
-    keeping x, ρ and w; autograd over the forward formula keeps the norm too and runs about twice as many passes
-    (the norm's backward adds a ``masked_fill``) with more full-size temporaries.
-
-    x ``[..., D]`` any float dtype; w and shift broadcastable to x (``[D]``, ``[B, 1, D]`` or ``[B, T, D]``) in x's
-    dtype, or None; returns ``[..., D]``.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-                shift: torch.Tensor | None = None) -> torch.Tensor:
-        rho = _inv_rms(x, eps)
-        y = torch.mul(x, rho)
-        if shift is not None:
-            torch.addcmul(shift, y, weight, out=y)
-        elif weight is not None:
-            y.mul_(weight)
-        ctx.save_for_backward(x, rho, weight)
-        ctx.shift_shape = None if shift is None else shift.shape
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, rho, weight = ctx.saved_tensors
-        grad_weight = grad_shift = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = (grad * x * rho).sum_to_size(weight.shape)
-        if ctx.shift_shape is not None and ctx.needs_input_grad[3]:
-            grad_shift = grad.sum_to_size(ctx.shift_shape)
-        u = grad if weight is None else grad * weight
-        if x.dtype in (torch.float32, torch.float64):  # a batched dot product: no full-size temporary
-            dot = torch.einsum("...d,...d->...", u, x).unsqueeze(-1)
-        else:
-            dot = torch.sum(u * x, dim=-1, keepdim=True, dtype=torch.float32)
-        coefficient = (rho.to(dot.dtype).pow(3) * dot / x.shape[-1]).to(x.dtype)
-        grad_x = torch.mul(u, rho, out=None if weight is None else u)
-        return grad_x.addcmul_(x, coefficient, value=-1), grad_weight, None, grad_shift
-
-
-def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.device.type != "cpu":
-        return F.rms_norm(x, (x.shape[-1],), eps=eps)
-    if torch.is_grad_enabled():
-        return _CPURMSNorm.apply(x, None, eps)
-    # On the CPU F.rms_norm runs as five elementwise passes; one reduction and one product do the same.
-    return x * _inv_rms(x, eps)
-
-
-def _scale_shift(normed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, reuse: bool) -> torch.Tensor:
-    """``normed·(1 + scale) + shift``; ``reuse``: written into ``normed``'s buffer when no graph is recorded."""
-    return torch.addcmul(shift, normed, 1 + scale, out=_owned(normed) if reuse else None)
-
-
-def _modulated(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.device.type == "cpu" and torch.is_grad_enabled():
-        return _CPURMSNorm.apply(x, 1 + scale, eps, shift)
-    return _scale_shift(_rms(x, eps), scale, shift, reuse=True)
-
-
-def _residual(x: torch.Tensor, update: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-    """``x + update·gate`` (``x + update`` without a gate) in one pass; when no graph is recorded the sum goes into
-    ``update``'s buffer (a module output nothing else holds), so the stream is never modified in place."""
-    out = _owned(update)
-    return torch.add(x, update, out=out) if gate is None else torch.addcmul(x, update, gate, out=out)
-
-
 class Attention(nn.Module):
     """Multi-head attention with q/k RMSNorm over the whole width, optional RoPE, biased projections (official
     ``Attention``; keys ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, ``q_norm``, ``k_norm``).
@@ -354,9 +231,9 @@ class Attention(nn.Module):
         if x.device.type != "cpu":
             return F.rms_norm(x, norm.normalized_shape, weight, self.eps)
         if torch.is_grad_enabled():
-            return _CPURMSNorm.apply(x, weight, self.eps)
-        x = torch.mul(x, _inv_rms(x, self.eps), out=_owned(x))
-        return torch.mul(x, weight, out=_owned(x))
+            return CPURMSNorm.apply(x, weight, self.eps)
+        x = torch.mul(x, inv_rms(x, self.eps), out=owned(x))
+        return torch.mul(x, weight, out=owned(x))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, *, rope: Rope | None = None,
                 k_rope: Rope | None = None, key_mask: torch.Tensor | None = None,
@@ -365,10 +242,12 @@ class Attention(nn.Module):
         the queries (and keys unless ``k_rope``); key_mask bool ``[B, S]`` (True = attended). Returns
         ``[B, T, query_dim]`` in ``x.dtype``."""
         B, T, _ = x.shape
-        kv = x if context is None else context
-        q = self._norm(self.to_q(x), self.q_norm)
-        k = self._norm(self.to_k(kv), self.k_norm)
-        v = self.to_v(kv)
+        if context is None:
+            q, k, v = fused_projections(x, (self.to_q, self.to_k, self.to_v))
+        else:
+            q = self.to_q(x)
+            k, v = fused_projections(context, (self.to_k, self.to_v))
+        q, k = self._norm(q, self.q_norm), self._norm(k, self.k_norm)
         if rope is not None:
             q = apply_rope(q, *rope)
             k = apply_rope(k, *(rope if k_rope is None else k_rope))
@@ -473,46 +352,46 @@ class LTX2Block(nn.Module):
         eps, x = self.eps, inputs
         table, ada = self.scale_shift_table, x.video_ada
         if not skip_self_attn:
-            update = self.attn1(_modulated(video, ada.take(table[0], 0), ada.take(table[1], 1), eps),
+            update = self.attn1(modulated(video, ada.take(table[0], 0), ada.take(table[1], 1), eps),
                                 rope=x.video_rope, backend=x.backend)
-            video = _residual(video, update, ada.take(table[2], 2))
-        update = self.attn2(_rms(video, eps), x.video_context, key_mask=x.context_mask, backend=x.backend)
-        video = _residual(video, update)
+            video = residual(video, update, ada.take(table[2], 2))
+        update = self.attn2(rms(video, eps), x.video_context, key_mask=x.context_mask, backend=x.backend)
+        video = residual(video, update)
         if audio is not None:
             table, ada = self.audio_scale_shift_table, x.audio_ada
             if not skip_self_attn:
-                update = self.audio_attn1(_modulated(audio, ada.take(table[0], 0), ada.take(table[1], 1), eps),
+                update = self.audio_attn1(modulated(audio, ada.take(table[0], 0), ada.take(table[1], 1), eps),
                                           rope=x.audio_rope, backend=x.backend)
-                audio = _residual(audio, update, ada.take(table[2], 2))
-            update = self.audio_attn2(_rms(audio, eps), x.audio_context, key_mask=x.context_mask, backend=x.backend)
-            audio = _residual(audio, update)
+                audio = residual(audio, update, ada.take(table[2], 2))
+            update = self.audio_attn2(rms(audio, eps), x.audio_context, key_mask=x.context_mask, backend=x.backend)
+            audio = residual(audio, update)
             if x.cross_modal:
                 video, audio = self._cross_modal(video, audio, x)
         table, ada = self.scale_shift_table, x.video_ada
-        update = self.ff(_modulated(video, ada.take(table[3], 3), ada.take(table[4], 4), eps))
-        video = _residual(video, update, ada.take(table[5], 5))
+        update = self.ff(modulated(video, ada.take(table[3], 3), ada.take(table[4], 4), eps))
+        video = residual(video, update, ada.take(table[5], 5))
         if audio is not None:
             table, ada = self.audio_scale_shift_table, x.audio_ada
-            update = self.audio_ff(_modulated(audio, ada.take(table[3], 3), ada.take(table[4], 4), eps))
-            audio = _residual(audio, update, ada.take(table[5], 5))
+            update = self.audio_ff(modulated(audio, ada.take(table[3], 3), ada.take(table[4], 4), eps))
+            audio = residual(audio, update, ada.take(table[5], 5))
         return video, audio
 
     def _cross_modal(self, video: torch.Tensor, audio: torch.Tensor,
                      x: BlockInputs) -> tuple[torch.Tensor, torch.Tensor]:
         eps = self.eps
-        vn, an = _rms(video, eps), _rms(audio, eps)
+        vn, an = rms(video, eps), rms(audio, eps)
         vt, at = self.scale_shift_table_a2v_ca_video, self.scale_shift_table_a2v_ca_audio
         vs, as_ = x.video_cross, x.audio_cross
         # Rows of the 5-row tables: 0 scale a2v, 1 shift a2v, 2 scale v2a, 3 shift v2a, 4 gate. The second use of
         # each normed stream may overwrite it.
-        a2v = self.audio_to_video_attn(_scale_shift(vn, vs.take(vt[0], 0), vs.take(vt[1], 1), reuse=False),
-                                       _scale_shift(an, as_.take(at[0], 0), as_.take(at[1], 1), reuse=False),
+        a2v = self.audio_to_video_attn(scale_shift(vn, vs.take(vt[0], 0), vs.take(vt[1], 1), reuse=False),
+                                       scale_shift(an, as_.take(at[0], 0), as_.take(at[1], 1), reuse=False),
                                        rope=x.video_cross_rope, k_rope=x.audio_cross_rope, backend=x.backend)
-        video = _residual(video, a2v, x.video_cross_gate.take(vt[4], 0))
-        v2a = self.video_to_audio_attn(_scale_shift(an, as_.take(at[2], 2), as_.take(at[3], 3), reuse=True),
-                                       _scale_shift(vn, vs.take(vt[2], 2), vs.take(vt[3], 3), reuse=True),
+        video = residual(video, a2v, x.video_cross_gate.take(vt[4], 0))
+        v2a = self.video_to_audio_attn(scale_shift(an, as_.take(at[2], 2), as_.take(at[3], 3), reuse=True),
+                                       scale_shift(vn, vs.take(vt[2], 2), vs.take(vt[3], 3), reuse=True),
                                        rope=x.audio_cross_rope, k_rope=x.video_cross_rope, backend=x.backend)
-        audio = _residual(audio, v2a, x.audio_cross_gate.take(at[4], 0))
+        audio = residual(audio, v2a, x.audio_cross_gate.take(at[4], 0))
         return video, audio
 
 
@@ -624,7 +503,7 @@ class LTX2DiT(nn.Module):
     def _head(self, x: torch.Tensor, embedded: AdaValues, table: torch.Tensor, norm: nn.LayerNorm,
               proj: nn.Linear) -> torch.Tensor:
         shift, scale = embedded.take(table[0], 0), embedded.take(table[1], 0)
-        return proj(_scale_shift(F.layer_norm(x, norm.normalized_shape, eps=norm.eps), scale, shift, reuse=True))
+        return proj(scale_shift(F.layer_norm(x, norm.normalized_shape, eps=norm.eps), scale, shift, reuse=True))
 
     def _context_mask(self, mask, B: int, lengths: Iterable[int], device: torch.device) -> torch.Tensor | None:
         if mask is None:

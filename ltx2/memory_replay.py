@@ -141,7 +141,7 @@ def _linear(t: _Tape, r: _Run, tokens: int, fan_in: int, fan_out: int, cast: int
 
 
 def _rms(t: _Tape, r: _Run, tokens: int, width: int) -> float:
-    """``_rms(x)`` (and ``_modulated``, whose scale-shift writes into it): one new row per token."""
+    """``modulation.rms(x)`` (and ``modulated``, whose scale-shift writes into it): one new row per token."""
     return t.alloc(r.s * width * tokens)
 
 

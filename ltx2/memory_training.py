@@ -73,7 +73,7 @@ class _GradTape(_Tape):
 
 def _stat_bytes(r: _Run) -> int:
     """Bytes per token an RMSNorm keeps for its backward beside its input: on the CPU the inverse RMS in the compute
-    dtype (``dit._CPURMSNorm``), on CUDA the float32 rstd."""
+    dtype (``modulation.CPURMSNorm``), on CUDA the float32 rstd."""
     return FP32 if r.device_type == "cuda" else r.s
 
 
@@ -107,9 +107,9 @@ def _g_scale_shift(t: _GradTape, r: _Run, saved: list, normed: _T, tokens: int, 
 
 def _g_modulated(t: _GradTape, r: _Run, saved: list, x: _T, tokens: int, width: int, grad: bool,
                  per_token: bool) -> _T:
-    """``_modulated``: RMSNorm then ``·(1 + scale) + shift``. On the CPU one new tensor (``dit._CPURMSNorm`` with
-    the modulation), keeping x, its statistics and ``1 + scale`` (a per-token tensor under first-frame
-    conditioning); elsewhere :func:`_g_rms` and :func:`_g_scale_shift`."""
+    """``modulation.modulated``: RMSNorm then ``·(1 + scale) + shift``. On the CPU one new tensor
+    (``modulation.CPURMSNorm`` with the modulation), keeping x, its statistics and ``1 + scale`` (a per-token tensor
+    under first-frame conditioning); elsewhere :func:`_g_rms` and :func:`_g_scale_shift`."""
     takes = _g_takes(t, r, tokens, width, per_token)
     if r.device_type != "cpu":
         normed = _g_rms(t, r, saved, x, tokens, width, grad)

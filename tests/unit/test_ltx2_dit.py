@@ -275,17 +275,17 @@ def test_gradients_match_diffusers(cfg):
 
 
 def test_hand_written_backwards_match_autograd():
-    from cinetune.ltx2.dit import _CPURMSNorm
+    from cinetune.ltx2.modulation import CPURMSNorm
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 16, dtype=torch.float64, generator=g).requires_grad_(True)
     weight = (1 + 0.2 * torch.randn(16, dtype=torch.float64, generator=g)).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x, w: _CPURMSNorm.apply(x, w, 1e-6), (x, weight))
-    assert torch.autograd.gradcheck(lambda x: _CPURMSNorm.apply(x, None, 1e-6), (x,))
+    assert torch.autograd.gradcheck(lambda x, w: CPURMSNorm.apply(x, w, 1e-6), (x, weight))
+    assert torch.autograd.gradcheck(lambda x: CPURMSNorm.apply(x, None, 1e-6), (x,))
     # as an AdaLN modulation: per-token 1 + scale and shift
     scale = torch.randn(2, 5, 16, dtype=torch.float64, generator=g).requires_grad_(True)
     shift = torch.randn(2, 1, 16, dtype=torch.float64, generator=g).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x, s, b: _CPURMSNorm.apply(x, 1 + s, 1e-6, b), (x, scale, shift))
+    assert torch.autograd.gradcheck(lambda x, s, b: CPURMSNorm.apply(x, 1 + s, 1e-6, b), (x, scale, shift))
     # RoPE: the gradient is the inverse rotation, as autograd through the formula gives it (float32 and bf16 inputs)
     cos, sin = rope_frequencies(video_positions(*GRID, fps=24.0), 32, 2, (20, 2048, 2048))
     for dtype in (torch.float32, torch.bfloat16):
@@ -434,6 +434,58 @@ def test_lora_targets_wrap_every_attention_projection():
     assert "transformer_blocks.1.audio_to_video_attn.to_out.0" in modules
     after = run(model, inp)  # fresh adapters (B = 0) change nothing
     assert rel(after[0], before[0]) < 1e-6
+
+
+def lora_gradients(model: LTX2DiT, inp: dict, monkeypatch, *, fused: bool, seed: int = 3) -> dict[str, torch.Tensor]:
+    """Gradients of the LoRA parameters and of the video input in training mode, with the attentions' projections
+    fused (``core.lora_fused``) or called one by one; also counts the fused calls (key "fused calls")."""
+    import cinetune.core.lora_fused as lora_fused
+    import cinetune.ltx2.dit as dit
+
+    calls = []
+    apply = lora_fused._FusedProjection.apply
+    monkeypatch.setattr(lora_fused._FusedProjection, "apply", lambda *a: calls.append(1) or apply(*a))
+    monkeypatch.setattr(dit, "fused_projections",
+                        lora_fused.fused_projections if fused else (lambda x, layers: [m(x) for m in layers]))
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    video = inp["video"].clone().requires_grad_(True)
+    v, a = model(video, inp["audio"], **{k: t for k, t in inp.items() if k not in ("video", "audio")})
+    ((v ** 2).mean() + (a ** 2).mean()).backward()
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    out["input"] = video.grad.clone()
+    out["fused calls"] = torch.tensor(len(calls))
+    return out
+
+
+@pytest.mark.parametrize("dropouts", [{}, dict(dropout=0.2, rank_dropout=0.25, module_dropout=0.2)],
+                         ids=["no-dropout", "dropouts"])
+def test_fused_lora_projections_give_the_one_by_one_gradients(monkeypatch, dropouts):
+    model = tiny_model().train()
+    modules = inject_lora(model, rank=2, alpha=2.0, targets=LTX2_LORA_TARGETS, within=LTX2_BLOCK_PREFIXES,
+                          **dropouts)
+    with torch.no_grad():
+        for m in modules.values():
+            m.lora_up.normal_(0.0, 0.1)
+    inp = make_inputs(TINY)
+    fused = lora_gradients(model, inp, monkeypatch, fused=True)
+    separate = lora_gradients(model, inp, monkeypatch, fused=False)
+    # per block: attn1 (q, k, v), and k/v of attn2, audio_attn1, audio_attn2, and both audio↔video attentions
+    assert fused.pop("fused calls") == TINY.num_layers * 6 and separate.pop("fused calls") == 0
+    assert fused.keys() == separate.keys()  # module dropout skipped the same adapters
+    assert len(fused) == 1 + 2 * len(modules) if not dropouts else 1 < len(fused) < 1 + 2 * len(modules)
+    for name in fused:  # (a rank-dropout mask may zero a whole gradient)
+        assert (fused[name] - separate[name]).norm() <= 1e-5 * separate[name].norm() + 1e-12, name
+
+
+def test_fp8_and_bf16_weight_projections_are_not_fused(monkeypatch):
+    model = tiny_model().train()
+    quantize_linear_weights_fp8(model, keep=lambda name: "transformer_blocks.1." not in name)
+    inject_lora(model, rank=2, alpha=2.0, targets=LTX2_LORA_TARGETS, within=LTX2_BLOCK_PREFIXES)
+    inp = make_inputs(TINY)
+    assert lora_gradients(model, inp, monkeypatch, fused=True)["fused calls"] == 6  # block 0 only
+    model.to(torch.bfloat16)  # weights cast to the float32 compute dtype at use
+    assert lora_gradients(model, inp, monkeypatch, fused=True)["fused calls"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
