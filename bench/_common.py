@@ -16,6 +16,8 @@
   allocator, no shared caches), built and warmed up one after the other, then driven one request per variant per
   cycle with the order reversed every other cycle (:func:`run_interleaved`), so load from other processes hits the
   variants of a comparison alike; a worker answers each request with one JSON line (:func:`reply`);
+- the DiT forward benchmarks' shared parts: the worker's forward loop (:func:`forward_worker`) and the report
+  (:func:`print_forward_ratios`);
 - the LoRA training-step benchmarks' shared parts: the adapters both sides start from (:func:`lora_down_init`), the
   worker's step loop (:func:`train_step_worker`) and the report (:func:`print_train_step_ratios`).
 """
@@ -32,6 +34,7 @@ import sys
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -228,6 +231,53 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# DiT forward benchmarks
+
+
+def forward_worker(call: Callable[[], Any], save: Callable[[Any], None], device: torch.device) -> None:
+    """Worker side of a forward benchmark, under ``torch.inference_mode``: one warm-up forward (one-time lazy
+    initialisation, not measured; answered with ``{"ready": true}``), then one measured forward per ``run`` line on
+    stdin, answered with its wall time and the process's CPU time in s and its peak extra memory in bytes (over what
+    is resident before it: weights, inputs); ``quit`` hands the last output to ``save`` and returns."""
+    with torch.inference_mode():
+        out = call()
+        synchronize(device)
+        reply({"ready": True})
+        for line in sys.stdin:
+            if line.strip() != "run":
+                break
+            del out
+            base = memory_mark(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            out = call()
+            synchronize(device)
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            reply({"s": elapsed, "cpu_s": cpu, "peak_bytes": memory_peak(device) - base})
+    save(out)
+
+
+def print_forward_ratios(time_workers: Mapping[str, Worker], memory_workers: Mapping[str, Worker],
+                         names: Sequence[str]) -> None:
+    """The report of a forward benchmark of ``names`` = (ours, reference): per side the median, quartiles and best
+    forward time (``time_workers``, run with :data:`TIME_ENV`) and the peak extra memory (``memory_workers``, run with
+    :data:`WORKER_ENV`); the ratios ours/reference: time as the median and quartiles of the per-cycle ratios and best
+    over best, memory as largest peak over largest peak; then the CPU-time ratio and the time ratio of the memory
+    workers (see :func:`print_train_step_ratios`)."""
+    ours, ref = names
+    t = {n: [r["s"] for r in time_workers[n].replies] for n in names}
+    peak = {n: max(r["peak_bytes"] for r in memory_workers[n].replies) for n in names}
+    for n in names:
+        q1, q3 = quartiles(t[n])
+        print(f"  {n:9s} forward time median {statistics.median(t[n]) * 1000:7.1f} ms (quartiles "
+              f"{q1 * 1000:.1f}-{q3 * 1000:.1f}, best {min(t[n]) * 1000:.1f}), peak extra memory "
+              f"{peak[n] / 2 ** 20:6.1f} MiB")
+    med, lo, hi = _cycle_ratios(time_workers[ours], time_workers[ref], "s")
+    print(f"  ratio {ours}/{ref}: time {med:.3f}x (median of per-cycle ratios, quartiles {lo:.3f}-{hi:.3f}), "
+          f"{min(t[ours]) / min(t[ref]):.3f}x (best)   memory {peak[ours] / max(peak[ref], 1):.3f}x")
+    _print_other_time_ratios(time_workers[ours], time_workers[ref], memory_workers[ours], memory_workers[ref])
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # LoRA training-step benchmarks
 
 
@@ -314,7 +364,13 @@ def print_train_step_ratios(time_workers: Mapping[tuple[str, bool], Worker],
         med, lo, hi = _cycle_ratios(time_workers[o], time_workers[d], "s")
         print(f"    ratio ours/{ref}: time {med:.3f}x (median of per-cycle ratios, quartiles {lo:.3f}-{hi:.3f}), "
               f"{min(t[o]) / min(t[d]):.3f}x (best)   memory {peak[o] / max(peak[d], 1):.3f}x")
-        med, lo, hi = _cycle_ratios(time_workers[o], time_workers[d], "cpu_s")
-        print(f"    CPU time ratio {med:.3f}x (quartiles {lo:.3f}-{hi:.3f}); ", end="")
-        med, lo, hi = _cycle_ratios(memory_workers[o], memory_workers[d], "s")
-        print(f"time ratio with the 64 KiB mmap threshold {med:.3f}x (quartiles {lo:.3f}-{hi:.3f})")
+        _print_other_time_ratios(time_workers[o], time_workers[d], memory_workers[o], memory_workers[d], "    ")
+
+
+def _print_other_time_ratios(ours: Worker, reference: Worker, ours_memory: Worker, reference_memory: Worker,
+                             indent: str = "  ") -> None:
+    """The CPU-time ratio of the timing workers and the wall-time ratio of the memory workers, one line."""
+    med, lo, hi = _cycle_ratios(ours, reference, "cpu_s")
+    line = f"{indent}CPU time ratio {med:.3f}x (quartiles {lo:.3f}-{hi:.3f}); "
+    med, lo, hi = _cycle_ratios(ours_memory, reference_memory, "s")
+    print(line + f"time ratio with the 64 KiB mmap threshold {med:.3f}x (quartiles {lo:.3f}-{hi:.3f})")

@@ -21,17 +21,22 @@ float32 on both sides; PEFT then runs the adapter matmuls in float32 (it casts x
 (it casts the adapters to x's dtype), as each library does in training.
 
 Each of the four variants (ours / reference × checkpointing off / on) runs in its own subprocess (fresh allocator,
-no shared caches). The subprocesses are built and warmed up one after the other (one step each, which also creates
-the AdamW state; not measured), then driven step by step in cycles — one step of each variant per cycle, the order
-reversed every other cycle — so load from other processes on the machine hits both sides of a comparison alike.
-Time: the median over cycles of the per-cycle ratio ours/reference (with its quartiles), the median and best step
-time of each variant. Peak memory: the extra memory a step needs at its peak over what is resident before it
-(weights, inputs, AdamW state), the largest over the measured steps; measured as in ``bench_k5_dit.py`` (CPU: Linux
-``VmHWM`` after minus ``VmRSS`` before, high-water mark reset per step, glibc mmap threshold 64 KiB; CUDA:
-``max_memory_allocated``).
+no shared caches), built and warmed up one after the other (one step each, which also creates the AdamW state; not
+measured), then driven step by step in cycles — one step of each variant per cycle, the order reversed every other
+cycle — so load from other processes on the machine hits both sides of a comparison alike
+(``_common.run_interleaved``, ``_common.train_step_worker``). This is done twice, with fresh subprocesses:
 
-    python bench/bench_k5_train_step.py [--device cpu|cuda] [--dtype fp32|bf16] [--runs 9] [--threads N]
-                                        [--frames 4 --height 48 --width 64] [--text-len 128]
+- time (``--runs`` cycles, glibc's default allocator settings, ``_common.TIME_ENV``): the median over cycles of the
+  per-cycle ratio ours/reference (with its quartiles), the median and best step time of each variant, and the same
+  ratio of the processes' CPU times;
+- peak memory (``--memory-runs`` cycles, glibc mmap threshold pinned to 64 KiB, ``_common.WORKER_ENV``): the extra
+  memory a step needs at its peak over what is resident before it (weights, inputs, AdamW state), the largest over
+  the steps; measured as in ``bench_k5_dit.py`` (CPU: Linux ``VmHWM`` after minus ``VmRSS`` before, high-water mark
+  reset per step; CUDA: ``max_memory_allocated``). The time ratio of these steps is printed too: with every large
+  tensor freshly mapped and zero-filled it is partly an allocation count (how this benchmark timed before).
+
+    python bench/bench_k5_train_step.py [--device cpu|cuda] [--dtype fp32|bf16] [--runs 9] [--memory-runs 3]
+                                        [--threads N] [--frames 4 --height 48 --width 64] [--text-len 128]
 
 Needs ``peft`` (``pip install peft``) besides diffusers.
 """
@@ -39,23 +44,17 @@ Needs ``peft`` (``pip install peft``) besides diffusers.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _common import (DIMS, DTYPES, WORKER_ENV, add_size_arguments, diffusers_forward, load_diffusers_k5, make_weights, memory_mark,
-                     memory_peak, page_in, synchronize)
+from _common import (ALPHA, DIMS, DTYPES, RANK, TIME_ENV, WORKER_ENV, add_size_arguments, diffusers_forward,
+                     load_diffusers_k5, lora_down_init, make_weights, page_in, print_train_step_ratios, rel,
+                     run_interleaved, train_step_worker)
 
-RANK = 16
-ALPHA = 16.0
 ROPE_SCALE = (1.0, 2.0, 2.0)
 SIGMA = 0.7
 VARIANTS = [(impl, ckpt) for ckpt in (False, True) for impl in ("ours", "diffusers")]
@@ -74,15 +73,6 @@ def make_inputs(args, dtype, device):
     mask = torch.zeros(1, 1, *x0.shape[2:])
     return dict(x0=x0.to(device), noise=noise.to(device), sigma=sigma.to(device), text=text.to(device, dtype),
                 pooled=pooled.to(device, dtype), cond=cond.to(device), mask=mask.to(device))
-
-
-def lora_down_init(name: str, in_features: int) -> torch.Tensor:
-    """The shared initial ``lora_down`` / ``lora_A`` ``[RANK, in]`` of a layer: kaiming-uniform (a = √5), seeded by
-    the layer name, so both sides get the same adapters whatever order they create them in."""
-    seed = sum((i + 1) * ord(ch) for i, ch in enumerate(name))
-    down = torch.empty(RANK, in_features)
-    torch.nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=torch.Generator().manual_seed(seed))
-    return down
 
 
 def build_ours(weights: Path, dtype, device):
@@ -144,10 +134,8 @@ def build_diffusers(weights: Path, dtype, device):
 
 
 def worker(args) -> None:
-    """Build one variant, run the warm-up step, then one measured step per ``step`` line on stdin (one JSON line
-    each on stdout); ``quit`` saves the first-step gradients and ends."""
+    """Build one variant and run :func:`_common.train_step_worker` on it."""
     from cinetune.k5.train import K5_TRAINING
-    from cinetune.training.trainer import TrainConfig, gradient_checkpointing
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -157,87 +145,26 @@ def worker(args) -> None:
     if args.worker == "diffusers" and args.checkpointing:
         model.enable_gradient_checkpointing()
     inputs = make_inputs(args, dtype, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    cfg = TrainConfig()
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.betas, eps=cfg.eps,
-                                  weight_decay=cfg.weight_decay)
-
-    def step(keep_grads: bool = False):
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(**inputs)
-        loss.backward()
-        grads = {name: p.grad.detach().clone().cpu() for name, p in ups.items()} if keep_grads else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach()), grads
-
-    def reply(obj) -> None:
-        sys.stdout.write(json.dumps(obj) + "\n")
-        sys.stdout.flush()
-
-    ours_ckpt = gradient_checkpointing(K5_TRAINING.blocks(model), enabled=args.worker == "ours" and args.checkpointing)
-    with torch.inference_mode(False), torch.enable_grad(), ours_ckpt:
-        loss, grads = step(keep_grads=True)  # warm-up: lazy initialisation and the AdamW state, not measured
-        synchronize(device)
-        reply({"loss": loss, "layers": len(ups), "trainable": sum(p.numel() for p in params)})
-        for line in sys.stdin:
-            if line.strip() != "step":
-                break
-            base = memory_mark(device)
-            start = time.perf_counter()
-            loss, _ = step()
-            synchronize(device)
-            elapsed = time.perf_counter() - start
-            reply({"s": elapsed, "peak_bytes": memory_peak(device) - base, "loss": loss})
-    torch.save(grads, args.out)
+    ours_ckpt = args.worker == "ours" and args.checkpointing
+    train_step_worker(model, lambda: loss_fn(**inputs), ups, K5_TRAINING.blocks(model) if ours_ckpt else [], args.out,
+                      device)
 
 
-class Worker:
-    """One variant in its own subprocess, driven step by step."""
-
-    def __init__(self, which: str, checkpointing: bool, args, weights: Path, out: Path) -> None:
-        cmd = [sys.executable, __file__, "--worker", which, "--weights", str(weights), "--out", str(out),
-               "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
-               "--frames", str(args.frames), "--height", str(args.height), "--width", str(args.width),
-               "--text-len", str(args.text_len)] + (["--checkpointing"] if checkpointing else [])
-        self.name = f"{which} (checkpointing {'on' if checkpointing else 'off'})"
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=WORKER_ENV)
-        self.info = self._read()
-        self.steps: list[dict] = []
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            raise SystemExit(f"worker {self.name} failed:\n{self.proc.stderr.read()}")
-        return json.loads(line)
-
-    def step(self) -> dict:
-        self.proc.stdin.write("step\n")
-        self.proc.stdin.flush()
-        self.steps.append(self._read())
-        return self.steps[-1]
-
-    def close(self) -> None:
-        self.proc.stdin.write("quit\n")
-        self.proc.stdin.close()
-        if self.proc.wait() != 0:
-            raise SystemExit(f"worker {self.name} failed:\n{self.proc.stderr.read()}")
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
-def _quartiles(values: list[float]) -> tuple[float, float]:
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[0], q[2]
+def worker_command(which: str, checkpointing: bool, args, weights: Path, out: Path) -> tuple[str, list[str]]:
+    """Name and command line of one variant's worker subprocess."""
+    cmd = [sys.executable, __file__, "--worker", which, "--weights", str(weights), "--out", str(out),
+           "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+           "--frames", str(args.frames), "--height", str(args.height), "--width", str(args.width),
+           "--text-len", str(args.text_len)]
+    cmd += ["--checkpointing"] if checkpointing else []
+    return f"{which} (checkpointing {'on' if checkpointing else 'off'})", cmd
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_size_arguments(p, DTYPES)
-    p.add_argument("--runs", type=int, default=9, help="measured steps per variant (after one warm-up step)")
+    p.add_argument("--runs", type=int, default=9, help="timed steps per variant (after one warm-up step)")
+    p.add_argument("--memory-runs", type=int, default=3, help="steps per variant measuring the peak memory")
     p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -246,45 +173,25 @@ def main() -> None:
     tokens = args.frames * (args.height // 2) * (args.width // 2)
     print(f"K5 LoRA training step (forward + backward + AdamW, LoRA rank {RANK} alpha {ALPHA:g} on the official "
           f"targets), {DIMS}, {tokens} visual tokens + {args.text_len} text tokens, {args.dtype} on {args.device}, "
-          f"{args.threads} threads, {args.runs} measured steps per variant after 1 warm-up step, interleaved")
+          f"{args.threads} threads, {args.runs} timed and {args.memory_runs} memory steps per variant after 1 warm-up "
+          f"step each, interleaved")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         weights = tmp / "k5_bench.safetensors"
         make_weights(weights)
-        workers = {}
-        try:
-            for v in VARIANTS:  # started one after the other: builds and warm-ups never overlap
-                workers[v] = Worker(*v, args, weights, tmp / f"{v[0]}_{v[1]}.pt")
-            for i in range(args.runs):
-                for v in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
-                    workers[v].step()
-        finally:
-            for w in workers.values():
-                if w.proc.poll() is None:
-                    w.close()
-        grads = {v: torch.load(tmp / f"{v[0]}_{v[1]}.pt") for v in VARIANTS}
+        outs = {v: tmp / f"{v[0]}_{v[1]}.pt" for v in VARIANTS}
+        commands = {v: worker_command(*v, args, weights, outs[v]) for v in VARIANTS}
+        workers = run_interleaved(commands, args.runs, "step", env=TIME_ENV)
+        grads = {v: torch.load(outs[v]) for v in VARIANTS}
+        memory_workers = run_interleaved(commands, args.memory_runs, "step", env=WORKER_ENV)
 
     info = {v: workers[v].info for v in VARIANTS}
     print(f"  trainable: ours {info['ours', False]['layers']} layers / {info['ours', False]['trainable']} "
           f"parameters, diffusers+peft {info['diffusers', False]['layers']} layers / "
           f"{info['diffusers', False]['trainable']} parameters")
-    for ckpt in (False, True):
-        o, d = ("ours", ckpt), ("diffusers", ckpt)
-        t = {v: [s["s"] for s in workers[v].steps] for v in (o, d)}
-        peak = {v: max(s["peak_bytes"] for s in workers[v].steps) for v in (o, d)}
-        ratios = [a / b for a, b in zip(t[o], t[d])]  # adjacent steps of the same cycle
-        lo, hi = _quartiles(ratios)
-        print(f"  gradient checkpointing {'on ' if ckpt else 'off'}:")
-        for v in (o, d):
-            q1, q3 = _quartiles(t[v])
-            print(f"    {LABEL[v[0]]:15s} step time median {statistics.median(t[v]) * 1000:7.1f} ms "
-                  f"(quartiles {q1 * 1000:.1f}-{q3 * 1000:.1f}, best {min(t[v]) * 1000:.1f}), "
-                  f"peak extra memory {peak[v] / 2 ** 20:6.1f} MiB")
-        print(f"    ratio ours/diffusers+peft: time {statistics.median(ratios):.3f}x (median of per-cycle ratios, "
-              f"quartiles {lo:.3f}-{hi:.3f}), {min(t[o]) / min(t[d]):.3f}x (best)   "
-              f"memory {peak[o] / max(peak[d], 1):.3f}x")
+    print_train_step_ratios(workers, memory_workers, LABEL)
     loss0 = {v: info[v]["loss"] for v in VARIANTS}
-    last = {v: workers[v].steps[-1]["loss"] for v in VARIANTS}
+    last = {v: workers[v].replies[-1]["loss"] for v in VARIANTS}
     print("  initial loss (zero lora_up/lora_B, i.e. the base model): " + ", ".join(
         f"{LABEL[w]} ckpt {'on' if c else 'off'} {loss0[w, c]:.7f}" for w, c in VARIANTS))
     rel0 = abs(loss0["ours", False] / loss0["diffusers", False] - 1)
@@ -295,9 +202,9 @@ def main() -> None:
           f"{abs(loss0['diffusers', True] / loss0['diffusers', False] - 1):.1e}")
     flat = {v: torch.cat([grads[v][k].flatten() for k in sorted(grads[v])]) for v in VARIANTS}
     print(f"  first-step lora_up/lora_B gradients, relative difference ours vs diffusers+peft: "
-          f"{_rel(flat['ours', False], flat['diffusers', False]):.2e} (checkpointing off), "
-          f"{_rel(flat['ours', True], flat['diffusers', True]):.2e} (on)")
-    print(f"  loss after {args.runs} AdamW updates (the last measured step): " + ", ".join(
+          f"{rel(flat['ours', False], flat['diffusers', False]):.2e} (checkpointing off), "
+          f"{rel(flat['ours', True], flat['diffusers', True]):.2e} (on)")
+    print(f"  loss after {args.runs} AdamW updates (the last timed step): " + ", ".join(
         f"{LABEL[w]} ckpt {'on' if c else 'off'} {last[w, c]:.7f}" for w, c in VARIANTS))
 
 

@@ -15,7 +15,8 @@ attentions of every block (ltx-trainer's default targets, :data:`~cinetune.ltx2.
 per block, the module names are the same on both sides).
 
 - ours: ``LTX2DiT`` + ``core.lora.inject_lora`` + ``ltx2.train.ltx2_flow_matching_loss``, with the trainer's
-  per-block ``gradient_checkpointing`` on or off;
+  per-block ``gradient_checkpointing`` on or off (the attentions' LoRA projections that read the same tokens train
+  through ``core.lora_fused``);
 - reference: diffusers ``LTX2VideoTransformer3DModel`` on the same weights +
   ``peft.inject_adapter_in_model(LoraConfig(r=16, lora_alpha=16, target_modules=<the same 4 suffixes>))``, with
   diffusers' own ``enable_gradient_checkpointing()`` (also per block, non-reentrant) on or off.

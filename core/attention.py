@@ -26,7 +26,7 @@ block j only where ``block_mask[..., i, j]`` is True. Three paths give the same 
   are not a whole number of blocks take the next path too (the compiled kernel is not used for a short last block).
 - ``"gathered"`` (everywhere else: CPU, CUDA without a working compiler, other devices): each query block attends
   the key/value blocks it keeps, gathered into one sequence, through SDPA's fused kernels, with a custom backward
-  (:mod:`cinetune.core.block_sparse`). Dropped blocks cost nothing but their gathers are memory traffic, so the
+  (on CPU by key block: each key block against the query blocks that keep it; :mod:`cinetune.core.block_sparse`). Dropped blocks cost nothing but their gathers are memory traffic, so the
   speed-up over dense attention is below 1 / kept fraction, and on GPUs (far more FLOPs than bandwidth) may vanish.
 - ``"masked dense"`` (only where the gathered path fails on a device, and as a reference): the block mask is expanded
   to a token-level mask and fed to SDPA, a slice of query rows at a time so the expanded mask stays bounded
@@ -243,9 +243,9 @@ def _check_block_mask(q: torch.Tensor, block_mask: torch.Tensor, block_size: int
 def _flex_available() -> bool:
     if "flex" not in _flex_state:
         try:
-            from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+            from torch.nn.attention import flex_attention as flex_module
 
-            _flex_state["flex"] = True
+            _flex_state["flex"] = hasattr(flex_module, "BlockMask") and hasattr(flex_module, "flex_attention")
         except ImportError:
             _flex_state["flex"] = False
     return bool(_flex_state["flex"]) and not _flex_state.get("broken", False)

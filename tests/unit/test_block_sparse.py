@@ -159,9 +159,100 @@ def test_backward_keeps_no_gathered_keys(backward_kind):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = block_sparse_attention(q, k, v, block_mask, block_size=bs, path="gathered")
     kept_keys = int(block_mask.sum()) * bs * D * 4  # bytes of the gathered keys alone
-    assert sum(saved.values()) <= 4 * B * H * S * D * 4 + B * H * S * 4 < kept_keys
+    # q, k, v, out, and the float32 log-sum-exp of every query row plus one padding row
+    assert sum(saved.values()) <= 4 * B * H * S * D * 4 + (B * H * S + bs) * 4 < kept_keys
     out.sum().backward()
     assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def spy_backward_kernel(monkeypatch):
+    """Record the key length of every call of the CPU kernel's backward."""
+    forward, backward = bsp._lse_kernels()
+    key_lengths = []
+
+    def recording(*args, **kwargs):
+        key_lengths.append(args[2].shape[2])
+        return backward(*args, **kwargs)
+
+    monkeypatch.setattr(bsp, "_lse_kernels", lambda: (forward, recording))
+    return key_lengths
+
+
+def gathered_rows(plan):
+    rows = torch.zeros(plan.rows, dtype=torch.bool)
+    rows[plan.partial] = True
+    return rows
+
+
+def test_cpu_backward_runs_gathered_rows_by_key_block(monkeypatch):
+    """Gathered rows are differentiated one key block per list (the kernel sees bs keys), rows attended in place by
+    query block (the kernel sees the head's keys); both exact."""
+    assert bsp._lse_kernels_work(torch.float32)
+    key_lengths = spy_backward_kernel(monkeypatch)
+    bs, nb = 8, 10
+    S = bs * nb
+    block_mask = random_mask((1, 2, nb, nb), 0.4, seed=13)
+    block_mask[0, 0, 3] = True  # one row attended in place
+    q, k, v = qkv(1, 2, S, 4, seed=14)
+    plan = bsp._plan(block_mask, 1, 2, nb, bs, S, 4)
+    columns, _ = bsp._column_plan(plan, gathered_rows(plan), range(2), bs, 4)
+    assert_gathered_matches(q, k, v, block_mask, bs)
+    assert sorted(key_lengths) == [bs] * len(columns) + [S]
+
+
+def test_key_block_lists_are_padded_with_a_zero_row_and_the_short_block_masked(monkeypatch):
+    """Key blocks kept by different numbers of query blocks share a call: the shorter lists end with the padding row
+    (log-sum-exp +inf: it adds nothing), and the short last key block of a ragged sequence masks its padded tokens."""
+    bs, nb = 8, 12
+    S = bs * nb - 3
+    R = 2 * nb
+    g = torch.Generator().manual_seed(15)
+    columns = []
+    for c in [8, 9] * (nb // 2):  # query blocks per key block: 8 and 9 share calls (1/8 padding)
+        column = torch.zeros(nb, dtype=torch.bool)
+        column[torch.randperm(nb, generator=g)[:c]] = True
+        columns.append(column)
+    block_mask = torch.stack(columns, dim=1).expand(1, 2, nb, nb)
+    plan = bsp._plan(block_mask, 1, 2, nb, bs, S, 4)
+    columns, _ = bsp._column_plan(plan, gathered_rows(plan), range(2), bs, 4)
+    assert any(bool((c.rows == R).any()) for c in columns)  # padded
+    assert any(c.short is not None for c in columns)  # a call holds the short last key block
+    kept_by_gathered_rows = {r // nb * nb + j for r in plan.partial.tolist() for j in range(nb) if plan.m[r, j]}
+    keys = torch.cat([c.keys for c in columns]).tolist()
+    assert sorted(keys) == sorted(kept_by_gathered_rows)  # each once
+    q, k, v = qkv(1, 2, S, 4, seed=16)
+    assert_gathered_matches(q, k, v, block_mask, bs)
+
+
+def test_backward_planned_head_by_head(monkeypatch):
+    """With the plan bounded to one head at a time the backward runs head by head, with the same gradients."""
+    calls = []
+    original = bsp._column_plan
+
+    def recording(plan, gathered, heads, bs, D):
+        calls.append(heads)
+        return original(plan, gathered, heads, bs, D)
+
+    monkeypatch.setattr(bsp, "_column_plan", recording)
+    monkeypatch.setattr(bsp, "_PLAN_PAIRS", 1)
+    q, k, v = qkv(2, 3, 70, 4, seed=19)
+    assert_gathered_matches(q, k, v, random_mask((2, 3, 9, 9), 0.5, seed=20), 8)
+    assert calls == [range(h, h + 1) for h in range(6)]
+
+
+def test_a_kernel_that_leaks_through_the_padding_row_is_not_used(monkeypatch):
+    """If the CPU kernel's backward gave the +inf log-sum-exp row any weight, the padding would be wrong: the probe
+    then turns the kernel pair off and the gathered path recomputes instead, still exact."""
+    forward, backward = bsp._lse_kernels()
+
+    def leaking(grad_out, q, k, v, out, lse, *args, **kwargs):
+        return backward(grad_out, q, k, v, out, lse.nan_to_num(posinf=0.0), *args, **kwargs)
+
+    monkeypatch.setattr(bsp, "_lse_kernels", lambda: (forward, leaking))
+    monkeypatch.setattr(bsp, "_lse_kernel_state", {})
+    assert not bsp._lse_kernels_work(torch.float32)
+    q, k, v = qkv(1, 2, 64, 4, seed=17)
+    assert_gathered_matches(q, k, v, random_mask((1, 2, 8, 8), 0.5, seed=18), 8)
 
 
 # ------------------------------------------------------------------------------ the tiny Kandinsky 5 DiT with NABLA
