@@ -202,9 +202,11 @@ def _nabla_terms(config: K5Config, s: int, *, device_type: str, batch: int, toke
       ``core.block_sparse.gather_budget`` elements (or the whole key lists of one row per CPU thread, or all kept
       keys if fewer), a call's additive key mask, and
       the gathered query rows (as many as keys, or one head's rows S·hd for the rows that keep every block) with
-      the kernel output for them; CPU kernel tiles. Kept for the backward: the int32 keys and the row order. In the
-      backward: the output gradient made contiguous (s·D per token), the workspace again with three query-sized
-      buffers (query rows, output gradient, output), and the kernel's key/value/query gradients of one call. With
+      the kernel output for them; CPU kernel tiles. Kept for the backward: the bool block-mask rows and the gathered
+      row indices. In the backward: the output gradient made contiguous (s·D per token); on CPU (by key block) three
+      query-row buffers and one query-gradient buffer per call, and while its plan is built up to 24 bytes per kept
+      pair for at most 2^20 pairs (or one head) at a time; elsewhere the workspace again with three query-sized
+      buffers (query rows, output gradient, output) and the kernel's key/value/query gradients of one call. With
       ``every_block_kept`` (the STA window covers the whole grid) no row is partial: nothing is gathered but the
       query rows. Worst case otherwise (every row keeps all but one block). Validated against the CPU allocator.
     - ``"masked dense"`` (``core.attention._masked_dense``): the additive mask of one slice of query blocks,
