@@ -318,9 +318,13 @@ def init_distributed(device: str | torch.device | None = None, *, backend: str |
     return DistributedContext(env.rank, env.world_size, env.local_rank, dev, chosen)
 
 
-def close_distributed(ctx: DistributedContext) -> None:
-    """Leave the process group ``ctx`` joined (nothing for a single process)."""
+def close_distributed(ctx: DistributedContext, *, wait: bool = True) -> None:
+    """Leave the process group ``ctx`` joined (nothing for a single process). With ``wait`` (the ranks all got
+    here without an error) every rank first meets at a barrier, so no rank tears the group down while another is
+    still in a collective; after an error no rank waits for the others."""
     if ctx.distributed and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -294,6 +294,7 @@ def launch(run_dir: str | os.PathLike, *, models=None, caches: Mapping[str, str]
         raise TrainingError(f"--max-steps does not apply to this run: it trains {epochs} epochs. Leave --max-steps "
                             "out.")
     own = ctx is None
+    finished = False
     ctx = init_distributed(device) if own else ctx
     try:
         sharding = sharding or ("fsdp" if ctx.distributed else "replicate")
@@ -338,10 +339,11 @@ def launch(run_dir: str | os.PathLike, *, models=None, caches: Mapping[str, str]
                                 check_interrupt=_StopCheck(run_dir, ctx), metadata=recipe.metadata, **extra)
         if ctx.is_main:
             append_event(run_dir, {"event": "finished", "steps": result.steps, "lora": str(result.lora_path)})
+        finished = True
         return result
     finally:
         if own:
-            close_distributed(ctx)
+            close_distributed(ctx, wait=finished)
 
 
 # ---------------------------------------------------------------------------------------------------------------
