@@ -220,7 +220,9 @@ def run_interleaved(commands: Mapping[Hashable, tuple[str, Sequence[str]]], runs
 
 
 def quartiles(values: Sequence[float]) -> tuple[float, float]:
-    """First and third quartiles (inclusive method)."""
+    """First and third quartiles (inclusive method); both the value itself for a single value."""
+    if len(values) == 1:
+        return values[0], values[0]
     q = statistics.quantiles(values, n=4, method="inclusive")
     return q[0], q[2]
 

@@ -12,33 +12,30 @@ it), video tokens of a ``--frames × --height × --width`` latent grid, the audi
 
 Each implementation runs in its own subprocess (fresh allocator, no shared caches), built and warmed up one after
 the other (one forward each, not measured), then driven forward by forward in cycles — one forward of each per
-cycle, the order reversed every other cycle — so load from other processes on the machine hits both alike.
-
-- time: the median over cycles of the per-cycle ratio ours/diffusers (with its quartiles); the median and best
-  forward time of each, all under ``torch.inference_mode``;
-- peak memory: the extra memory a forward needs at its peak over what is resident before it (weights paged in,
-  inputs), the largest over the measured forwards; measured as in ``bench_k5_dit.py`` (CPU: Linux ``VmHWM`` after
-  minus ``VmRSS`` before, high-water mark reset per forward, glibc mmap threshold 64 KiB; CUDA:
-  ``max_memory_allocated``).
+cycle, the order reversed every other cycle — so load from other processes on the machine hits both alike. As in
+``bench_k5_dit.py`` this is done twice, with fresh subprocesses: time (``--runs`` cycles, glibc's default allocator
+settings, ``_common.TIME_ENV``; median and quartiles of the per-cycle ratio ours/diffusers, best times, CPU-time
+ratio) and peak memory (``--memory-runs`` cycles, ``_common.WORKER_ENV``: the extra memory a forward needs at its
+peak over what is resident before it, measured as described in ``bench_k5_dit.py``), all under
+``torch.inference_mode`` (``_common.forward_worker``).
 
 Prints both, the ratios, and the relative difference of the two outputs as a sanity check.
 
-    python bench/bench_ltx2_dit.py [--device cpu|cuda] [--dtype fp32|bf16] [--runs 15] [--threads N]
+    python bench/bench_ltx2_dit.py [--device cpu|cuda] [--dtype fp32|bf16] [--runs 15] [--memory-runs 3] [--threads N]
                                    [--frames 4 --height 16 --width 24] [--audio-tokens N] [--text-len 128]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from _common import DTYPES, memory_mark, memory_peak, page_in, quartiles, rel, reply, run_interleaved, synchronize
+from _common import (DTYPES, TIME_ENV, WORKER_ENV, forward_worker, page_in, print_forward_ratios, rel,
+                     run_interleaved)
 
 #: The medium network, as a checkpoint's ``config.transformer`` metadata (absent keys take the 19B values).
 MEDIUM = {
@@ -130,28 +127,13 @@ def build(which: str, weights: Path, dtype, device):
 
 
 def worker(args) -> None:
-    """Build one implementation, run the warm-up forward, then one measured forward per ``run`` line on stdin (one
-    JSON line each on stdout); ``quit`` saves the last output and ends."""
+    """Build one implementation and run :func:`_common.forward_worker` on it."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     call = build(args.worker, Path(args.weights), dtype, device)
     inputs = make_inputs(args, dtype, device)
-    with torch.inference_mode():
-        out = call(inputs)  # warm-up: one-time lazy initialisation is not part of the measurement
-        synchronize(device)
-        reply({"ready": True})
-        for line in sys.stdin:
-            if line.strip() != "run":
-                break
-            del out
-            base = memory_mark(device)
-            start = time.perf_counter()
-            out = call(inputs)
-            synchronize(device)
-            elapsed = time.perf_counter() - start
-            reply({"s": elapsed, "peak_bytes": memory_peak(device) - base})
-    torch.save([o.float().cpu() for o in out], args.out)
+    forward_worker(lambda: call(inputs), lambda out: torch.save([o.float().cpu() for o in out], args.out), device)
 
 
 def worker_command(which: str, args, weights: Path, out: Path) -> tuple[str, list[str]]:
@@ -168,7 +150,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--runs", type=int, default=15, help="measured forwards per implementation (after one warm-up)")
+    p.add_argument("--runs", type=int, default=15, help="timed forwards per implementation (after one warm-up)")
+    p.add_argument("--memory-runs", type=int, default=3, help="forwards per implementation measuring the peak memory")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--frames", type=int, default=4, help="latent frames F'")
     p.add_argument("--height", type=int, default=16, help="latent height H' (pixels / 32)")
@@ -185,29 +168,19 @@ def main() -> None:
     video_tokens = args.frames * args.height * args.width
     print(f"LTX-2 DiT forward, {MEDIUM}, batch {args.batch}, {video_tokens} video tokens "
           f"({args.frames}x{args.height}x{args.width}) + {audio_tokens(args)} audio tokens + {args.text_len} text "
-          f"tokens per modality, {args.dtype} on {args.device}, {args.threads} threads, {args.runs} measured "
-          f"forwards each after 1 warm-up, interleaved")
+          f"tokens per modality, {args.dtype} on {args.device}, {args.threads} threads, {args.runs} timed and "
+          f"{args.memory_runs} memory forwards each after 1 warm-up, interleaved")
     names = ("ours", "diffusers")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         weights = tmp / "ltx2_bench.safetensors"
         make_weights(weights)
-        workers = run_interleaved({n: worker_command(n, args, weights, tmp / f"{n}.pt") for n in names}, args.runs,
-                                  "run")
+        commands = {n: worker_command(n, args, weights, tmp / f"{n}.pt") for n in names}
+        workers = run_interleaved(commands, args.runs, "run", env=TIME_ENV)
+        memory_workers = run_interleaved(commands, args.memory_runs, "run", env=WORKER_ENV)
         outs = {n: torch.load(tmp / f"{n}.pt") for n in names}
 
-    t = {n: [r["s"] for r in workers[n].replies] for n in names}
-    peak = {n: max(r["peak_bytes"] for r in workers[n].replies) for n in names}
-    for n in names:
-        q1, q3 = quartiles(t[n])
-        print(f"  {n:9s} forward time median {statistics.median(t[n]) * 1000:7.1f} ms (quartiles "
-              f"{q1 * 1000:.1f}-{q3 * 1000:.1f}, best {min(t[n]) * 1000:.1f}), peak extra memory "
-              f"{peak[n] / 2 ** 20:6.1f} MiB")
-    ratios = [a / b for a, b in zip(t["ours"], t["diffusers"])]  # adjacent forwards of the same cycle
-    lo, hi = quartiles(ratios)
-    print(f"  ratio ours/diffusers: time {statistics.median(ratios):.3f}x (median of per-cycle ratios, quartiles "
-          f"{lo:.3f}-{hi:.3f}), {min(t['ours']) / min(t['diffusers']):.3f}x (best)   "
-          f"memory {peak['ours'] / max(peak['diffusers'], 1):.3f}x")
+    print_forward_ratios(workers, memory_workers, names)
     print(f"  output relative difference ours vs diffusers: video {rel(outs['ours'][0], outs['diffusers'][0]):.2e}, "
           f"audio {rel(outs['ours'][1], outs['diffusers'][1]):.2e}")
 
