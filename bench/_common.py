@@ -265,18 +265,26 @@ def print_forward_ratios(time_workers: Mapping[str, Worker], memory_workers: Map
     :data:`WORKER_ENV`); the ratios ours/reference: time as the median and quartiles of the per-cycle ratios and best
     over best, memory as largest peak over largest peak; then the CPU-time ratio and the time ratio of the memory
     workers (see :func:`print_train_step_ratios`)."""
-    ours, ref = names
-    t = {n: [r["s"] for r in time_workers[n].replies] for n in names}
-    peak = {n: max(r["peak_bytes"] for r in memory_workers[n].replies) for n in names}
-    for n in names:
-        q1, q3 = quartiles(t[n])
-        print(f"  {n:9s} forward time median {statistics.median(t[n]) * 1000:7.1f} ms (quartiles "
-              f"{q1 * 1000:.1f}-{q3 * 1000:.1f}, best {min(t[n]) * 1000:.1f}), peak extra memory "
-              f"{peak[n] / 2 ** 20:6.1f} MiB")
-    med, lo, hi = _cycle_ratios(time_workers[ours], time_workers[ref], "s")
-    print(f"  ratio {ours}/{ref}: time {med:.3f}x (median of per-cycle ratios, quartiles {lo:.3f}-{hi:.3f}), "
-          f"{min(t[ours]) / min(t[ref]):.3f}x (best)   memory {peak[ours] / max(peak[ref], 1):.3f}x")
-    _print_other_time_ratios(time_workers[ours], time_workers[ref], memory_workers[ours], memory_workers[ref])
+    _print_pair([time_workers[n] for n in names], [memory_workers[n] for n in names], names, "forward", 9, "  ")
+
+
+def _print_pair(time_workers: Sequence[Worker], memory_workers: Sequence[Worker], labels: Sequence[str], what: str,
+                width: int, indent: str) -> None:
+    """Per side (ours, reference) the median, quartiles and best time of ``what`` and the peak extra memory, then the
+    ratios ours/reference (time: median and quartiles of the per-cycle ratios, best over best; memory: largest peak
+    over largest peak) and :func:`_print_other_time_ratios`."""
+    t = [[r["s"] for r in w.replies] for w in time_workers]
+    peak = [max(r["peak_bytes"] for r in w.replies) for w in memory_workers]
+    for times, top, label in zip(t, peak, labels):
+        q1, q3 = quartiles(times)
+        print(f"{indent}{label:{width}s} {what} time median {statistics.median(times) * 1000:7.1f} ms (quartiles "
+              f"{q1 * 1000:.1f}-{q3 * 1000:.1f}, best {min(times) * 1000:.1f}), peak extra memory "
+              f"{top / 2 ** 20:6.1f} MiB")
+    med, lo, hi = _cycle_ratios(time_workers[0], time_workers[1], "s")
+    print(f"{indent}ratio {labels[0]}/{labels[1]}: time {med:.3f}x (median of per-cycle "
+          f"ratios, quartiles {lo:.3f}-{hi:.3f}), {min(t[0]) / min(t[1]):.3f}x (best)   memory "
+          f"{peak[0] / max(peak[1], 1):.3f}x")
+    _print_other_time_ratios(*time_workers, *memory_workers, indent)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,19 +362,10 @@ def print_train_step_ratios(time_workers: Mapping[tuple[str, bool], Worker],
     every large tensor is freshly mapped and zero-filled (allocation-bound; the method of earlier entries)."""
     ref = label["diffusers"]
     for ckpt in (False, True):
-        o, d = ("ours", ckpt), ("diffusers", ckpt)
-        t = {v: [s["s"] for s in time_workers[v].replies] for v in (o, d)}
-        peak = {v: max(s["peak_bytes"] for s in memory_workers[v].replies) for v in (o, d)}
+        sides = [("ours", ckpt), ("diffusers", ckpt)]
         print(f"  gradient checkpointing {'on ' if ckpt else 'off'}:")
-        for v in (o, d):
-            q1, q3 = quartiles(t[v])
-            print(f"    {label[v[0]]:15s} step time median {statistics.median(t[v]) * 1000:7.1f} ms "
-                  f"(quartiles {q1 * 1000:.1f}-{q3 * 1000:.1f}, best {min(t[v]) * 1000:.1f}), "
-                  f"peak extra memory {peak[v] / 2 ** 20:6.1f} MiB")
-        med, lo, hi = _cycle_ratios(time_workers[o], time_workers[d], "s")
-        print(f"    ratio ours/{ref}: time {med:.3f}x (median of per-cycle ratios, quartiles {lo:.3f}-{hi:.3f}), "
-              f"{min(t[o]) / min(t[d]):.3f}x (best)   memory {peak[o] / max(peak[d], 1):.3f}x")
-        _print_other_time_ratios(time_workers[o], time_workers[d], memory_workers[o], memory_workers[d], "    ")
+        _print_pair([time_workers[v] for v in sides], [memory_workers[v] for v in sides],
+                    [label["ours"], ref], "step", 15, "    ")
 
 
 def _print_other_time_ratios(ours: Worker, reference: Worker, ours_memory: Worker, reference_memory: Worker,
