@@ -29,8 +29,9 @@ Formulas (b = batch, t_i = tokens of block i, A_i = its :class:`BlockActivations
   output and its incoming gradient: ``max_i ( Σ_{j≤i} hidden_j + max(forward_i, 2·hidden_i + saved_i +
   backward_i) )`` — the maximum is at the last block.
 - **activations, training without checkpointing**: every block's input and saved tensors stay until its
-  backward: ``max_i max( Σ_{j<i}(hidden_j + saved_j) + hidden_i + forward_i,
-  Σ_{j≤i}(hidden_j + saved_j) + 2·hidden_i + backward_i )``.
+  backward, less what the block recomputes in its backward (``recomputed``, :mod:`.recompute`), which exists again
+  while that backward runs: ``max_i max( Σ_{j<i}(hidden_j + saved_j − recomputed_j) + hidden_i + forward_i,
+  Σ_{j≤i}(hidden_j + saved_j − recomputed_j) + 2·hidden_i + recomputed_i + backward_i )``.
 - **attention workspace**: ``quadratic × b·t_i²`` at the block that peaks, doubled in a backward (saved
   probabilities and their gradient); 0 for flash-style kernels, whose per-token buffers (log-sum-exp) are in the
   linear terms.
@@ -184,11 +185,14 @@ class BlockActivations:
         hidden: the block's input (= output) hidden state, D·bytes: what a checkpoint keeps per block.
         forward: the most bytes live at once during one forward of the block beyond its input (no grad, or under
             checkpointing, which saves nothing).
-        saved: bytes autograd keeps from one block forward for its backward, beyond the input.
+        saved: bytes autograd keeps from one block forward for its backward, beyond the input, where no other
+            saved-tensor hooks are in force (the recompute of a checkpointed block).
         backward: the most bytes live during the block's backward beyond the saved tensors, its output and the
             incoming gradient (gradients of intermediate tensors).
         quadratic: bytes per token² per sample of an attention kernel that materialises scores (math attention:
             heads·bytes); 0 for flash-style kernels.
+        recomputed: the part of ``saved`` that a plain forward with autograd does not keep but recomputes when
+            the backward needs it (:func:`~cinetune.core.recompute.mlp`: an activation kept as its input); ≤ saved.
     """
 
     hidden: float
@@ -196,12 +200,16 @@ class BlockActivations:
     saved: float
     backward: float
     quadratic: float = 0.0
+    recomputed: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "forward", "saved", "backward", "quadratic"):
+        for name in ("hidden", "forward", "saved", "backward", "quadratic", "recomputed"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"BlockActivations.{name} must be a finite number ≥ 0, got {v!r}")
+        if self.recomputed > self.saved:
+            raise ValueError(f"BlockActivations.recomputed ({self.recomputed!r}) is part of saved ({self.saved!r}) "
+                             "and cannot exceed it")
 
 
 def transformer_block_activations(hidden: int, ff_hidden: int, heads: int, *, compute_dtype: str | torch.dtype = "bf16",
@@ -325,8 +333,10 @@ def measure_block_activations(block: nn.Module, make_inputs: Callable[[int], tup
     For each token count ``t``: ``make_inputs(t)`` gives ``(args, kwargs)`` for one sample (batch 1) — the first
     positional argument must be the hidden state ``[1, t, D]``; make it require grad, or give the block trainable
     parameters, so that a backward exists. Then, each under :func:`measure_cpu_peak`: an inference forward under
-    ``torch.no_grad`` (→ ``forward``; its output size → ``hidden``), a forward with autograd (bytes kept → ``saved``)
-    and the backward of that output with a random gradient (peak → ``backward``).
+    ``torch.no_grad`` (→ ``forward``; its output size → ``hidden``), a forward with autograd inside a pass-through
+    saved-tensor hook pair, as a checkpointed block's recompute runs (bytes kept → ``saved``), the backward of that
+    output with a random gradient (peak → ``backward``), and a plain forward with autograd (``saved`` less the bytes
+    it keeps → ``recomputed``).
 
     The result is as exact as the CPU kernels: saved tensors are the same on every device; a CPU kernel's scratch
     buffers may differ from its CUDA counterpart's (e.g. CPU flash attention's per-thread blocks). Measure in the
@@ -360,19 +370,32 @@ def measure_block_activations(block: nn.Module, make_inputs: Callable[[int], tup
             raise ValueError(f"the block returned {type(fwd.result).__name__}; measure_block_activations needs a "
                              "tensor")
         out_bytes = fwd.result.numel() * fwd.result.element_size()
-        with_grad = measure_cpu_peak(lambda: block(*args, **kwargs))
+
+        def keeping_all():
+            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                return block(*args, **kwargs)
+
+        with_grad = measure_cpu_peak(keeping_all)
         out = with_grad.result
         if not out.requires_grad:
             raise ValueError("the block output does not require grad: make the hidden state require grad or give the "
                              "block trainable parameters, so that its backward can be measured")
         grad = torch.randn_like(out)
         bwd = measure_cpu_peak(functools.partial(out.backward, grad))
-        rows.append((out_bytes, fwd.peak, with_grad.end - out_bytes, bwd.peak))
-        del fwd, with_grad, out, grad
-    (h1, f1, s1, b1), (h2, f2, s2, b2) = rows
+        del out
+        plain = measure_cpu_peak(lambda: block(*args, **kwargs))
+        rows.append((out_bytes, fwd.peak, with_grad.end - out_bytes, bwd.peak, plain.end - out_bytes))
+        del fwd, with_grad, plain, grad
+    (h1, f1, s1, b1, p1), (h2, f2, s2, b2, p2) = rows
     dt = t2 - t1
-    return BlockActivations(hidden=max(0.0, (h2 - h1) / dt), forward=max(0.0, (f2 - f1) / dt),
-                            saved=max(0.0, (s2 - s1) / dt), backward=max(0.0, (b2 - b1) / dt))
+    saved = max(0.0, (s2 - s1) / dt)
+    return BlockActivations(hidden=max(0.0, (h2 - h1) / dt), forward=max(0.0, (f2 - f1) / dt), saved=saved,
+                            backward=max(0.0, (b2 - b1) / dt),
+                            recomputed=min(saved, max(0.0, saved - (p2 - p1) / dt)))
+
+
+def _keep(t):
+    return t
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -547,8 +570,9 @@ def estimate_peak_memory(model: ModelDescription, activations: BlockActivations 
             cands = [(prefix + a.forward * m, quad), (prefix + (2 * a.hidden + a.saved + a.backward) * m, 2 * quad)]
         else:
             before = prefix
-            prefix += (a.hidden + a.saved) * m + quad
-            cands = [(before + (a.hidden + a.forward) * m, quad), (prefix + (2 * a.hidden + a.backward) * m, quad)]
+            prefix += (a.hidden + a.saved - a.recomputed) * m + quad
+            cands = [(before + (a.hidden + a.forward) * m, quad),
+                     (prefix + (2 * a.hidden + a.recomputed + a.backward) * m, quad)]
         for lin, q in cands:
             if lin + q > best[0] + best[1]:
                 best = (lin, q, i)

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..core.attention import attention
 from ..core.quant import CastLinear
+from ..core.recompute import mlp
 from .nabla import NablaConfig, nabla_attention
 
 MAX_PERIOD = 10000.0  # time embedding and RoPE base
@@ -271,7 +272,9 @@ class FeedForward(nn.Module):
     """Linear(D → F, no bias) → exact GELU → Linear(F → D, no bias). ``[B, S, D]`` → ``[B, S, D]``.
 
     Without autograd, long sequences run in slices of :data:`FF_CHUNK_TOKENS` tokens (the FFN is per token), so the
-    two ``[B, S, F]`` hidden tensors — the largest activations of the model — never exist at full length.
+    two ``[B, S, F]`` hidden tensors — the largest activations of the model — never exist at full length. With
+    autograd the GELU output that a LoRA adapter on ``out_layer`` would keep is recomputed from the GELU input in the
+    backward instead (:func:`~cinetune.core.recompute.mlp`).
     """
 
     def __init__(self, model_dim: int, ff_dim: int) -> None:
@@ -280,7 +283,7 @@ class FeedForward(nn.Module):
         self.out_layer = CastLinear(ff_dim, model_dim, bias=False)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_layer(F.gelu(self.in_layer(x)))
+        return mlp(x, self.in_layer, F.gelu, self.out_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         S = x.shape[1]

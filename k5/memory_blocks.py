@@ -41,7 +41,8 @@ copies around every norm, RoPE and gated residual (the official casts) — why t
   12D − [fp32]·4D + 12D + 6·s·D + s·F + 20H + 24 (bf16 36D + 2F + 20H + 24; fp32 44D + 4F + 20H + 24); text:
   8D − [fp32]·4D + 8D + 4·s·D + s·F + 12H + 16. Trainable LoRA also keeps the inputs of its layers that nothing
   else keeps (visual: three modulated inputs and the GELU output, 3·s·D + s·F; text 2·s·D + s·F) and each
-  down-projection output s·r. With cast weights (fp8, or fp32 weights with bf16 compute) ``F.linear`` keeps the
+  down-projection output s·r. The GELU output is kept only by the recompute of a checkpointed block: a plain
+  forward keeps its input instead and recomputes it in the backward (``core.recompute.mlp``; ``recomputed`` s·F). With cast weights (fp8, or fp32 weights with bf16 compute) ``F.linear`` keeps the
   cast weight of every projection of the block for the input gradient: s·(8D² + 2DF) visual, s·(4D² + 2DF) text.
 - backward (beyond what is saved and the incoming gradient; the block's own output has been released by then —
   the next block's backward freed it — so ``s·D`` is taken off the core estimate's 2·hidden): the largest of the
@@ -449,6 +450,9 @@ def k5_block_activations(config: K5Config, *, compute_dtype: str | torch.dtype, 
     quadratic = 2.0 * config.num_heads * s if math_attention else 0.0
     nabla_path = _check_nabla_path(nabla_path, device_type)
 
+    # the GELU output the out_layer adapter reads: recomputed from the GELU input unless under checkpointing
+    recomputed = float(s * config.ff_dim) if training and lora_rank else 0.0
+
     def one(kind: str, tokens: int | None) -> BlockActivations:
         t = tokens or 0
         kv = (text_tokens or 0) if kind == "visual" else t
@@ -463,9 +467,10 @@ def k5_block_activations(config: K5Config, *, compute_dtype: str | torch.dtype, 
                 model, forward=tuple((n, _Cost(c.per_token)) for n, c in model.forward),
                 saved=_Cost(model.saved.per_token),
                 backward=tuple((n, _Cost(c.per_token)) for n, c in model.backward))
-        return BlockActivations(hidden=model.hidden, forward=max(model.forward_at(m)[1] / m, 0.0),
-                                saved=max(model.saved.at(m) / m, 0.0),
-                                backward=max(model.backward_at(m)[1] / m, 0.0), quadratic=quadratic)
+        saved = max(model.saved.at(m) / m, 0.0)
+        return BlockActivations(hidden=model.hidden, forward=max(model.forward_at(m)[1] / m, 0.0), saved=saved,
+                                backward=max(model.backward_at(m)[1] / m, 0.0), quadratic=quadratic,
+                                recomputed=min(recomputed, saved))
 
     return ([one("text", text_tokens) for _ in range(config.num_text_blocks)]
             + [one("visual", visual_tokens) for _ in range(config.num_visual_blocks)])

@@ -81,6 +81,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.attention import attention, check_backend
 from ..core.lora_fused import fused_projections
 from ..core.quant import CastLinear
+from ..core.recompute import mlp
 from .config import LTX2TransformerConfig
 from .modulation import (AdaValues, CPURMSNorm, TokenTimesteps, inv_rms, modulated, owned, residual, rms,
                          scale_shift)
@@ -256,6 +257,10 @@ class Attention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(B, T, -1))
 
 
+def _gelu_tanh(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h, approximate="tanh")
+
+
 class _GELUProjection(nn.Module):
     """``GELU_tanh(proj(x))`` (official ``GELUApprox``; key ``proj``)."""
 
@@ -266,13 +271,15 @@ class _GELUProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.proj(x)
         if torch.is_grad_enabled():
-            return F.gelu(h, approximate="tanh")
+            return _gelu_tanh(h)
         return torch.ops.aten.gelu_(h, approximate="tanh")  # in place: the [B, T, 4·D] activation exists once
 
 
 class FeedForward(nn.Module):
     """Linear(D → 4D) → GELU-tanh → Linear(4D → D), biases (keys ``net.0.proj``, ``net.2``). ``[B, T, D]`` →
-    ``[B, T, D]``; without autograd in slices of :data:`FF_CHUNK_TOKENS` tokens."""
+    ``[B, T, D]``; without autograd in slices of :data:`FF_CHUNK_TOKENS` tokens. With autograd the GELU output that a
+    LoRA adapter on ``net.2`` would keep is recomputed from the GELU input in the backward
+    (:func:`~cinetune.core.recompute.mlp`)."""
 
     def __init__(self, dim: int, mult: int = 4) -> None:
         super().__init__()
@@ -280,7 +287,9 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = x.shape[1]
-        if T <= FF_CHUNK_TOKENS or torch.is_grad_enabled():
+        if torch.is_grad_enabled():
+            return mlp(x, self.net[0].proj, _gelu_tanh, self.net[2])
+        if T <= FF_CHUNK_TOKENS:
             return self.net(x)
         out = torch.empty_like(x)
         for start in range(0, T, FF_CHUNK_TOKENS):

@@ -148,6 +148,9 @@ def test_block_formulas_match_the_cpu_allocator(kind, dims, dtype, rank):
                                         device_type="cpu")[0 if kind == "text" else -1]
     assert measured.hidden == coefficients.hidden == config.model_dim * DTYPES[dtype].itemsize
     assert abs(measured.saved - coefficients.saved) <= 0.01 * coefficients.saved, (measured, coefficients)
+    # with LoRA a plain forward keeps the GELU input in place of the GELU output (core.recompute.mlp)
+    assert coefficients.recomputed == (config.ff_dim * DTYPES[dtype].itemsize if rank else 0)
+    assert abs(measured.recomputed - coefficients.recomputed) <= 0.01 * coefficients.saved, (measured, coefficients)
 
 
 def test_block_formulas_scale_with_width():

@@ -281,6 +281,12 @@ def test_lora_optimizer_and_training_activations():
     assert est8.lora == 4 * 48 * 2 and est8.optimizer_state == 4 * 48 * 2
     nock = estimate_peak_memory(desc, acts, tokens=10, training=True, gradient_checkpointing=False)
     assert nock.activations == 10 * (2 * (32 + 50) + 2 * 32 + 20)
+    # 15 of the 50 saved bytes recomputed in the backward: the first block keeps 15 less until the last block's
+    # backward, which holds its own 15 again; with checkpointing the recompute keeps all 50
+    part = BlockActivations(hidden=32, forward=100, saved=50, backward=20, recomputed=15)
+    nock_part = estimate_peak_memory(desc, part, tokens=10, training=True, gradient_checkpointing=False)
+    assert nock_part.activations == 10 * (2 * (32 + 50) + 2 * 32 + 20 - 15)
+    assert estimate_peak_memory(desc, part, tokens=10, training=True).activations == est.activations // 2
     math_attn = BlockActivations(hidden=32, forward=100, saved=50, backward=20, quadratic=3)
     est_q = estimate_peak_memory(desc, math_attn, tokens=[5, 10], training=True)
     assert est_q.attention_workspace == 2 * 3 * 100
@@ -303,6 +309,8 @@ def test_estimate_errors_and_format():
         estimate_peak_memory(desc, acts, tokens=10, weight_dtype="int4")
     with pytest.raises(ValueError, match="must be a finite number"):
         BlockActivations(hidden=-1, forward=0, saved=0, backward=0)
+    with pytest.raises(ValueError, match="cannot exceed"):
+        BlockActivations(hidden=1, forward=0, saved=2, backward=0, recomputed=3)
     with pytest.raises(ValueError, match="not a submodule"):
         describe_module(model, [nn.Linear(2, 2)])
     est = MemoryEstimate(resident_weights=12_340_000_000, swap_ring=600_000_000, activations=8_000_000_000,
