@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.attention import attention
+from ..core.lora_fused import fused_projections
 from ..core.quant import CastLinear
 from ..core.recompute import mlp
 from .nabla import NablaConfig, nabla_attention
@@ -232,7 +233,9 @@ class Attention(nn.Module):
     """Multi-head attention with per-head RMSNorm on q and k (float32), optional RoPE, biased projections.
 
     Self-attention when ``context`` is None (then RoPE applies), cross-attention otherwise (no RoPE).
-    Scale 1/sqrt(head_dim). Official ``MultiheadSelfAttentionEnc/Dec`` and ``MultiheadCrossAttention``.
+    Scale 1/sqrt(head_dim). Official ``MultiheadSelfAttentionEnc/Dec`` and ``MultiheadCrossAttention``. While
+    autograd records, LoRA projections that read the same tokens (q/k/v of self-attention, k/v of cross-attention)
+    share their down-projection GEMMs (:func:`~cinetune.core.lora_fused.fused_projections`).
     """
 
     def __init__(self, model_dim: int, head_dim: int) -> None:
@@ -255,9 +258,13 @@ class Attention(nn.Module):
         Returns ``[B, S, D]`` in ``x.dtype``."""
         B, S, D = x.shape
         kv = x if context is None else context
-        q = _rms_norm(self.to_query(x).view(B, S, self.num_heads, self.head_dim), self.query_norm)
-        k = _rms_norm(self.to_key(kv).view(B, kv.shape[1], self.num_heads, self.head_dim), self.key_norm)
-        v = self.to_value(kv).view(B, kv.shape[1], self.num_heads, self.head_dim)
+        if context is None:
+            q, k, v = fused_projections(x, (self.to_query, self.to_key, self.to_value))
+        else:
+            q, (k, v) = self.to_query(x), fused_projections(context, (self.to_key, self.to_value))
+        q = _rms_norm(q.view(B, S, self.num_heads, self.head_dim), self.query_norm)
+        k = _rms_norm(k.view(B, kv.shape[1], self.num_heads, self.head_dim), self.key_norm)
+        v = v.view(B, kv.shape[1], self.num_heads, self.head_dim)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import fused_check
 import pytest
 import torch
 import torch.nn.functional as F
@@ -327,6 +328,36 @@ def test_autograd_forward_matches_inference_forward_and_reaches_every_parameter(
     out.square().mean().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("dropouts", [{}, dict(dropout=0.2, rank_dropout=0.25, module_dropout=0.2)],
+                         ids=["no-dropout", "dropouts"])
+def test_fused_lora_projections_give_the_one_by_one_gradients(monkeypatch, dropouts):
+    """q/k/v of every self-attention and k/v of every cross-attention run fused while training; the gradients of
+    every adapter and of the input equal the layers called one by one."""
+    from cinetune.core.lora import inject_lora
+    from cinetune.k5 import blocks
+    from cinetune.k5.family import K5_FAMILY
+
+    model = tiny_model().train()
+    modules = inject_lora(model, rank=2, alpha=2.0, targets=K5_FAMILY.lora_targets, within=K5_FAMILY.lora_within,
+                          **dropouts)
+    with torch.no_grad():
+        for m in modules.values():
+            m.lora_up.normal_(0.0, 0.1)
+    x, text, pooled, t = inputs(B=2, L=4, i2v=True)
+    mask = torch.tensor([[True, True, True, False], [True] * 4])
+
+    def loss(video):
+        return model(video, text, pooled, t, text_mask=mask).square().mean()
+
+    fused = fused_check.lora_gradients(model, blocks, loss, x, monkeypatch, fused=True)
+    separate = fused_check.lora_gradients(model, blocks, loss, x, monkeypatch, fused=False)
+    # text blocks: self q/k/v; visual blocks: self q/k/v and cross k/v
+    calls = TINY.num_text_blocks + 2 * TINY.num_visual_blocks
+    assert fused.pop("fused calls") == calls and separate.pop("fused calls") == 0
+    assert len(fused) == 1 + 2 * len(modules) if not dropouts else 1 < len(fused) < 1 + 2 * len(modules)
+    fused_check.assert_same_gradients(fused, separate)
 
 
 def test_feed_forward_in_token_slices_equals_whole(monkeypatch):
