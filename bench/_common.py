@@ -368,6 +368,31 @@ def print_train_step_ratios(time_workers: Mapping[tuple[str, bool], Worker],
                     [label["ours"], ref], "step", 15, "    ")
 
 
+def run_train_step_variants(variants: Sequence[tuple[str, bool]], make_weights: Callable[[Path], None], name: str,
+                            command: Callable[..., tuple[str, list[str]]], runs: int, memory_runs: int):
+    """Run a training-step benchmark's variants ``(impl, checkpointing)`` in worker subprocesses on one weights file
+    (``make_weights(path)``, in a temporary folder): ``runs`` interleaved timed steps (:data:`TIME_ENV`), then
+    ``memory_runs`` steps in fresh workers (:data:`WORKER_ENV`). ``command(impl, checkpointing, weights, out)``
+    gives a worker's name and command line; the worker saves its first-step gradients to ``out``. Returns
+    ``(time workers, first-step gradients, memory workers)``, each keyed by variant, and prints the trainable
+    layer and parameter counts of both sides."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        weights = tmp / f"{name}.safetensors"
+        make_weights(weights)
+        outs = {v: tmp / f"{v[0]}_{v[1]}.pt" for v in variants}
+        commands = {v: command(*v, weights, outs[v]) for v in variants}
+        workers = run_interleaved(commands, runs, "step", env=TIME_ENV)
+        grads = {v: torch.load(outs[v]) for v in variants}
+        memory_workers = run_interleaved(commands, memory_runs, "step", env=WORKER_ENV)
+    ours, ref = workers["ours", False].info, workers["diffusers", False].info
+    print(f"  trainable: ours {ours['layers']} layers / {ours['trainable']} parameters, diffusers+peft "
+          f"{ref['layers']} layers / {ref['trainable']} parameters")
+    return workers, grads, memory_workers
+
+
 def _print_other_time_ratios(ours: Worker, reference: Worker, ours_memory: Worker, reference_memory: Worker,
                              indent: str = "  ") -> None:
     """The CPU-time ratio of the timing workers and the wall-time ratio of the memory workers, one line."""

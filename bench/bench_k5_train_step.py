@@ -45,15 +45,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _common import (ALPHA, DIMS, DTYPES, RANK, TIME_ENV, WORKER_ENV, add_size_arguments, diffusers_forward,
-                     load_diffusers_k5, lora_down_init, make_weights, page_in, print_train_step_ratios, rel,
-                     run_interleaved, train_step_worker)
+from _common import (ALPHA, DIMS, DTYPES, RANK, add_size_arguments, diffusers_forward, load_diffusers_k5,
+                     lora_down_init, make_weights, page_in, print_train_step_ratios, rel, run_train_step_variants,
+                     train_step_worker)
 
 ROPE_SCALE = (1.0, 2.0, 2.0)
 SIGMA = 0.7
@@ -175,20 +174,12 @@ def main() -> None:
           f"targets), {DIMS}, {tokens} visual tokens + {args.text_len} text tokens, {args.dtype} on {args.device}, "
           f"{args.threads} threads, {args.runs} timed and {args.memory_runs} memory steps per variant after 1 warm-up "
           f"step each, interleaved")
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        weights = tmp / "k5_bench.safetensors"
-        make_weights(weights)
-        outs = {v: tmp / f"{v[0]}_{v[1]}.pt" for v in VARIANTS}
-        commands = {v: worker_command(*v, args, weights, outs[v]) for v in VARIANTS}
-        workers = run_interleaved(commands, args.runs, "step", env=TIME_ENV)
-        grads = {v: torch.load(outs[v]) for v in VARIANTS}
-        memory_workers = run_interleaved(commands, args.memory_runs, "step", env=WORKER_ENV)
+    def command(impl, ckpt, weights, out):
+        return worker_command(impl, ckpt, args, weights, out)
 
+    workers, grads, memory_workers = run_train_step_variants(VARIANTS, make_weights, "k5_bench", command, args.runs,
+                                                             args.memory_runs)
     info = {v: workers[v].info for v in VARIANTS}
-    print(f"  trainable: ours {info['ours', False]['layers']} layers / {info['ours', False]['trainable']} "
-          f"parameters, diffusers+peft {info['diffusers', False]['layers']} layers / "
-          f"{info['diffusers', False]['trainable']} parameters")
     print_train_step_ratios(workers, memory_workers, LABEL)
     loss0 = {v: info[v]["loss"] for v in VARIANTS}
     last = {v: workers[v].replies[-1]["loss"] for v in VARIANTS}

@@ -51,14 +51,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from _common import (ALPHA, DTYPES, RANK, TIME_ENV, WORKER_ENV, lora_down_init, page_in, print_train_step_ratios, rel,
-                     run_interleaved, train_step_worker)
+from _common import (ALPHA, DTYPES, RANK, lora_down_init, page_in, print_train_step_ratios, rel,
+                     run_train_step_variants, train_step_worker)
 from bench_ltx2_dit import FPS, MEDIUM, SIGMA, audio_tokens, config, make_weights
 
 VARIANTS = [(impl, ckpt) for ckpt in (False, True) for impl in ("ours", "diffusers")]
@@ -206,20 +205,12 @@ def main() -> None:
           f"({args.frames}x{args.height}x{args.width}) + {audio_tokens(args)} audio tokens + {args.text_len} text "
           f"tokens per modality, {args.dtype} on {args.device}, {args.threads} threads, {args.runs} timed and "
           f"{args.memory_runs} memory steps per variant after 1 warm-up step each, interleaved")
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        weights = tmp / "ltx2_bench.safetensors"
-        make_weights(weights)
-        outs = {v: tmp / f"{v[0]}_{v[1]}.pt" for v in VARIANTS}
-        commands = {v: worker_command(*v, args, weights, outs[v]) for v in VARIANTS}
-        workers = run_interleaved(commands, args.runs, "step", env=TIME_ENV)
-        grads = {v: torch.load(outs[v]) for v in VARIANTS}
-        memory_workers = run_interleaved(commands, args.memory_runs, "step", env=WORKER_ENV)
+    def command(impl, ckpt, weights, out):
+        return worker_command(impl, ckpt, args, weights, out)
 
+    workers, grads, memory_workers = run_train_step_variants(VARIANTS, make_weights, "ltx2_bench", command, args.runs,
+                                                             args.memory_runs)
     info = {v: workers[v].info for v in VARIANTS}
-    print(f"  trainable: ours {info['ours', False]['layers']} layers / {info['ours', False]['trainable']} "
-          f"parameters, diffusers+peft {info['diffusers', False]['layers']} layers / "
-          f"{info['diffusers', False]['trainable']} parameters")
     print_train_step_ratios(workers, memory_workers, LABEL)
     loss0 = {v: info[v]["loss"] for v in VARIANTS}
     print("  initial loss (zero lora_up/lora_B, i.e. the base model): " + ", ".join(
