@@ -393,6 +393,19 @@ def run_train_step_variants(variants: Sequence[tuple[str, bool]], make_weights: 
     return workers, grads, memory_workers
 
 
+def print_first_step(workers: Mapping[tuple[str, bool], Worker], grads: Mapping[tuple[str, bool], dict],
+                     label: Mapping[str, str]) -> None:
+    """The initial loss of every variant (zero ``lora_up``: the base model's) and the relative difference of the
+    first-step ``lora_up``/``lora_B`` gradients ours vs the reference, with checkpointing off and on."""
+    variants = list(workers)
+    print("  initial loss (zero lora_up/lora_B, i.e. the base model): " + ", ".join(
+        f"{label[w]} ckpt {'on' if c else 'off'} {workers[w, c].info['loss']:.7f}" for w, c in variants))
+    flat = {v: torch.cat([grads[v][k].flatten() for k in sorted(grads[v])]) for v in variants}
+    print(f"  first-step lora_up/lora_B gradients, relative difference ours vs diffusers+peft: "
+          f"{rel(flat['ours', False], flat['diffusers', False]):.2e} (checkpointing off), "
+          f"{rel(flat['ours', True], flat['diffusers', True]):.2e} (on)")
+
+
 def _print_other_time_ratios(ours: Worker, reference: Worker, ours_memory: Worker, reference_memory: Worker,
                              indent: str = "  ") -> None:
     """The CPU-time ratio of the timing workers and the wall-time ratio of the memory workers, one line."""

@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 
 from _common import (ALPHA, DIMS, DTYPES, RANK, add_size_arguments, diffusers_forward, load_diffusers_k5,
-                     lora_down_init, make_weights, page_in, print_train_step_ratios, rel, run_train_step_variants,
-                     train_step_worker)
+                     lora_down_init, make_weights, page_in, print_first_step, print_train_step_ratios,
+                     run_train_step_variants, train_step_worker)
 
 ROPE_SCALE = (1.0, 2.0, 2.0)
 SIGMA = 0.7
@@ -174,27 +174,23 @@ def main() -> None:
           f"targets), {DIMS}, {tokens} visual tokens + {args.text_len} text tokens, {args.dtype} on {args.device}, "
           f"{args.threads} threads, {args.runs} timed and {args.memory_runs} memory steps per variant after 1 warm-up "
           f"step each, interleaved")
+
     def command(impl, ckpt, weights, out):
         return worker_command(impl, ckpt, args, weights, out)
 
     workers, grads, memory_workers = run_train_step_variants(VARIANTS, make_weights, "k5_bench", command, args.runs,
                                                              args.memory_runs)
-    info = {v: workers[v].info for v in VARIANTS}
     print_train_step_ratios(workers, memory_workers, LABEL)
-    loss0 = {v: info[v]["loss"] for v in VARIANTS}
+    print_first_step(workers, grads, LABEL)
+    loss0 = {v: workers[v].info["loss"] for v in VARIANTS}
     last = {v: workers[v].replies[-1]["loss"] for v in VARIANTS}
-    print("  initial loss (zero lora_up/lora_B, i.e. the base model): " + ", ".join(
-        f"{LABEL[w]} ckpt {'on' if c else 'off'} {loss0[w, c]:.7f}" for w, c in VARIANTS))
     rel0 = abs(loss0["ours", False] / loss0["diffusers", False] - 1)
     why = ("diffusers rounds rotated q/k to bf16 even in fp32" if args.dtype == "fp32"
            else "bf16 rounding; diffusers keeps fp32 modulation weights, ours were cast to bf16")
-    print(f"    relative difference ours vs diffusers+peft: {rel0:.2e} ({why}); checkpointing on vs off: ours "
+    print(f"  initial loss, relative difference ours vs diffusers+peft: {rel0:.2e} ({why}); checkpointing on vs off: "
+          f"ours "
           f"{abs(loss0['ours', True] / loss0['ours', False] - 1):.1e}, diffusers+peft "
           f"{abs(loss0['diffusers', True] / loss0['diffusers', False] - 1):.1e}")
-    flat = {v: torch.cat([grads[v][k].flatten() for k in sorted(grads[v])]) for v in VARIANTS}
-    print(f"  first-step lora_up/lora_B gradients, relative difference ours vs diffusers+peft: "
-          f"{rel(flat['ours', False], flat['diffusers', False]):.2e} (checkpointing off), "
-          f"{rel(flat['ours', True], flat['diffusers', True]):.2e} (on)")
     print(f"  loss after {args.runs} AdamW updates (the last timed step): " + ", ".join(
         f"{LABEL[w]} ckpt {'on' if c else 'off'} {last[w, c]:.7f}" for w, c in VARIANTS))
 

@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import (ALPHA, DTYPES, RANK, lora_down_init, page_in, print_train_step_ratios, rel,
+from _common import (ALPHA, DTYPES, RANK, lora_down_init, page_in, print_first_step, print_train_step_ratios,
                      run_train_step_variants, train_step_worker)
 from bench_ltx2_dit import FPS, MEDIUM, SIGMA, audio_tokens, config, make_weights
 
@@ -205,21 +205,14 @@ def main() -> None:
           f"({args.frames}x{args.height}x{args.width}) + {audio_tokens(args)} audio tokens + {args.text_len} text "
           f"tokens per modality, {args.dtype} on {args.device}, {args.threads} threads, {args.runs} timed and "
           f"{args.memory_runs} memory steps per variant after 1 warm-up step each, interleaved")
+
     def command(impl, ckpt, weights, out):
         return worker_command(impl, ckpt, args, weights, out)
 
     workers, grads, memory_workers = run_train_step_variants(VARIANTS, make_weights, "ltx2_bench", command, args.runs,
                                                              args.memory_runs)
-    info = {v: workers[v].info for v in VARIANTS}
     print_train_step_ratios(workers, memory_workers, LABEL)
-    loss0 = {v: info[v]["loss"] for v in VARIANTS}
-    print("  initial loss (zero lora_up/lora_B, i.e. the base model): " + ", ".join(
-        f"{LABEL[w]} ckpt {'on' if c else 'off'} {loss0[w, c]:.7f}" for w, c in VARIANTS))
-    flat = {v: torch.cat([grads[v][k].flatten() for k in sorted(grads[v])]) for v in VARIANTS}
-    print(f"  first-step lora_up/lora_B gradients, relative difference ours vs diffusers+peft: "
-          f"{rel(flat['ours', False], flat['diffusers', False]):.2e} (checkpointing off), "
-          f"{rel(flat['ours', True], flat['diffusers', True]):.2e} (on)")
-
+    print_first_step(workers, grads, LABEL)
 
 if __name__ == "__main__":
     main()
