@@ -22,9 +22,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import stat
 import struct
 import sys
-import tempfile
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -287,21 +288,47 @@ class _Staging:
 # Writing
 
 
+def temporary_beside(path: str | os.PathLike, *, folder: bool = False, tag: str = "") -> Path:
+    """Create a new empty file (or folder) ``.<name>.<tag><8 random hex digits>.tmp`` beside ``path``, with the
+    default permissions of a new file or folder (``0o666`` / ``0o777`` less the process umask), unlike ``tempfile``'s
+    owner-only ones, since it is renamed into place and kept.
+
+    Raises:
+        FileExistsError: a hundred random names were all taken.
+    """
+    path = Path(path)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{tag}{secrets.token_hex(4)}.tmp"
+        try:
+            if folder:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"could not create a temporary {'folder' if folder else 'file'} beside {path}: every name "
+                          "tried exists")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path`` to write to; on success fsync it and rename it over ``path``.
 
     Readers never see a half-written file and an interrupted write (any exception, Ctrl-C) leaves the previous
-    file intact and no temporary file behind. The parent folder is created.
+    file intact and no temporary file behind. The parent folder is created. The file gets the permissions of the
+    file it replaces, or those of any newly created file (``0o666`` less the process umask, as ``open`` gives), not
+    the owner-only mode of a private temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temporary_beside(path)
     try:
-        yield Path(tmp)
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

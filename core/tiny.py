@@ -7,11 +7,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import zlib
 from pathlib import Path
 
 import torch
+
+from .safetensors_io import temporary_beside
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json")
@@ -67,11 +68,11 @@ def write_folder_atomic(folder: Path, fill) -> Path:
     """Build a folder in a temporary sibling with ``fill(tmp)``, then swap it into place."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = temporary_beside(folder, folder=True)
     try:
         fill(tmp)
         if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
+            old = temporary_beside(folder, folder=True, tag="old.")
             os.replace(folder, old / folder.name)
             os.replace(tmp, folder)
             shutil.rmtree(old)

@@ -9,7 +9,8 @@ with an error naming the node, the input, the value and what is allowed:
 - **combos**: the value must be one of the options (model-file lists are read again, so a file added after start-up
   counts);
 - **numbers**: within the schema's ``min``/``max`` (ComfyUI skips its own range check for a node whose
-  ``validate_inputs`` takes ``**kwargs``, so it is done here);
+  ``validate_inputs`` takes ``**kwargs``, so it is done here), and not NaN (which every comparison lets through);
+- **text**: valid Unicode (no lone surrogate, which JSON can carry but no tokenizer or file system takes);
 - **per-input rules** a node declares in ``INPUT_RULES`` (``input id → callable`` raising ``ValueError``), e.g.
   :class:`FileName` for values that become file or folder names, or the dataset-folder location rule.
 
@@ -20,6 +21,7 @@ as its details), in 0.3.75 and in current releases alike.
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -51,21 +53,32 @@ class InputError(ValueError):
     """A widget value the node cannot use; the message names the node, the input, the value and the fix."""
 
 
+def _text_problem(text: str) -> str | None:
+    """What makes ``text`` invalid as text (a lone UTF-16 surrogate, which cannot be encoded), or None."""
+    for i, char in enumerate(text):
+        if unicodedata.category(char) == "Cs":
+            return f"it contains {char!r} at position {i}, half of a character pair, which is not valid text; remove it"
+    return None
+
+
 def _name_problem(name: str, suffix_bytes: int) -> str | None:
     """What is wrong with ``name`` as one file or folder name, or None."""
     if not name.strip():
         return "it is empty"
+    problem = _text_problem(name)
+    if problem is not None:
+        return problem
     for char in name:
         if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
             return f"it contains the control character {char!r}"
-        if unicodedata.category(char) == "Cs":
-            return f"it contains {char!r}, half of a character pair, which is not valid text"
         if char in "/\\":
             return f"it contains the path separator {char!r}"
         if char in WINDOWS_FORBIDDEN:
             return f"it contains {char!r}, which Windows does not allow in file names"
     if name != name.strip():
         return "it begins or ends with a space"
+    if name.startswith("~"):
+        return "it begins with '~', which shells read as a home folder"
     if name in (".", "..") or name.endswith("."):
         return "it is '.' or '..' or ends with a dot"
     if name.split(".")[0].upper() in WINDOWS_RESERVED:
@@ -83,8 +96,9 @@ class FileName:
     """Input rule for a text value that becomes a file or folder name.
 
     Refused: empty names, control characters (NUL included), lone surrogates, ``/`` and ``\\``, the characters
-    Windows forbids (``<>:"|?*``), leading or trailing spaces, ``.``/``..`` and names ending in a dot, Windows device
-    names (``CON``, ``NUL``, ``COM1``, …), and names whose longest derived file name exceeds ``NAME_MAX_BYTES``.
+    Windows forbids (``<>:"|?*``), leading or trailing spaces, a leading ``~``, ``.``/``..`` and names ending in a
+    dot, Windows device names (``CON``, ``NUL``, ``COM1``, …), and names whose longest derived file name exceeds
+    ``NAME_MAX_BYTES``.
 
     Attributes:
         suffix: what the pack appends to the name in the longest file name it writes from it (e.g.
@@ -145,7 +159,8 @@ def _format_options(options: list) -> str:
 
 
 def _widget_problem(spec: io.Input, value: Any) -> str | None:
-    """What is wrong with ``value`` for the widget ``spec`` (combo options, number range), or None."""
+    """What is wrong with ``value`` for the widget ``spec`` (combo options, number range and NaN, text that is not
+    valid Unicode), or None."""
     if isinstance(spec, io.Combo.Input):
         options = list(spec.options or [])
         chosen = value if isinstance(value, list) and getattr(spec, "multiselect", False) else [value]
@@ -154,10 +169,15 @@ def _widget_problem(spec: io.Input, value: Any) -> str | None:
             return f"{shown(bad[0])} is not one of its options; {_format_options(options)}"
     elif isinstance(spec, (io.Int.Input, io.Float.Input)) and isinstance(value, (int, float)):
         low, high = getattr(spec, "min", None), getattr(spec, "max", None)
+        if isinstance(value, float) and math.isnan(value):
+            span = f" between {low} and {high}" if low is not None and high is not None else ""
+            return f"{value} is not a number; give a number{span}"
         if low is not None and value < low:
             return f"{value} is below its minimum {low}"
         if high is not None and value > high:
             return f"{value} is above its maximum {high}"
+    elif isinstance(spec, io.String.Input) and isinstance(value, str):
+        return _text_problem(value)
     return None
 
 

@@ -212,3 +212,21 @@ def test_a_lora_of_another_size_fails_in_the_lora_loader(comfy_client, comfy_lay
     message = err.value.details["exception_message"]
     assert "e2e_other_size.safetensors" in message and layer in message
     assert f"[{out_features}, {in_features + 8}]" in message and f"[{out_features}, {in_features}]" in message
+
+
+def test_nan_numbers_invalid_text_and_home_folder_names_are_refused_at_queue_time(comfy_client):
+    """NaN passes every range comparison, a lone surrogate is valid JSON but not text, '~' reads as a home folder:
+    each is refused by POST /prompt, naming the node and the input, before any model loads."""
+    api = json.loads((ROOT / "example_workflows" / "api" / "k5_text_to_video.json").read_text())
+    base = tiny_workflow(api, TINY_NAMES)
+    node = {v["class_type"]: k for k, v in base.items()}
+    cases = [(node["CinetuneK5Sampler"], "guidance", float("nan"), "nan is not a number"),
+             (node["CinetuneK5TextEncode"], "prompt", "a fox \ud800 in snow", "half of a character pair"),
+             (node["CinetuneSaveVideo"], "filename_prefix", "~/videos/fox", "home folder")]
+    for node_id, name, value, problem in cases:
+        prompt = json.loads(json.dumps(base))
+        prompt[node_id]["inputs"][name] = value
+        with pytest.raises(PromptRejected) as err:
+            comfy_client.queue(prompt)
+        errors = _node_errors(err.value, node_id)
+        assert f"input '{name}'" in errors and problem in errors, (name, errors)

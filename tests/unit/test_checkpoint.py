@@ -4,6 +4,7 @@ the shared weight loader (core.weights) on the tiny Kandinsky 5 and LTX-2 files.
 
 import json
 import os
+import stat
 import struct
 import sys
 
@@ -26,6 +27,7 @@ from cinetune.core.checkpoint import (
 )
 from cinetune.core.offload import host_tensors
 from cinetune.core.quant import FP8Linear, dequantize_fp8, quantize_fp8
+from cinetune.core.tiny import write_folder_atomic
 from cinetune.core.weights import load_weights
 from families import each_family
 
@@ -102,6 +104,26 @@ def test_atomic_write_leaves_old_file_when_interrupted(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"], "temporary file left behind"
     assert read_safetensors_header(path)[1] == {"step": "1"}
     assert os.path.getsize(path) > 0
+
+
+def test_atomic_write_gives_the_default_file_mode_and_keeps_a_replaced_files_mode(tmp_path):
+    """Not the owner-only mode of a private temporary file: a new file gets 0o666 less the umask (as open() gives),
+    an overwritten file keeps its mode; an atomically written folder gets 0o777 less the umask."""
+    umask = os.umask(0o022)
+    try:
+        path = save_file_atomic(_tensors(), tmp_path / "new.safetensors")
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        os.chmod(path, 0o640)
+        save_file_atomic(_tensors(), path, {"step": "2"})
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        assert read_safetensors_header(path)[1] == {"step": "2"}
+        folder = write_folder_atomic(tmp_path / "model", lambda d: (d / "config.json").write_text("{}"))
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+        write_folder_atomic(folder, lambda d: (d / "config.json").write_text("[]"))  # replaces the old folder
+        assert (folder / "config.json").read_text() == "[]" and stat.S_IMODE(folder.stat().st_mode) == 0o755
+    finally:
+        os.umask(umask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "new.safetensors"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
