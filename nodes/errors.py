@@ -3,10 +3,11 @@
 ComfyUI reports a failed node as ``"<exception_type>: <message>"``, where ``exception_type`` is the exception's
 module-qualified class name unless the class is a built-in (``execution.py`` ``full_type_name``, ComfyUI 0.3.75 and
 current releases). A pack error therefore showed as ``cinetune.training.items.DatasetError: …`` (under ComfyUI the
-module path even starts with the custom node folder). Here a pack error leaving a node's ``execute`` is raised again
-as the built-in class it derives from (``DatasetError`` → ``ValueError``, ``AttentionBackendError`` →
-``RuntimeError``) with the same message and notes, the original chained as its cause (``raise … from``) and its
-traceback kept, so ComfyUI's log and the error's traceback still point at the line that failed.
+module path even starts with the custom node folder). Here a pack error leaving a node's ``execute`` (or its
+``validate_inputs``, at queue time) is raised again as the built-in class it derives from (``DatasetError`` →
+``ValueError``, ``AttentionBackendError`` → ``RuntimeError``) with the same message and notes, the original chained
+as its cause (``raise … from``) and its traceback kept, so ComfyUI's log and the error's traceback still point at the
+line that failed.
 
 Only classes defined in this package are translated: ComfyUI's own exceptions (its interrupt, out-of-memory
 handling), ``KeyboardInterrupt``/``SystemExit`` and every third-party exception pass through unchanged, because
@@ -110,19 +111,25 @@ def plain_errors(function: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+#: The node classmethods whose pack errors leave as built-ins: running the node, and checking its queued values
+#: (a refusal at queue time is then reported with the type ``ValueError``, not the pack's module path).
+NODE_METHODS = ("execute", "validate_inputs")
+
+
 def wrap_execute(cls: type) -> type:
-    """Wrap the ``execute`` classmethod ``cls`` defines itself (not an inherited one) with :func:`plain_errors`;
-    returns ``cls``. Nothing is set when it is already wrapped, so the locked class copies ComfyUI builds for each
-    run (whose attributes cannot be set) pass untouched."""
-    method = cls.__dict__.get("execute")
-    if isinstance(method, classmethod) and not getattr(method.__func__, _WRAPPED, False):
-        setattr(cls, "execute", classmethod(plain_errors(method.__func__)))
+    """Wrap the :data:`NODE_METHODS` classmethods ``cls`` defines itself (not inherited ones) with
+    :func:`plain_errors`; returns ``cls``. Nothing is set when a method is already wrapped, so the locked class
+    copies ComfyUI builds for each run (whose attributes cannot be set) pass untouched."""
+    for name in NODE_METHODS:
+        method = cls.__dict__.get(name)
+        if isinstance(method, classmethod) and not getattr(method.__func__, _WRAPPED, False):
+            setattr(cls, name, classmethod(plain_errors(method.__func__)))
     return cls
 
 
 class PlainErrors:
-    """Mixin for the pack's node base class: every subclass's ``execute`` raises plain built-in exceptions instead
-    of the pack's own classes (:func:`wrap_execute`). Put it first among the bases:
+    """Mixin for the pack's node base class: every subclass's ``execute`` and ``validate_inputs`` raise plain
+    built-in exceptions instead of the pack's own classes (:func:`wrap_execute`). Put it first among the bases:
     ``class CinetuneNode(PlainErrors, io.ComfyNode)``."""
 
     def __init_subclass__(cls, **kwargs):

@@ -216,7 +216,7 @@ def test_a_lora_of_another_size_fails_in_the_lora_loader(comfy_client, comfy_lay
 
 def test_nan_numbers_invalid_text_and_home_folder_names_are_refused_at_queue_time(comfy_client):
     """NaN passes every range comparison, a lone surrogate is valid JSON but not text, '~' reads as a home folder:
-    each is refused by POST /prompt, naming the node and the input, before any model loads."""
+    each is refused by POST /prompt, naming the node and the input, as a plain ValueError, before any model loads."""
     api = json.loads((ROOT / "example_workflows" / "api" / "k5_text_to_video.json").read_text())
     base = tiny_workflow(api, TINY_NAMES)
     node = {v["class_type"]: k for k, v in base.items()}
@@ -230,3 +230,6 @@ def test_nan_numbers_invalid_text_and_home_folder_names_are_refused_at_queue_tim
             comfy_client.queue(prompt)
         errors = _node_errors(err.value, node_id)
         assert f"input '{name}'" in errors and problem in errors, (name, errors)
+        # reported as a built-in error, not under the pack's module path
+        extra = err.value.node_errors[node_id]["errors"][0].get("extra_info", {})
+        assert extra.get("exception_type") == "ValueError", extra
