@@ -5,7 +5,8 @@ Every optimizer step sends a ``cinetune.train.progress`` websocket event (drawn 
 every field of :class:`~cinetune.training.config.TrainEvent`: LTX-2 loss parts, gradient norm, held-out loss) and
 checks for interruption; an interrupted run leaves a resumable checkpoint and a usable LoRA. The final LoRA (and the
 EMA LoRA, when kept) is copied into ComfyUI's ``loras`` folder, in the key layout native ``LoraLoaderModelOnly``
-reads. The checks, run folders, reuse of a finished run, validation scheduling and the settings nodes' values live
+reads; a file of another origin under those names is refused before the first step, not after the run. The
+checks, run folders, reuse of a finished run, validation scheduling and the settings nodes' values live
 in :mod:`cinetune.training.runs`; the validation samplers in the families' libraries.
 
 Both trainers keep their widgets (the inputs they share are declared in :mod:`.trainer_inputs`); optional inputs
@@ -46,8 +47,8 @@ from ..training.data import dataset_fingerprint
 from ..training.distributed import check_local_workers, check_world_divides
 from ..training.launch import launch_workers
 from ..training.recipe import CachedData, RunRecipe, write_recipe
-from ..training.runs import (ValidationPlan, check_base_model, finished_run, install_lora, install_partial_lora,
-                             latest_validations, run_directory)
+from ..training.runs import (ValidationPlan, check_base_model, check_install_targets, finished_run, install_lora,
+                             install_partial_lora, latest_validations, run_directory)
 from ..training.schedules import OPTIMIZERS, make_optimizer
 from ..training.settings import ValidationPrompt, ValidationPrompts, checked_settings, config_overrides
 from ..training.trainer import train_lora
@@ -72,6 +73,8 @@ def run_folder(name: str) -> Path:
 
     Raises:
         InputError: ``name`` is not a usable file name (:data:`OUTPUT_NAME`).
+        TrainingError: that path (or a folder on the way to it) is a file
+            (:func:`~cinetune.training.runs.run_directory`).
     """
     return run_directory(host.output_directory(), check_file_name(name, OUTPUT_NAME, "output_name"))
 
@@ -354,11 +357,18 @@ def train(handle, base_handle, *, node_id: str, output_name: str, config: TrainC
 
     Raises:
         TrainingError: refused settings (``gpus`` > 1 without a recipe, or one the workers cannot run, see
-            :func:`_check_workers`); whatever the run raises (a failing worker is named by its rank).
+            :func:`_check_workers`); a run folder path that is a file; a LoRA of another run (or any other file)
+            where this run's LoRA or EMA LoRA would be installed
+            (:func:`~cinetune.training.runs.check_install_targets`); whatever the run raises (a failing worker is
+            named by its rank).
     """
     run_dir = run_folder(output_name)
+    installs = [output_name]
     if config.ema_decay:
         check_file_name(output_name + EMA_SUFFIX, OUTPUT_NAME, "output_name (with EMA)")
+        installs.append(output_name + EMA_SUFFIX)
+    loras = host.model_folder("loras")
+    check_install_targets(loras, installs, output_name)  # the rule install_lora applies at the end
     device = host.compute_device()
     if gpus > 1:
         if recipe is None:
@@ -399,7 +409,6 @@ def train(handle, base_handle, *, node_id: str, output_name: str, config: TrainC
     except BaseException as e:
         _interrupted(events, run_dir, output_name, started_ns, e)
         raise
-    loras = host.model_folder("loras")
     installed = install_lora(result.lora_path, loras, output_name)
     if result.ema_lora_path is not None:
         install_lora(result.ema_lora_path, loras, output_name + EMA_SUFFIX, run=output_name)

@@ -32,7 +32,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 
 from ..core.checkpoint import atomic_path
+from ..core.safetensors_io import temporary_beside
 from ..core.family import guess_model_family
 from .config import ResumeError, TrainConfig, TrainingError
 
@@ -116,7 +116,7 @@ def write_checkpoint(run_dir: Path, step: int, *, write_lora: Callable[[Path], A
     root = run_dir / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    tmp = temporary_beside(final, folder=True)
     try:
         write_lora(tmp / LORA_FILE)
         with atomic_path(tmp / STATE_FILE) as state_tmp:
@@ -142,13 +142,19 @@ def read_state(ckpt: Path) -> dict[str, Any]:
     """``ckpt/state.pt`` as a dict.
 
     Raises:
-        ResumeError: unreadable, or not a Cinetune training state of :data:`STATE_FORMAT`.
+        ResumeError: unreadable (the OS error), damaged or not a Cinetune training state of :data:`STATE_FORMAT`;
+            the message says which file and how to go on.
     """
+    path = ckpt / STATE_FILE
+    go_on = f"Delete the folder {ckpt} to resume from the checkpoint before it, or start a new run folder."
     try:
-        state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise ResumeError(f"Cannot read {path} ({e.strerror or e}). {go_on}") from e
     except Exception as e:  # torch raises several types for damaged or foreign pickles
-        raise ResumeError(f"Cannot read {ckpt / STATE_FILE} ({e}). Delete the folder {ckpt} to resume from the "
-                          "checkpoint before it, or start a new run folder.") from e
+        # torch's own text for these advises weights_only=False, which would only run a foreign pickle's code
+        raise ResumeError(f"Cannot read {path}: the file is damaged or not a Cinetune training state "
+                          f"({type(e).__name__}). {go_on}") from e
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ResumeError(f"{ckpt / STATE_FILE} is not a Cinetune training state (format "
                           f"{state.get('format') if isinstance(state, dict) else '?'}); start a new run folder.")

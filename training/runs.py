@@ -17,7 +17,8 @@ Decisions:
   (``dataset_hash`` metadata): a host that dropped the trainer's cached output can run an unchanged workflow again.
   Any difference goes through the loop's new-run / resume rules.
 - **Installing never overwrites a file another run (or a person) wrote**: the destination is replaced only when its
-  ``cinetune.run`` metadata names this run.
+  ``cinetune.run`` metadata names this run (:func:`written_by_another_run`). The trainer node applies the same rule
+  before the first step (:func:`check_install_targets`), so a name collision is refused before hours of training.
 - **Validation steps**: a clip is due at every multiple of ``every`` and at each listed step. The loop is asked to
   call back every ``gcd`` of those numbers (:attr:`ValidationPlan.cadence`) and the callback skips the steps that
   are not due, so the loop keeps one ``validate_every``. ``at_start`` adds step 0: the model before the first
@@ -50,10 +51,11 @@ from .ema import EMA_LORA_FILE
 from .settings import (SAVE_DTYPES, CheckpointSettings, LoRASettings, OptimizerSettings, SamplingSettings,
                        ValidationPrompt, ValidationPrompts, checked_settings, config_overrides)
 
-__all__ = ["RUNS_FOLDER", "VALIDATION_FOLDER", "run_directory", "finished_run", "install_lora",
-           "install_partial_lora", "check_base_model", "check_blocks_to_swap", "check_bucket_step", "check_i2v_cache",
-           "check_audio_cache", "ValidationClip", "ValidationPlan", "validation_path", "write_validation",
-           "write_validations", "latest_validation", "latest_validations",
+__all__ = ["RUNS_FOLDER", "VALIDATION_FOLDER", "run_directory", "finished_run", "lora_destination",
+           "written_by_another_run", "check_install_targets", "install_lora", "install_partial_lora",
+           "check_base_model", "check_blocks_to_swap", "check_bucket_step", "check_i2v_cache", "check_audio_cache",
+           "ValidationClip", "ValidationPlan", "validation_path", "write_validation", "write_validations",
+           "latest_validation", "latest_validations",
            # settings values, re-exported from .settings
            "ValidationPrompt", "ValidationPrompts", "SAVE_DTYPES", "checked_settings", "OptimizerSettings",
            "LoRASettings", "SamplingSettings", "CheckpointSettings", "config_overrides"]
@@ -65,8 +67,18 @@ VALIDATION_FOLDER = "validation"
 
 
 def run_directory(output_dir: str | Path, name: str) -> Path:
-    """``<output_dir>/cinetune/runs/<name>`` (``name`` must already be checked as one file name)."""
-    return Path(output_dir).joinpath(*RUNS_FOLDER, name)
+    """``<output_dir>/cinetune/runs/<name>`` (``name`` must already be checked as one file name).
+
+    Raises:
+        TrainingError: that path, or a folder on the way to it below ``output_dir``, is a file (nothing is written;
+            the message names ``output_name`` and the fix).
+    """
+    path = Path(output_dir).joinpath(*RUNS_FOLDER, name)
+    for folder in (*reversed(path.parents[:len(RUNS_FOLDER)]), path):
+        if folder.exists() and not folder.is_dir():
+            raise TrainingError(f"output_name '{name}': the run folder {path} cannot be made because {folder} is a "
+                                "file, not a folder; pick another output_name, or move/delete the file.")
+    return path
 
 
 def finished_run(run_dir: str | Path, config: TrainConfig, metadata: Mapping[str, Any]) -> TrainResult | None:
@@ -92,6 +104,45 @@ def finished_run(run_dir: str | Path, config: TrainConfig, metadata: Mapping[str
                        ema_lora_path=ema if config.ema_decay and ema.is_file() else None)
 
 
+def lora_destination(loras_dir: str | Path, name: str) -> Path:
+    """Where a LoRA named ``name`` is installed: ``<loras_dir>/<name>.safetensors``."""
+    return Path(loras_dir) / f"{name}.safetensors"
+
+
+def written_by_another_run(dest: str | Path, run: str) -> bool:
+    """The install rule: whether ``dest`` exists and was not written by the run ``run``, so it must not be replaced.
+
+    A file counts as written by ``run`` when its ``cinetune.run`` metadata names it; a file whose safetensors header
+    cannot be read (not a safetensors file, a damaged one, a folder) counts as written by someone else.
+    """
+    dest = Path(dest)
+    if not dest.exists():
+        return False
+    try:
+        return read_safetensors_header(dest)[1].get("cinetune.run") != run
+    except (ValueError, OSError):  # CheckpointError is a ValueError
+        return True
+
+
+def check_install_targets(loras_dir: str | Path, names: Iterable[str], run: str) -> None:
+    """Before a run starts: refuse it when :func:`install_lora` would refuse to install one of its LoRAs at the end
+    (:func:`written_by_another_run`), so no training time is spent first.
+
+    Args:
+        loras_dir: the host's LoRA folder. names: the names the run installs (``"my_lora"``, and ``"my_lora_ema"``
+            when it keeps an EMA LoRA). run: the run's name (its ``output_name`` and ``cinetune.run``).
+
+    Raises:
+        TrainingError: a destination exists and was not written by ``run`` (names ``output_name``, the file and the
+            fix).
+    """
+    for name in names:
+        dest = lora_destination(loras_dir, name)
+        if written_by_another_run(dest, run):
+            raise TrainingError(f"output_name '{run}': {dest} exists and was not written by this run, so the trained "
+                                "LoRA could not be installed there; pick another output_name, or move/delete the file.")
+
+
 def install_lora(lora_path: str | Path, loras_dir: str | Path, name: str, *, run: str | None = None) -> Path:
     """Copy a finished LoRA atomically to ``<loras_dir>/<name>.safetensors`` and return that path.
 
@@ -100,11 +151,11 @@ def install_lora(lora_path: str | Path, loras_dir: str | Path, name: str, *, run
             ``x`` is installed as ``x_ema`` with ``run="x"``).
 
     Raises:
-        FileExistsError: the destination exists and its ``cinetune.run`` metadata does not name the run (it is
-            left untouched; the message says where this run's LoRA is).
+        FileExistsError: the destination exists and was not written by the run (:func:`written_by_another_run`; it
+            is left untouched; the message says where this run's LoRA is).
     """
-    dest = Path(loras_dir) / f"{name}.safetensors"
-    if dest.exists() and read_safetensors_header(dest)[1].get("cinetune.run") != (run or name):
+    dest = lora_destination(loras_dir, name)
+    if written_by_another_run(dest, run or name):
         raise FileExistsError(f"{dest} exists and was not written by the run '{run or name}'; it is left untouched. "
                               f"Pick another output_name; this run's LoRA is in {lora_path}.")
     dest.parent.mkdir(parents=True, exist_ok=True)

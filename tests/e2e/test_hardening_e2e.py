@@ -233,3 +233,25 @@ def test_nan_numbers_invalid_text_and_home_folder_names_are_refused_at_queue_tim
         # reported as a built-in error, not under the pack's module path
         extra = err.value.node_errors[node_id]["errors"][0].get("extra_info", {})
         assert extra.get("exception_type") == "ValueError", extra
+
+
+def test_a_taken_lora_name_and_a_run_folder_that_is_a_file_fail_before_any_training(comfy_client, comfy_layout):
+    """A LoRA in models/loras that this run did not write (here not even a safetensors file), or a file where the run
+    folder goes, stops the trainer before a step runs, naming output_name and the file; nothing is overwritten."""
+    loras = Path(comfy_layout.models) / "loras"
+    taken = loras / "e2e_taken.safetensors"
+    taken.write_bytes(b"someone else's file")
+    blocker = Path(comfy_layout.output) / "cinetune" / "runs" / "e2e_blocked"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_text("")
+    for name, expected in (("e2e_taken", f"{taken} exists and was not written by this run"),
+                           ("e2e_blocked", f"{blocker} is a file, not a folder")):
+        progress_before = len(comfy_client.events_of("cinetune.train.progress"))
+        with pytest.raises(ExecutionFailed) as err:
+            comfy_client.run(_training_prompt(name), timeout=300)
+        assert err.value.details["node_type"] == "CinetuneK5TrainLoRA"
+        message = err.value.details["exception_message"]
+        assert f"output_name '{name}'" in message and expected in message, message
+        assert err.value.details["exception_type"] == "ValueError"
+        assert len(comfy_client.events_of("cinetune.train.progress")) == progress_before
+    assert taken.read_bytes() == b"someone else's file" and blocker.is_file()
