@@ -135,12 +135,7 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_gloo_ranks_with_fsdp_give_the_one_process_gradient(tiny_file, tmp_path):

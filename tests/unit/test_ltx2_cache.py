@@ -96,12 +96,7 @@ class CountingVAE:
         return self.inner.encode(video)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_models(ckpt: Path, gemma: Path, dtype=torch.float32) -> SimpleNamespace:

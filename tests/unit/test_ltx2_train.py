@@ -30,12 +30,7 @@ DIT_CONFIG = LTX2TransformerConfig.from_metadata(META)
 F_, H_, W_, T_AUDIO, L_TEXT = 2, 2, 3, 5, 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,23 +22,12 @@ from cinetune.training.config import TrainConfig, TrainingError
 from cinetune.training.holdout import heldout_loss
 from cinetune.training.schedules import lr_multiplier
 from cinetune.training.sigmas import loss_weights, sample_sigmas, weighted_mse
-from cinetune.k5.tiny import write_tiny_dit
 from cinetune.ltx2.rope import audio_positions, video_positions
 from cinetune.training.trainer import list_checkpoints, train_lora
 from test_trainer import K5Harness, LTX2Harness, Stop, config, interrupt_at, load_dit, lora_tensors, sample
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def dit_file(tmp_path_factory) -> Path:
-    return write_tiny_dit(tmp_path_factory.mktemp("dit") / "tiny_k5.safetensors")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(params=["k5", "ltx2"])

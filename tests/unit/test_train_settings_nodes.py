@@ -29,12 +29,7 @@ from test_trainer import LTX2Harness, load_dit, sample
 DEFAULTS = (OptimizerSettings(), LoRASettings(), SamplingSettings(), CheckpointSettings())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,7 +158,7 @@ def test_the_ema_lora_installs_under_its_own_name_for_its_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def k5_parts(tmp_path_factory):
-    from test_trainer import write_tiny_dit
+    from cinetune.k5.tiny import write_tiny_dit
 
     folder = tmp_path_factory.mktemp("k5_validation")
     dit = load_dit(write_tiny_dit(folder / "dit.safetensors")).requires_grad_(False)

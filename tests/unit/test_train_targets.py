@@ -19,21 +19,10 @@ from cinetune.training.config import ResumeError, TrainingError
 from cinetune.training.runs import (check_install_targets, install_lora, lora_destination, run_directory,
                                     written_by_another_run)
 from cinetune.training.trainer import train_lora
-from cinetune.k5.tiny import write_tiny_dit
 from test_trainer import config, load_dit, sample
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def dit_file(tmp_path_factory) -> Path:
-    return write_tiny_dit(tmp_path_factory.mktemp("dit") / "tiny_k5.safetensors")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lora_of(path: Path, run: str | None) -> Path:

@@ -22,7 +22,7 @@ from cinetune.core.quant import FP8Linear, quantize_linear_weights_fp8
 from cinetune.k5.config import K5Config
 from cinetune.k5.dit import Kandinsky5DiT, VisualBlock, load_k5_dit
 from cinetune.k5.family import K5_BLOCK_PREFIXES, K5_LORA_TARGETS
-from cinetune.k5.tiny import TINY_DIT_DIMS, write_tiny_dit
+from cinetune.k5.tiny import TINY_DIT_DIMS
 from cinetune.k5.train import K5_TRAINING, K5Sample, flow_matching_loss
 from cinetune.k5.vae import SCALING_FACTOR
 from cinetune.ltx2.config import LTX2TransformerConfig, tiny_transformer_metadata
@@ -47,18 +47,7 @@ from cinetune.training.trainer import (
 D, D2 = TINY_DIT_DIMS["in_text_dim"], TINY_DIT_DIMS["in_text_dim2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine run several times faster on one thread.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def dit_file(tmp_path_factory) -> Path:
-    return write_tiny_dit(tmp_path_factory.mktemp("dit") / "tiny_k5.safetensors")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_dit(path: Path) -> Kandinsky5DiT:
