@@ -44,6 +44,7 @@ Needs ``peft`` (``pip install peft``) besides diffusers.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -149,7 +150,7 @@ def worker(args) -> None:
                       device)
 
 
-def worker_command(which: str, checkpointing: bool, args, weights: Path, out: Path) -> tuple[str, list[str]]:
+def worker_command(which: str, checkpointing: bool, weights: Path, out: Path, args) -> tuple[str, list[str]]:
     """Name and command line of one variant's worker subprocess."""
     cmd = [sys.executable, __file__, "--worker", which, "--weights", str(weights), "--out", str(out),
            "--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
@@ -174,12 +175,8 @@ def main() -> None:
           f"targets), {DIMS}, {tokens} visual tokens + {args.text_len} text tokens, {args.dtype} on {args.device}, "
           f"{args.threads} threads, {args.runs} timed and {args.memory_runs} memory steps per variant after 1 warm-up "
           f"step each, interleaved")
-
-    def command(impl, ckpt, weights, out):
-        return worker_command(impl, ckpt, args, weights, out)
-
-    workers, grads, memory_workers = run_train_step_variants(VARIANTS, make_weights, "k5_bench", command, args.runs,
-                                                             args.memory_runs)
+    workers, grads, memory_workers = run_train_step_variants(
+        VARIANTS, make_weights, "k5_bench", functools.partial(worker_command, args=args), args.runs, args.memory_runs)
     print_train_step_ratios(workers, memory_workers, LABEL)
     print_first_step(workers, grads, LABEL)
     loss0 = {v: workers[v].info["loss"] for v in VARIANTS}
