@@ -153,6 +153,6 @@ def test_training_refuses_a_model_with_loras_and_never_overwrites_a_foreign_lora
     foreign = Path(comfy_layout.models) / "loras" / "someone_elses.safetensors"
     save_file({"x": torch.zeros(1)}, foreign)
     before = foreign.read_bytes()
-    with pytest.raises(Exception, match="left untouched"):
+    with pytest.raises(Exception, match="exists and was not written by this run"):  # before the first step
         comfy_client.run(_training_prompt("someone_elses"), timeout=600)
     assert foreign.read_bytes() == before
