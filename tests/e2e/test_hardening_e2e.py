@@ -221,6 +221,7 @@ def test_nan_numbers_invalid_text_and_home_folder_names_are_refused_at_queue_tim
     base = tiny_workflow(api, TINY_NAMES)
     node = {v["class_type"]: k for k, v in base.items()}
     cases = [(node["CinetuneK5Sampler"], "guidance", float("nan"), "nan is not a number"),
+             (node["CinetuneK5Sampler"], "scheduler_scale", "nan", "nan is not a number"),  # the host converts it
              (node["CinetuneK5TextEncode"], "prompt", "a fox \ud800 in snow", "half of a character pair"),
              (node["CinetuneSaveVideo"], "filename_prefix", "~/videos/fox", "home folder")]
     for node_id, name, value, problem in cases:
