@@ -89,7 +89,9 @@ def test_dataset_folder_and_text_cacher_show_their_summaries_and_item_progress(c
                         "0 files skipped")
     assert re.fullmatch(r"cache: .*cinetune[/\\]cache[/\\]e2e_canvas_summaries", cache[1])
     progress = [(e["value"], e["max"]) for e in comfy_client.events_of("progress", prompt_id) if e.get("node") == "11"]
-    assert progress[0] == (0, 5) and progress[-1] == (5, 5) and len(progress) == 6
+    # one update per item; newer hosts throttle progress messages, so only the order and the ends are certain
+    assert progress[0] == (0, 5) and progress[-1] == (5, 5) and 2 <= len(progress) <= 6
+    assert [v for v, _ in progress] == sorted({v for v, _ in progress}), progress
 
 
 def test_an_execution_error_reads_without_the_module_path(comfy_client, comfy_layout):
