@@ -214,9 +214,15 @@ def _stage_2_inputs(request: SamplingRequest, video_latent: Tensor | None, audio
     video_clean = patchify_video(video_latent.float())
     if not request.audio:
         return video_clean, None
-    if audio_latent is None or audio_latent.ndim != 4 or audio_latent.shape[2] == 0:
+    if audio_latent is None:
         raise ValueError("mode 'stage 2' re-noises and refines the first stage's audio as well: connect its "
                          "audio_latent, or turn 'audio' off.")
+    if audio_latent.ndim != 4 or tuple(audio_latent.shape[1:2]) + tuple(audio_latent.shape[3:]) != (8, 16):
+        raise ValueError(f"the stage-2 audio_latent is {tuple(audio_latent.shape)}, not an LTX-2 audio latent "
+                         "[1, 8, steps, 16]: connect the first LTX-2 Sampler's audio_latent (its second output).")
+    if audio_latent.shape[2] == 0:
+        raise ValueError("the first stage made no sound (its 'audio' is off): turn 'audio' on in the first LTX-2 "
+                         "Sampler, or off in this one.")
     if audio_latent.shape[2] != audio_steps:
         raise ValueError(f"the stage-2 audio latent has {audio_latent.shape[2]} steps but {request.frames} frames at "
                          f"{request.fps:g} fps need {audio_steps}: use the same frames and fps in both stages.")

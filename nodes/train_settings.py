@@ -165,7 +165,16 @@ class LoRASettingsNode(_Settings):
         return io.NodeOutput(settings)
 
 
+def _i2v_probability(value: float) -> None:
+    """-1 (as the trainer node) or a probability; the widget's steps between them mean nothing."""
+    if -1.0 < value < 0.0:
+        raise ValueError(f"{value:g} is neither -1 (as the trainer node) nor a probability: use -1, or a value from "
+                         "0 to 1")
+
+
 class SamplingSettingsNode(_Settings):
+    INPUT_RULES = {"i2v_probability": _i2v_probability}
+
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(

@@ -343,6 +343,13 @@ def scan_folder(folder: str | os.PathLike, *, repeats: int = 1, trigger_word: st
                 problems.append(DatasetProblem(caption_path, f"caption cannot be read ({exc}); check the "
                                                              "file's permissions"))
                 continue
+            control = next(((i, c) for i, c in enumerate(caption or "") if c != "\t" and _has_control_characters(c)),
+                           None)
+            if control is not None:  # e.g. UTF-16 text without a byte-order mark decodes as text with NULs
+                problems.append(DatasetProblem(caption_path, f"caption of {path.name} holds the control character "
+                                                             f"{control[1]!r} at position {control[0]}; if it was saved "
+                                                             "as UTF-16, save it as UTF-8 text"))
+                continue
         if caption is None:
             if default_caption is not None:
                 caption = default_caption.strip()

@@ -256,3 +256,20 @@ def test_a_taken_lora_name_and_a_run_folder_that_is_a_file_fail_before_any_train
         assert err.value.details["exception_type"] == "ValueError"
         assert len(comfy_client.events_of("cinetune.train.progress")) == progress_before
     assert taken.read_bytes() == b"someone else's file" and blocker.is_file()
+
+
+def test_an_i2v_probability_between_minus_one_and_zero_is_refused(comfy_client):
+    """The widget allows -1 (as the trainer) and 0…1; its steps in between meant "as the trainer" silently."""
+    settings = {"sigma_min": 0.0, "sigma_max": 1.0, "loss_weighting": "none"}
+    sink = _sink(comfy_client.object_info())
+    for value, refused in ((-0.5, True), (-1.0, False), (0.0, False), (0.25, False)):
+        prompt = {"1": {"class_type": "CinetuneTrainingSamplingSettings",
+                        "inputs": {**settings, "i2v_probability": value}},
+                  "2": {"class_type": sink, "inputs": {"source": ["1", 0]}}}
+        if not refused:
+            comfy_client.run(prompt, timeout=120)
+            continue
+        with pytest.raises(PromptRejected) as err:
+            comfy_client.queue(prompt)
+        errors = _node_errors(err.value, "1")
+        assert "input 'i2v_probability'" in errors and "use -1, or a value from 0 to 1" in errors, errors

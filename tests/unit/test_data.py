@@ -154,6 +154,21 @@ def test_missing_caption_options(tmp_path, test_data):
     assert [i.source_id for i in scan_folder(tmp_path, recursive=False).items] == ["rocket.jpg"]
 
 
+def test_captions_in_another_encoding_are_problems_not_training_text(tmp_path, test_data):
+    """UTF-16 without a byte-order mark decodes as UTF-8 text full of NULs; other control characters likewise are
+    reported with the file, the character and the fix. A tab is kept."""
+    for name, data in (("utf16", "portrait of an astronaut".encode("utf-16-le")), ("bell", b"a rocket\x07 launch"),
+                       ("tab", b"a rocket\tat dawn"), ("latin", "caf\u00e9".encode("latin-1"))):
+        shutil.copy(test_data["rocket"], tmp_path / f"{name}.jpg")
+        (tmp_path / f"{name}.txt").write_bytes(data)
+    result = scan_folder(tmp_path)
+    assert [i.caption for i in result.items] == ["a rocket\tat dawn"]
+    problems = {p.path.name: str(p) for p in result.problems}
+    assert "control character '\\x00' at position 1; if it was saved as UTF-16, save it as UTF-8" in problems["utf16.txt"]
+    assert "control character '\\x07' at position 8" in problems["bell.txt"]
+    assert "is not UTF-8 text" in problems["latin.txt"]
+
+
 def test_empty_and_unusable_folders_raise(tmp_path, test_data):
     (tmp_path / "caption_only.txt").write_text("lonely caption")
     with pytest.raises(DatasetError) as info:

@@ -102,8 +102,14 @@ def test_stage_2_input_errors(dit):
     with pytest.raises(ValueError, match="twice the first stage"):
         generate(dit, COND, _request(mode="stage 2"), video_latent=torch.zeros(1, 128, 2, 1, 2),
                  audio_latent=torch.zeros(1, 8, 9, 16))
-    with pytest.raises(ValueError, match="audio_latent"):
-        generate(dit, COND, _request(mode="stage 2"), video_latent=torch.zeros(1, 128, 2, 2, 4))
+    video = torch.zeros(1, 128, 2, 2, 4)
+    with pytest.raises(ValueError, match="connect its audio_latent, or turn 'audio' off"):
+        generate(dit, COND, _request(mode="stage 2"), video_latent=video)
+    for wrong in (video, torch.zeros(1, 4, 8, 8)):  # a video latent, an image latent
+        with pytest.raises(ValueError, match=r"not an LTX-2 audio latent \[1, 8, steps, 16\]: connect the first"):
+            generate(dit, COND, _request(mode="stage 2"), video_latent=video, audio_latent=wrong)
+    with pytest.raises(ValueError, match="the first stage made no sound"):
+        generate(dit, COND, _request(mode="stage 2"), video_latent=video, audio_latent=torch.zeros(1, 8, 0, 16))
     with pytest.raises(ValueError, match="inputs of mode 'stage 2'"):
         generate(dit, COND, _request(mode="dev"), video_latent=torch.zeros(1, 128, 2, 2, 4))
 
