@@ -9,6 +9,9 @@ Two kinds, both raising ``ValueError`` with the problem as a sentence that names
   settings of a mode, an input that needs another one connected. A node lists them in ``NODE_RULES`` and takes
   :class:`NodeRules` first among its bases.
 
+:func:`i2v_single_frames` checks the image-to-video clip rule again on the cached samples when a trainer runs (a
+cacher's frames do not say whether its dataset holds only photos).
+
 The checks are the library's own (``validate_video_size``, ``LatentFormat.check_size``, ``SamplingRequest.check``),
 so a value is refused at queue time exactly when the node would refuse it later. A rule is skipped while one of its
 widget values arrives through a link (unknown until the graph runs); the node checks it again when it runs.
@@ -23,13 +26,15 @@ from typing import Any, Callable, ClassVar, Mapping
 
 from ..core.attention import AttentionBackendError, check_backend
 from ..core.family import LatentFormat
+from ..k5.family import K5_LATENT_FORMAT
 from ..k5.pipeline import validate_video_size
 from ..ltx2.family import LTX2_LATENT_FORMAT
 from ..ltx2.pipeline import SamplingRequest
+from ..training.config import TrainConfig, TrainingError
 
 __all__ = ["FrameCount", "NodeRule", "NodeRules", "attention_backend", "node_rules_problem", "rule_problem",
            "K5_VIDEO_SIZE", "K5_START_IMAGE_SIZE", "LTX2_VIDEO_SIZE", "LTX2_SAMPLING", "LTX2_SAMPLER_LINKS",
-           "LTX2_I2V_CLIP"]
+           "LTX2_I2V_CLIP", "K5_I2V_CLIP", "i2v_single_frames"]
 
 
 # ---------------------------------------------------------------------------------------------- per-input rules
@@ -184,10 +189,54 @@ def _ltx2_sampler_links(mode: str, audio: bool, vae: bool, start_image: bool, vi
                          "mode to 'stage 2'")
 
 
-def _ltx2_i2v_clip(frames: int, image_to_video: bool) -> None:
-    if image_to_video and frames == 1:
-        raise ValueError("image_to_video conditions a clip on its first frame, so clips need more than one: set "
-                         "frames to 9 or more")
+def _one_latent_frame(latent_format: LatentFormat, frames: int) -> bool:
+    """Whether a clip of ``frames`` video frames makes one latent frame (the causal VAE encodes the first alone)."""
+    return frames <= latent_format.temporal_factor
+
+
+@dataclass(frozen=True)
+class _I2VClip:
+    """Image-to-video training conditions a clip on its first latent frame: a cacher's clips need two latent frames
+    or more (``latent_format.pixel_frames(2)`` video frames: K5 5, LTX-2 9)."""
+
+    latent_format: LatentFormat
+
+    def __call__(self, frames: int, image_to_video: bool) -> None:
+        if image_to_video and _one_latent_frame(self.latent_format, frames):
+            raise ValueError("image_to_video conditions a clip on its first frame, so clips need more than one: set "
+                             f"frames to {self.latent_format.pixel_frames(2)} or more")
+
+
+def i2v_single_frames(config: TrainConfig, samples: list, latent_format: LatentFormat, *, cacher: str,
+                      turn_off: str) -> str | None:
+    """Check that image-to-video training has clips to condition. A sample of one latent frame (a photo, or a clip
+    cached with frames 1) has no frame after its first, so the family adapters (``k5/train.py``, ``ltx2/train.py``)
+    train it text-to-video.
+
+    Args:
+        config: the run's config; nothing is checked unless ``i2v`` is on with ``i2v_prob`` > 0.
+        samples: the training samples (anything with ``frames``: video frames per clip, 1 for images).
+        latent_format: the family's latent format; its frame rule (``temporal_factor·k + 1``) gives the smallest clip
+            of two latent frames named in the error.
+        cacher: the cache node's display name, e.g. ``"K5 Cache Latents"``.
+        turn_off: how to turn image-to-video training off on the trainer, e.g. ``"set image_to_video to 'off'"``.
+    Returns:
+        None when image-to-video is off or no sample is a single latent frame; else the line
+        ``"N of M samples are single frames and train text-to-video only"``.
+    Raises:
+        TrainingError: every sample is a single latent frame.
+    """
+    if config.i2v == "off" or config.i2v_prob <= 0:
+        return None
+    single = sum(1 for s in samples if _one_latent_frame(latent_format, int(s.frames)))
+    if single and single == len(samples):
+        shortest = latent_format.pixel_frames(2)
+        raise TrainingError("image-to-video training conditions a clip on its first frame, but every training clip "
+                            "is a single frame (images, or clips cached with frames 1): add videos and cache clips of "
+                            f"{shortest} frames or more ({latent_format.frame_rule}) in {cacher}, or {turn_off}.")
+    if single:
+        return f"{single} of {len(samples)} samples are single frames and train text-to-video only"
+    return None
 
 
 #: Kandinsky 5 sampling size: sides multiples of 16 px, frames 4k+1 (NABLA's 128 px grid depends on the model and
@@ -202,5 +251,7 @@ LTX2_SAMPLING = NodeRule(("width", "height", "frames", "fps", "steps", "mode"), 
 #: LTX-2 sampler inputs a setting needs connected (or disconnected).
 LTX2_SAMPLER_LINKS = NodeRule(("mode", "audio"), _ltx2_sampler_links,
                               sockets=("vae", "start_image", "video_latent", "audio_latent"))
-#: LTX-2 image-to-video training needs clips of more than one frame.
-LTX2_I2V_CLIP = NodeRule(("frames", "image_to_video"), _ltx2_i2v_clip)
+#: LTX-2 image-to-video training needs clips of more than one frame (9 or more).
+LTX2_I2V_CLIP = NodeRule(("frames", "image_to_video"), _I2VClip(LTX2_LATENT_FORMAT))
+#: Kandinsky 5 image-to-video training needs clips of more than one frame (5 or more).
+K5_I2V_CLIP = NodeRule(("frames", "image_to_video"), _I2VClip(K5_LATENT_FORMAT))

@@ -345,7 +345,8 @@ def _interrupted(events: Events, run_dir: Path, output_name: str, since_ns: int,
 def train(handle, base_handle, *, node_id: str, output_name: str, config: TrainConfig, samples: list, empty: Any,
           adapter: TrainingAdapter, resume: bool, metadata: dict, plan: ValidationPlan,
           render: Callable[[int, torch.nn.Module], Any] | None, settings: Settings,
-          holdout: list | None = None, recipe: RunRecipe | None = None, gpus: int = 1) -> io.NodeOutput:
+          holdout: list | None = None, recipe: RunRecipe | None = None, gpus: int = 1,
+          note: str | None = None) -> io.NodeOutput:
     """Run (or reuse) the training run, install its LoRA (and EMA LoRA) and return the node's outputs: the base
     model with the LoRA applied, the LoRA's name, and the newest validation clips as the node's preview.
 
@@ -353,7 +354,8 @@ def train(handle, base_handle, *, node_id: str, output_name: str, config: TrainC
     first step, so the run can be continued headless. With ``gpus`` > 1 the run is handed to that many local worker
     processes (torchrun, FSDP2; :func:`~cinetune.training.launch.launch_workers`) whose events drive the progress
     and the chart; Cancel makes them save a checkpoint and stop. After any interruption the partial LoRA is
-    installed as ``<output_name>_step<k>``.
+    installed as ``<output_name>_step<k>``. ``note`` (a line such as
+    :func:`~cinetune.nodes.rules.i2v_single_frames` gives) is logged and added to the "started" status the node shows.
 
     Raises:
         TrainingError: refused settings (``gpus`` > 1 without a recipe, or one the workers cannot run, see
@@ -377,7 +379,10 @@ def train(handle, base_handle, *, node_id: str, output_name: str, config: TrainC
     events = Events(node_id, output_name, config.max_steps)
     host.free_host_models()
     where = "" if gpus == 1 else f" on {gpus} {'GPUs' if device.type == 'cuda' else 'processes'}"
-    events.status("started", 0, f"{len(samples)} samples, {config.max_steps} steps{where}")
+    summary = f"{len(samples)} samples, {config.max_steps} steps{where}"
+    if note:
+        host.log.warning("%s: %s", output_name, note)
+    events.status("started", 0, summary if not note else f"{summary}; {note}")
     finished = finished_run(run_dir, config, metadata)
     on_written = lambda step, path: events.status("validation", step, str(path))  # noqa: E731
     started_ns = time.time_ns()

@@ -19,6 +19,7 @@ from ..training.settings import ValidationPrompt
 from ..training.samples import empty_texts_from_cache, samples_from_cache
 from . import host
 from .k5 import K5ModelHandle
+from .rules import i2v_single_frames
 from .trainer import (Settings, TrainerNode, check_validation, config_fields, holdout_samples, recipe_data, run_metadata,
                       train, training_handle, validation_prompts, validation_requests)
 from .trainer_inputs import (CAPTION_DROPOUT, GRADIENT_CHECKPOINTING, flow_shift_input, run_inputs, swap_inputs,
@@ -99,6 +100,8 @@ class K5TrainLoRA(TrainerNode):
             widgets["i2v_prob"] = probability
         config = settings.config(widgets, TrainConfig)
         cached_data = data.cached_samples()
+        note = i2v_single_frames(config, cached_data, K5_FAMILY.latent_format, cacher="K5 Cache Latents",
+                                 turn_off="set image_to_video to 'off'")
         samples = samples_from_cache(cached_data)
         holdout = holdout_samples(validation_data, data, lambda d: samples_from_cache(d.cached_samples()), config)
         render = _renderer(prompts, samples, handle, vae, config) if plan.active else None
@@ -109,7 +112,7 @@ class K5TrainLoRA(TrainerNode):
                                   validation=metadata.get("validation", {}), metadata=metadata)
         return train(handle, base, node_id=str(cls.hidden.unique_id), output_name=output_name, config=config,
                      samples=samples, empty=empty, adapter=K5_TRAINING, resume=resume, metadata=metadata, plan=plan,
-                     render=render, settings=settings, holdout=holdout, recipe=recipe, gpus=gpus)
+                     render=render, settings=settings, holdout=holdout, recipe=recipe, gpus=gpus, note=note)
 
 
 def _renderer(prompts, samples, handle: K5ModelHandle, vae, config: TrainConfig):

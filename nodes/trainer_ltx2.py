@@ -22,6 +22,7 @@ from ..training.settings import ValidationPrompt
 from . import host
 from .ltx2 import LTX2ModelHandle
 from .ltx2_training import LTX2TrainingDataType, ltx2_empty_caption, ltx2_training_data, ltx2_training_samples
+from .rules import i2v_single_frames
 from .trainer import (Settings, TrainerNode, check_validation, config_fields, holdout_samples, recipe_data, run_metadata,
                       train, training_handle, validation_prompts, validation_requests)
 from .trainer_inputs import (CAPTION_DROPOUT, GRADIENT_CHECKPOINTING, flow_shift_input, run_inputs, swap_inputs,
@@ -122,6 +123,9 @@ class LTX2TrainLoRA(TrainerNode):
         data = ltx2_training_data(training_data)
         check_audio_cache(audio, data.audio, cacher="LTX-2 Cache Latents")
         cached = data.cached_samples()
+        note = i2v_single_frames(config, cached, LTX2_FAMILY.latent_format, cacher="LTX-2 Cache Latents",
+                                 turn_off="set first_frame_conditioning (and any i2v_probability of Training Sampling "
+                                          "Settings) to 0")
         samples = ltx2_samples_from_cache(cached)
         holdout = holdout_samples(None if validation_data is None else ltx2_training_data(validation_data), data,
                                   ltx2_training_samples, config)
@@ -139,7 +143,7 @@ class LTX2TrainLoRA(TrainerNode):
         return train(handle, base, node_id=str(cls.hidden.unique_id), output_name=output_name, config=config,
                      samples=samples, empty=empty, adapter=LTX2TrainingAdapter(projection), resume=resume,
                      metadata=metadata, plan=plan, render=render, settings=settings, holdout=holdout, recipe=recipe,
-                     gpus=gpus)
+                     gpus=gpus, note=note)
 
 
 def _renderer(prompts, samples, handle: LTX2ModelHandle, vae, config: TrainConfig):

@@ -62,7 +62,7 @@ from ..training.data import (
 from ..training.items import DEFAULT_MAX_FRAMES
 from . import host
 from .checks import CinetuneNode, FileName, check_file_name, widget_values
-from .rules import FrameCount
+from .rules import K5_I2V_CLIP, FrameCount, NodeRules
 from .types import K5VAE, K5TextEncoder
 
 CATEGORY = "Cinetune/training"
@@ -421,8 +421,9 @@ class K5CacheText(TextCacheNode):
         return text_encoder.identity  # set by K5 Text Encoder Loader
 
 
-class K5CacheLatents(CacheNode):
+class K5CacheLatents(NodeRules, CacheNode):
     INPUT_RULES = {"frames": FrameCount(K5_LATENT_FORMAT)}
+    NODE_RULES = (K5_I2V_CLIP,)
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -441,7 +442,8 @@ class K5CacheLatents(CacheNode):
                 io.Boolean.Input("nabla", default=False,
                                  tooltip="Use 128 px bucket steps, required to train with NABLA attention."),
                 io.Boolean.Input("image_to_video", default=False,
-                                 tooltip="Also encode each clip's first and last frame alone, for image-to-video training."),
+                                 tooltip="Also encode each clip's first and last frame alone, for image-to-video "
+                                         "training; needs clips of 5 frames or more."),
                 allow_upscale_input(),
             ],
             outputs=[TrainingDataType.Output(display_name="training_data")],
@@ -450,6 +452,7 @@ class K5CacheLatents(CacheNode):
     @classmethod
     def execute(cls, text_cache, vae, frames, frame_selection, resolution, nabla, image_to_video,
                 allow_upscale) -> io.NodeOutput:
+        K5_I2V_CLIP.check(frames=frames, image_to_video=image_to_video)
         spec = FrameSpec(target_frames=frames, mode=frame_selection, latent_format=K5_LATENT_FORMAT)
         step = NABLA_SIZE_MULTIPLE if nabla else K5_LATENT_FORMAT.size_multiple
         progress = host.Progress(1)
