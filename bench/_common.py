@@ -369,13 +369,14 @@ def print_train_step_ratios(time_workers: Mapping[tuple[str, bool], Worker],
 
 
 def run_train_step_variants(variants: Sequence[tuple[str, bool]], make_weights: Callable[[Path], None], name: str,
-                            command: Callable[..., tuple[str, list[str]]], runs: int, memory_runs: int):
+                            command: Callable[..., tuple[str, list[str]]], runs: int, memory_runs: int,
+                            label: Mapping[str, str]):
     """Run a training-step benchmark's variants ``(impl, checkpointing)`` in worker subprocesses on one weights file
     (``make_weights(path)``, in a temporary folder): ``runs`` interleaved timed steps (:data:`TIME_ENV`), then
     ``memory_runs`` steps in fresh workers (:data:`WORKER_ENV`). ``command(impl, checkpointing, weights, out)``
-    gives a worker's name and command line; the worker saves its first-step gradients to ``out``. Returns
-    ``(time workers, first-step gradients, memory workers)``, each keyed by variant, and prints the trainable
-    layer and parameter counts of both sides."""
+    gives a worker's name and command line; the worker saves its first-step gradients to ``out``. Prints the
+    trainable layer and parameter counts of both sides, :func:`print_train_step_ratios` and
+    :func:`print_first_step` (``label``: impl → printed name); returns the time workers, keyed by variant."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -390,7 +391,9 @@ def run_train_step_variants(variants: Sequence[tuple[str, bool]], make_weights: 
     ours, ref = workers["ours", False].info, workers["diffusers", False].info
     print(f"  trainable: ours {ours['layers']} layers / {ours['trainable']} parameters, diffusers+peft "
           f"{ref['layers']} layers / {ref['trainable']} parameters")
-    return workers, grads, memory_workers
+    print_train_step_ratios(workers, memory_workers, label)
+    print_first_step(workers, grads, label)
+    return workers
 
 
 def print_first_step(workers: Mapping[tuple[str, bool], Worker], grads: Mapping[tuple[str, bool], dict],

@@ -52,8 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from _common import (ALPHA, DIMS, DTYPES, RANK, add_size_arguments, diffusers_forward, load_diffusers_k5,
-                     lora_down_init, make_weights, page_in, print_first_step, print_train_step_ratios,
-                     run_train_step_variants, train_step_worker)
+                     lora_down_init, make_weights, page_in, run_train_step_variants, train_step_worker)
 
 ROPE_SCALE = (1.0, 2.0, 2.0)
 SIGMA = 0.7
@@ -175,10 +174,8 @@ def main() -> None:
           f"targets), {DIMS}, {tokens} visual tokens + {args.text_len} text tokens, {args.dtype} on {args.device}, "
           f"{args.threads} threads, {args.runs} timed and {args.memory_runs} memory steps per variant after 1 warm-up "
           f"step each, interleaved")
-    workers, grads, memory_workers = run_train_step_variants(
-        VARIANTS, make_weights, "k5_bench", functools.partial(worker_command, args=args), args.runs, args.memory_runs)
-    print_train_step_ratios(workers, memory_workers, LABEL)
-    print_first_step(workers, grads, LABEL)
+    workers = run_train_step_variants(VARIANTS, make_weights, "k5_bench", functools.partial(worker_command, args=args),
+                                      args.runs, args.memory_runs, LABEL)
     loss0 = {v: workers[v].info["loss"] for v in VARIANTS}
     last = {v: workers[v].replies[-1]["loss"] for v in VARIANTS}
     rel0 = abs(loss0["ours", False] / loss0["diffusers", False] - 1)

@@ -57,8 +57,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from _common import (ALPHA, DTYPES, RANK, lora_down_init, page_in, print_first_step, print_train_step_ratios,
-                     run_train_step_variants, train_step_worker)
+from _common import (ALPHA, DTYPES, RANK, lora_down_init, page_in, run_train_step_variants, train_step_worker)
 from bench_ltx2_dit import FPS, MEDIUM, SIGMA, audio_tokens, config, make_weights
 
 VARIANTS = [(impl, ckpt) for ckpt in (False, True) for impl in ("ours", "diffusers")]
@@ -206,10 +205,9 @@ def main() -> None:
           f"({args.frames}x{args.height}x{args.width}) + {audio_tokens(args)} audio tokens + {args.text_len} text "
           f"tokens per modality, {args.dtype} on {args.device}, {args.threads} threads, {args.runs} timed and "
           f"{args.memory_runs} memory steps per variant after 1 warm-up step each, interleaved")
-    workers, grads, memory_workers = run_train_step_variants(
-        VARIANTS, make_weights, "ltx2_bench", functools.partial(worker_command, args=args), args.runs, args.memory_runs)
-    print_train_step_ratios(workers, memory_workers, LABEL)
-    print_first_step(workers, grads, LABEL)
+    run_train_step_variants(VARIANTS, make_weights, "ltx2_bench", functools.partial(worker_command, args=args),
+                            args.runs, args.memory_runs, LABEL)
+
 
 if __name__ == "__main__":
     main()
